@@ -1,0 +1,434 @@
+"""Typed run configuration: YAML (with ``includes:``) + command-line overrides -> validated dataclasses.
+
+A run is described by one YAML file, optionally composed from smaller files listed under
+``includes:`` (paths relative to the including file, merged in order, the including file last),
+then overridden from the command line with ``key.sub=value`` pairs. OmegaConf does the merging and
+the ``${variables.x}`` interpolation; the result is turned into the dataclasses below, which reject
+unknown keys (naming the key and the closest known one) and validate values in ``__post_init__``,
+so that a typo fails in the first second of a run rather than hours in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from omegaconf import DictConfig, ListConfig
+from omegaconf import OmegaConf as om
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DynamicLoadingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PruningConfig",
+    "RunConfig",
+    "SchedulerConfig",
+    "TargetShape",
+    "load_config",
+    "load_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any expensive work starts."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """Which transformers model to train.
+
+    Args:
+        family: ``model_type`` of the transformers family: ``llama`` (LLaMA-1/2/3), ``mistral`` or ``qwen2``.
+        pretrained: a Hugging Face checkpoint directory to load; ``None`` builds a random model from ``config``.
+        config: transformers config fields (``hidden_size``, ``num_attention_heads``, ...). For a random
+            model they define the architecture; with ``pretrained`` they must agree with the checkpoint.
+        attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2`` (needs the gpu extra).
+        gradient_checkpointing: recompute activations in the backward pass (saves memory on large models).
+    """
+
+    family: str = "llama"
+    pretrained: Optional[str] = None
+    config: dict = field(default_factory=dict)
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        from llmshearing.models.families import FAMILIES
+
+        _require(
+            self.family in FAMILIES,
+            f"model.family={self.family!r} is not supported; use one of {sorted(FAMILIES)}",
+        )
+        _require(
+            self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+            f"model.attn_implementation={self.attn_implementation!r}: use sdpa, eager or flash_attention_2",
+        )
+        _require(
+            self.pretrained is not None or bool(self.config),
+            "model: give either `pretrained` (a Hugging Face checkpoint directory) or `config` "
+            "(architecture fields for a randomly initialised model)",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Prepared (tokenized, MDS) data, as written by ``data_prep/prepare_data.py``.
+
+    Args:
+        local: the prepared dataset root (holds ``manifest.json``, ``train/<domain>``, ``eval/<domain>``).
+        remote: optional object-store URI of the same layout; ``local`` is then the cache directory.
+        domains: domains to train on (default: all in the manifest, in manifest order).
+        proportions: initial domain sampling proportions (default: each domain's share of tokens).
+        max_seq_len: training sequence length; must not exceed the prepared sequence length.
+        num_workers: dataloader worker processes.
+        prefetch_factor: batches prefetched per worker (ignored with 0 workers).
+        on_exhausted: what to do when a domain runs out of unseen samples: ``repeat`` (reshuffle, warn) or ``stop``.
+    """
+
+    local: str = "???"
+    remote: Optional[str] = None
+    domains: Optional[list[str]] = None
+    proportions: Optional[list[float]] = None
+    max_seq_len: int = 4096
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    on_exhausted: str = "repeat"
+
+    def __post_init__(self) -> None:
+        _require(self.local != "???", "data.local is required: the prepared dataset directory")
+        _require(self.max_seq_len > 1, f"data.max_seq_len must be > 1, got {self.max_seq_len}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        _require(
+            self.on_exhausted in ("repeat", "stop"),
+            f"data.on_exhausted={self.on_exhausted!r}: use 'repeat' or 'stop'",
+        )
+        if self.proportions is not None:
+            _require(all(p >= 0 for p in self.proportions), f"data.proportions must be >= 0: {self.proportions}")
+            total = sum(self.proportions)
+            _require(
+                abs(total - 1.0) < 1e-3,
+                f"data.proportions sum to {total:.6f}, not 1; rescale them (or leave them out to use token shares)",
+            )
+            if self.domains is not None:
+                _require(
+                    len(self.proportions) == len(self.domains),
+                    f"data.proportions has {len(self.proportions)} values but data.domains has "
+                    f"{len(self.domains)}; give one proportion per domain, in the same order",
+                )
+
+
+@dataclass
+class DynamicLoadingConfig:
+    """Online domain re-weighting (Sheared-LLaMA Algorithm 1), applied after every evaluation.
+
+    Args:
+        update: ``doremi`` (exponentiated excess loss, clipped at zero) or ``constant`` (keep the proportions).
+        reference_losses: per-domain reference loss, one per ``data.domains`` entry, in that order.
+        smoothing: mix with the uniform distribution, ``(1 - c) * w + c / k`` (DoReMi uses 1e-4).
+    """
+
+    update: str = "doremi"
+    reference_losses: Optional[list[float]] = None
+    smoothing: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _require(
+            self.update in ("doremi", "constant"),
+            f"dynamic_loading.update={self.update!r}: use 'doremi' or 'constant'",
+        )
+        _require(0.0 <= self.smoothing < 1.0, f"dynamic_loading.smoothing must be in [0, 1), got {self.smoothing}")
+        _require(
+            self.update == "constant" or self.reference_losses is not None,
+            "dynamic_loading.update=doremi needs dynamic_loading.reference_losses (one per domain); "
+            "fit them with `python -m llmshearing.data.reference_losses` or use update=constant",
+        )
+
+
+@dataclass
+class TargetShape:
+    """The architecture the pruned model must have (uniform across layers).
+
+    Args:
+        num_hidden_layers: layers kept.
+        hidden_size: model (residual) dimension kept.
+        num_attention_heads: query heads per layer kept.
+        num_key_value_heads: KV heads (groups) per layer kept; defaults to the query heads for a
+            multi-head source, to the source's KV heads for a grouped-query source.
+        intermediate_size: FFN channels per layer kept.
+    """
+
+    num_hidden_layers: int = 0
+    hidden_size: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: Optional[int] = None
+    intermediate_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+            _require(getattr(self, name) > 0, f"pruning.target.{name} is required and must be > 0")
+
+
+@dataclass
+class PruningConfig:
+    """Targeted structured pruning with hard-concrete masks and a Lagrangian constraint.
+
+    Args:
+        target: the target architecture.
+        prune: structures to learn masks for, any of ``layer``, ``head``, ``intermediate``, ``hidden``.
+            A structure not listed keeps its source size, so the target must equal the source there.
+        lagrangian_warmup: duration over which the target is ramped from the source shape (Composer time
+            string, e.g. ``"640ba"`` or ``"0.2dur"``).
+        mask_lr: learning rate of the mask log-alphas.
+        lambda_lr: learning rate of the Lagrange multipliers (applied as gradient *ascent*).
+        droprate_init: initial drop probability of every mask entry (sets the initial log-alpha).
+        temperature: hard-concrete temperature beta.
+        save_masks: write the deterministic masks to ``<save_folder>/masks/`` at every evaluation.
+    """
+
+    target: TargetShape = field(default_factory=TargetShape)
+    prune: list[str] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
+    lagrangian_warmup: str = "0.2dur"
+    mask_lr: float = 1.0
+    lambda_lr: float = 1.0
+    droprate_init: float = 0.5
+    temperature: float = 2.0 / 3.0
+    save_masks: bool = True
+
+    def __post_init__(self) -> None:
+        allowed = ("layer", "head", "intermediate", "hidden")
+        bad = [p for p in self.prune if p not in allowed]
+        _require(not bad, f"pruning.prune has unknown structures {bad}; choose from {list(allowed)}")
+        _require(len(self.prune) > 0, "pruning.prune is empty: list at least one structure to prune")
+        _require(0.0 < self.droprate_init < 1.0, f"pruning.droprate_init must be in (0, 1), got {self.droprate_init}")
+        _require(self.mask_lr > 0 and self.lambda_lr > 0, "pruning.mask_lr and pruning.lambda_lr must be > 0")
+
+
+@dataclass
+class OptimizerConfig:
+    """DecoupledAdamW hyperparameters for the model weights."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2, f"optimizer.betas needs two values, got {self.betas}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Cosine decay with linear warmup (Composer ``CosineAnnealingWithWarmupScheduler``)."""
+
+    t_warmup: str = "0.03dur"
+    alpha_f: float = 0.1
+
+
+@dataclass
+class RunConfig:
+    """One training run (pre-training, pruning or continued pre-training).
+
+    See README "Configuration reference" for every field.
+    """
+
+    model: ModelConfig
+    data: DataConfig
+    max_duration: str
+    global_train_batch_size: int
+    run_name: str = "llmshearing"
+    seed: int = 17
+    variables: dict = field(default_factory=dict)
+    tokenizer: Optional[str] = None
+    dynamic_loading: Optional[DynamicLoadingConfig] = None
+    pruning: Optional[PruningConfig] = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device_train_microbatch_size: Union[int, str] = "auto"
+    device_eval_batch_size: int = 8
+    eval_interval: str = "100ba"
+    eval_subset_num_batches: int = -1
+    precision: str = "auto"
+    grad_clip_norm: float = 1.0
+    fsdp: Optional[dict] = None
+    device: str = "auto"
+    save_folder: Optional[str] = None
+    save_interval: str = "500ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    load_path: Optional[str] = None
+    autoresume: bool = False
+    loggers: dict = field(default_factory=dict)
+    console_log_interval: str = "10ba"
+    progress_bar: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.global_train_batch_size > 0, "global_train_batch_size must be > 0")
+        _require(self.device_eval_batch_size > 0, "device_eval_batch_size must be > 0")
+        if isinstance(self.device_train_microbatch_size, str):
+            _require(
+                self.device_train_microbatch_size == "auto",
+                f"device_train_microbatch_size={self.device_train_microbatch_size!r}: use an integer or 'auto'",
+            )
+        _require(
+            self.precision in ("auto", "fp32", "amp_bf16", "amp_fp16"),
+            f"precision={self.precision!r}: use auto, fp32, amp_bf16 or amp_fp16",
+        )
+        _require(self.device in ("auto", "cpu", "gpu"), f"device={self.device!r}: use auto, cpu or gpu")
+        _require(
+            not self.autoresume or self.save_folder is not None,
+            "autoresume=true needs save_folder (where the checkpoints to resume from are written)",
+        )
+        unknown_loggers = set(self.loggers) - {"wandb", "mlflow", "tensorboard"}
+        _require(not unknown_loggers, f"loggers: unknown logger(s) {sorted(unknown_loggers)}; use wandb, mlflow, tensorboard")
+        if self.dynamic_loading is not None and self.dynamic_loading.reference_losses is not None:
+            if self.data.domains is not None:
+                n_ref, n_dom = len(self.dynamic_loading.reference_losses), len(self.data.domains)
+                _require(
+                    n_ref == n_dom,
+                    f"dynamic_loading.reference_losses has {n_ref} values but data.domains has {n_dom}; "
+                    "give one reference loss per domain, in the same order",
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML loading and dataclass construction
+# --------------------------------------------------------------------------------------------------
+
+
+def load_yaml(path: str | Path, overrides: typing.Sequence[str] = ()) -> DictConfig:
+    """Load a YAML file, resolve its ``includes:`` and apply ``key=value`` overrides.
+
+    Args:
+        path: the YAML file.
+        overrides: command-line style ``dotted.key=value`` strings, applied last.
+
+    Returns:
+        The merged, interpolation-resolved OmegaConf config.
+    """
+    cfg = _load_with_includes(Path(path), seen=())
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command-line overrides must look like key=value; got {bad}")
+    if overrides:
+        cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
+    try:
+        resolved = om.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as e:  # omegaconf raises several types; all mean the same to a user
+        raise ConfigError(f"{path}: could not resolve the config: {e}") from e
+    return om.create(resolved)
+
+
+def _load_with_includes(path: Path, seen: tuple[Path, ...]) -> DictConfig:
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    cfg = om.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a run config must be a YAML mapping")
+    includes = cfg.pop("includes", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged = om.create()
+    for inc in includes:
+        merged = om.merge(merged, _load_with_includes(path.parent / str(inc), seen=(*seen, path)))
+    return om.merge(merged, cfg)
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Load and validate a run config: see :func:`load_yaml` and :class:`RunConfig`."""
+    cfg = load_yaml(path, overrides)
+    return build_dataclass(RunConfig, om.to_container(cfg), where="")
+
+
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys by their dotted name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}: {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{where}{key}'{hint} (known keys here: {', '.join(names)})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing required config key(s): {', '.join(where + m for m in missing)}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not fit {tp}")
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where=f"{where}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass config as plain containers (for logging hyperparameters)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple, ListConfig)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, (dict, DictConfig)):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj

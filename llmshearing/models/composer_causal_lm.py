@@ -1,0 +1,155 @@
+"""A transformers causal LM as a Composer model, with per-domain language-model losses.
+
+Batches are ``{"input_ids": (B, T) long, "domain_id": (B,) long}`` (and optionally ``labels``
+with -100 for ignored positions). The loss is next-token cross-entropy averaged over tokens.
+
+Per-domain losses:
+
+- evaluation: one :class:`DomainCrossEntropy` metric per domain (``LanguageCrossEntropy_<domain>``)
+  plus the overall ``LanguageCrossEntropy``; the token losses are computed once per batch in
+  :meth:`ComposerCausalLM.eval_forward` and shared by all metrics.
+- training: :meth:`ComposerCausalLM.loss` accumulates detached per-domain sums across microbatches
+  (no second forward pass), which :class:`~llmshearing.callbacks.domain_loss_monitor.DomainLossMonitor`
+  reduces across ranks and logs once per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from composer.models import ComposerModel
+from torchmetrics import Metric
+from transformers import PreTrainedModel
+
+__all__ = ["ComposerCausalLM", "DomainCrossEntropy", "token_cross_entropy"]
+
+
+def token_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token cross-entropy.
+
+    Args:
+        logits: (B, T, V) model outputs.
+        batch: holds ``input_ids`` (B, T) and optionally ``labels`` (B, T) with -100 = ignore.
+
+    Returns:
+        ``(loss, valid)``, both (B, T-1): the loss of predicting token t+1 from position t (0 where
+        ignored), and whether the position counts.
+    """
+    labels = batch.get("labels", batch["input_ids"])
+    targets = labels[:, 1:]  # (B, T-1)
+    shifted = logits[:, :-1, :]  # (B, T-1, V)
+    loss = F.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view_as(targets)  # (B, T-1)
+    return loss, targets != -100
+
+
+class DomainCrossEntropy(Metric):
+    """Token-averaged cross-entropy over the sequences of one domain (or all, with ``domain_id=None``).
+
+    Args:
+        domain_id: the domain whose sequences count; ``None`` counts every sequence.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, domain_id: Optional[int] = None, dist_sync_on_step: bool = False) -> None:
+        super().__init__(dist_sync_on_step=dist_sync_on_step)
+        self.domain_id = domain_id
+        self.add_state("sum_loss", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, token_loss: tuple[torch.Tensor, torch.Tensor], domain_ids: torch.Tensor) -> None:
+        loss, valid = token_loss  # (B, T-1) each
+        if self.domain_id is not None:
+            valid = valid & (domain_ids == self.domain_id)[:, None]
+        self.sum_loss += (loss * valid).sum().to(torch.float64)
+        self.num_tokens += valid.sum()
+
+    def compute(self) -> torch.Tensor:
+        if self.num_tokens == 0:
+            return torch.tensor(float("nan"))
+        return (self.sum_loss / self.num_tokens).float()
+
+
+class ComposerCausalLM(ComposerModel):
+    """Wraps a transformers ``*ForCausalLM`` for the Composer ``Trainer``.
+
+    Args:
+        model: the transformers model (its ``forward`` is used unchanged).
+        domains: data domain names, indexed by the batches' ``domain_id``.
+    """
+
+    def __init__(self, model: PreTrainedModel, domains: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.model = model
+        self.domains = list(domains)
+        self._reset_train_domain_sums()
+
+    # -- training ----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss, valid = token_cross_entropy(outputs, batch)
+        if self.domains and "domain_id" in batch:
+            self._accumulate_train_domains(loss.detach(), valid, batch["domain_id"])
+        return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+    def _reset_train_domain_sums(self) -> None:
+        # Plain attributes (not buffers): they are logging state, not model state, and stay out of checkpoints.
+        self.train_domain_loss_sum = torch.zeros(len(self.domains), dtype=torch.float64)
+        self.train_domain_tokens = torch.zeros(len(self.domains), dtype=torch.float64)
+
+    def _accumulate_train_domains(self, loss: torch.Tensor, valid: torch.Tensor, domain_ids: torch.Tensor) -> None:
+        k = len(self.domains)
+        per_seq_loss = (loss * valid).sum(dim=1).to(torch.float64)  # (B,)
+        per_seq_tokens = valid.sum(dim=1).to(torch.float64)  # (B,)
+        device = per_seq_loss.device
+        if self.train_domain_loss_sum.device != device:
+            self.train_domain_loss_sum = self.train_domain_loss_sum.to(device)
+            self.train_domain_tokens = self.train_domain_tokens.to(device)
+        self.train_domain_loss_sum += torch.zeros(k, dtype=torch.float64, device=device).index_add_(
+            0, domain_ids, per_seq_loss
+        )
+        self.train_domain_tokens += torch.zeros(k, dtype=torch.float64, device=device).index_add_(
+            0, domain_ids, per_seq_tokens
+        )
+
+    def pop_train_domain_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-domain (loss sum, token count) accumulated since the last call; resets them."""
+        sums, counts = self.train_domain_loss_sum, self.train_domain_tokens
+        self._reset_train_domain_sums()
+        return sums, counts
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def eval_forward(self, batch: dict[str, Any], outputs: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = outputs if outputs is not None else self.forward(batch)
+        return token_cross_entropy(logits, batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        if is_train:
+            return {}  # per-domain train losses come from the loss itself; see DomainLossMonitor
+        metrics: dict[str, Metric] = {"LanguageCrossEntropy": DomainCrossEntropy(None)}
+        for i, name in enumerate(self.domains):
+            metrics[f"LanguageCrossEntropy_{name}"] = DomainCrossEntropy(i)
+        return metrics
+
+    def update_metric(self, batch: dict[str, Any], outputs: Any, metric: Metric) -> None:
+        domain_ids = batch.get("domain_id")
+        if domain_ids is None:
+            domain_ids = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=batch["input_ids"].device)
+        metric.update(outputs, domain_ids)
+
+    def flops_per_batch(self, batch: dict[str, Any]) -> int:
+        """Model FLOPs of one training batch (6 N T plus attention), for Composer's SpeedMonitor."""
+        cfg = self.model.config
+        bsz, seq = batch["input_ids"].shape
+        n_params = sum(p.numel() for n, p in self.model.named_parameters() if "embed_tokens" not in n)
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * seq  # QK^T and AV, fwd + bwd, causal/2*2
+        return int(bsz * seq * (6 * n_params + attn))

@@ -1,0 +1,116 @@
+"""Supported model families and how to build or load them.
+
+Every family is the transformers implementation itself (no re-implementation), so parity with the
+Hub and export to Hugging Face format hold by construction. A family is one row of ``FAMILIES``;
+adding a LLaMA-like family costs one line when its module layout matches (``model.embed_tokens``,
+``model.layers[i].self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``*_layernorm``,
+``model.norm``, ``lm_head``), which is what the pruning hooks and materialisation rely on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+if TYPE_CHECKING:
+    from llmshearing.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# model_type -> (config class, model class)
+FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+# Config fields that define the shape; pruning changes exactly these.
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """Per-head dimension, explicit or implied by hidden_size / num_attention_heads."""
+    hd = getattr(config, "head_dim", None)
+    return int(hd) if hd else config.hidden_size // config.num_attention_heads
+
+
+def describe_shape(config: PretrainedConfig) -> dict[str, int]:
+    """The pruning-relevant shape of a transformers config."""
+    shape = {k: int(getattr(config, k)) for k in SHAPE_FIELDS if getattr(config, k, None) is not None}
+    shape.setdefault("num_key_value_heads", shape["num_attention_heads"])
+    shape["head_dim"] = head_dim(config)
+    shape["vocab_size"] = int(config.vocab_size)
+    return shape
+
+
+def count_params(shape: dict[str, float], tie_word_embeddings: bool = False, qkv_bias: bool = False) -> float:
+    """Parameter count of a LLaMA-like model of ``shape`` (accepts fractional, i.e. expected, sizes)."""
+    d, L, m = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"]
+    hq, hkv, hd, v = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], shape["vocab_size"]
+    attn = d * hd * (2 * hq + 2 * hkv) + (hd * (hq + 2 * hkv) if qkv_bias else 0)
+    mlp = 3 * d * m
+    per_layer = attn + mlp + 2 * d
+    emb = v * d * (1 if tie_word_embeddings else 2)
+    return emb + L * per_layer + d
+
+
+def build_config(family: str, fields: dict[str, Any]) -> PretrainedConfig:
+    """A transformers config of ``family`` from plain fields."""
+    config_cls, _ = FAMILIES[family]
+    return config_cls(**fields)
+
+
+def build_hf_model(cfg: ModelConfig) -> PreTrainedModel:
+    """Load a Hugging Face checkpoint directory or build a randomly initialised model.
+
+    Weights are kept in fp32 (Composer's mixed precision casts on the fly; the optimizer keeps fp32
+    master weights).
+
+    Raises:
+        ValueError: the checkpoint is of another family, or disagrees with ``cfg.config``.
+    """
+    _, model_cls = FAMILIES[cfg.family]
+    if cfg.pretrained is None:
+        config = build_config(cfg.family, dict(cfg.config))
+        config._attn_implementation = cfg.attn_implementation
+        model = model_cls(config)
+    else:
+        path = Path(cfg.pretrained)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.pretrained={cfg.pretrained!r} is not a Hugging Face checkpoint directory (no config.json); "
+                "point it at a directory written by save_pretrained / downloaded from the Hub"
+            )
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type != cfg.family:
+            raise ValueError(
+                f"model.pretrained holds a {config.model_type!r} model but model.family={cfg.family!r}; "
+                f"set model.family={config.model_type}"
+            )
+        for key, want in cfg.config.items():
+            have = getattr(config, key, None)
+            if have != want:
+                raise ValueError(
+                    f"model.config.{key}={want!r} disagrees with the checkpoint's {key}={have!r} "
+                    f"({path / 'config.json'}); remove the override or fix it"
+                )
+        model = model_cls.from_pretrained(path, torch_dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    log.info("model %s: %s, %.2fM parameters", cfg.family, describe_shape(model.config), model.num_parameters() / 1e6)
+    return model

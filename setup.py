@@ -1,0 +1,30 @@
+"""Installable package for the llmshearing recipe."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def _requirements(name: str) -> list[str]:
+    lines = (HERE / name).read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith(("#", "-r"))]
+
+
+setup(
+    name="llmshearing",
+    version="0.1.0",
+    description="Sheared LLaMA: targeted structured pruning and dynamic batch loading as a Composer recipe",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llmshearing", "llmshearing.*"]),
+    python_requires=">=3.10",
+    install_requires=_requirements("requirements.txt"),
+    extras_require={
+        "dev": ["pytest>=8"],
+        "gpu": ["flash-attn>=2.5"],
+        "loggers": ["wandb", "mlflow", "tensorboard"],
+        "plots": ["matplotlib"],
+    },
+)

@@ -1,0 +1,59 @@
+"""Tiny model configs and helpers shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from llmshearing.models.families import FAMILIES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REDPAJAMA = SHARED / "data" / "redpajama_sample"
+LLAMA2_TOKENIZER = SHARED / "data" / "llama2_tokenizer" / "tokenizer.model"
+
+# family -> tiny config fields; one per supported family, covering MHA, GQA + llama3 rope scaling, qkv bias.
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama2_mha": (
+        "llama",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64),
+    ),
+    "llama3_gqa": (
+        "llama",
+        dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0,
+             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    ),
+    "mistral_gqa": (
+        "mistral",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=None),
+    ),
+    "qwen2_bias": (
+        "qwen2",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
+    ),
+}
+
+
+def make_tiny_model(name: str, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised tiny transformers model; RMSNorm weights perturbed so they matter."""
+    family, fields = TINY_CONFIGS[name]
+    config_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**fields, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_tiny_model(name: str, path: Path, seed: int = 0) -> Path:
+    make_tiny_model(name, seed).save_pretrained(path)
+    return path
