@@ -95,6 +95,7 @@ class DataConfig:
         num_workers: dataloader worker processes.
         prefetch_factor: batches prefetched per worker (ignored with 0 workers).
         on_exhausted: what to do when a domain runs out of unseen samples: ``repeat`` (reshuffle, warn) or ``stop``.
+        eval_sequences_per_domain: evaluate on at most this many held-out sequences per domain (default: all).
     """
 
     local: str = "???"
@@ -105,6 +106,7 @@ class DataConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     on_exhausted: str = "repeat"
+    eval_sequences_per_domain: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require(self.local != "???", "data.local is required: the prepared dataset directory")

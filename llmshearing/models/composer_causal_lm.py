@@ -65,8 +65,9 @@ class DomainCrossEntropy(Metric):
 
     def update(self, token_loss: tuple[torch.Tensor, torch.Tensor], domain_ids: torch.Tensor) -> None:
         loss, valid = token_loss  # (B, T-1) each
-        if self.domain_id is not None:
-            valid = valid & (domain_ids == self.domain_id)[:, None]
+        # domain_id -1 marks evaluation padding (loaders.EvalSampler): never counted
+        keep = domain_ids >= 0 if self.domain_id is None else domain_ids == self.domain_id
+        valid = valid & keep[:, None]
         self.sum_loss += (loss * valid).sum().to(torch.float64)
         self.num_tokens += valid.sum()
 

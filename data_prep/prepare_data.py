@@ -1,0 +1,62 @@
+"""Tokenize a RedPajama-style folder (<input>/<domain>/*.jsonl[.gz|.zst]) into per-domain MDS datasets.
+
+Example:
+    python data_prep/prepare_data.py --input /data/redpajama --output /data/rp_mds \
+        --tokenizer /models/Llama-2-7b-hf --seq-len 4096 --eval-fraction 0.005 --workers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmshearing.data.prepare import prepare_dataset  # noqa: E402
+
+
+def _budgets(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--max-tokens expects DOMAIN=N, got {item!r}")
+        out[name] = int(float(value))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder with one sub-folder per domain")
+    p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer dir or SentencePiece .model")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--domains", nargs="*", default=None, help="domains to include (default: all sub-folders)")
+    p.add_argument("--eval-fraction", type=float, default=0.01, help="share of documents held out")
+    p.add_argument("--max-doc-chars", type=int, default=None, help="cut longer documents at line breaks first")
+    p.add_argument("--max-tokens", nargs="*", default=[], metavar="DOMAIN=N", help="per-domain training token caps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")
+    p.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    res = prepare_dataset(
+        args.input, args.output, args.tokenizer, args.seq_len, domains=args.domains,
+        eval_fraction=args.eval_fraction, max_doc_chars=args.max_doc_chars, max_tokens=_budgets(args.max_tokens),
+        seed=args.seed, workers=args.workers, add_bos=not args.no_bos, compression=args.compression,
+        overwrite=args.overwrite,
+    )
+    summary = {d: {"train_seqs": e["train"]["sequences"], "eval_seqs": e["eval"]["sequences"],
+                   "text_tokens": e["text_tokens"], "malformed": len(e["malformed"])}
+               for d, e in res.manifest["domains"].items()}
+    print(json.dumps({"output": str(res.output), "seconds": round(res.seconds, 2), "domains": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,6 @@
+"""Composer callbacks of the recipe (one per file)."""
+
+from llmshearing.callbacks.domain_loss_monitor import DomainLossMonitor
+from llmshearing.callbacks.dynamic_loading import DynamicLoading, doremi_update
+
+__all__ = ["DomainLossMonitor", "DynamicLoading", "doremi_update"]

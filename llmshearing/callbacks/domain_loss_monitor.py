@@ -1,0 +1,40 @@
+"""Logs the training loss of every data domain, once per batch."""
+
+from __future__ import annotations
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+__all__ = ["DomainLossMonitor"]
+
+
+class DomainLossMonitor(Callback):
+    """Reduces the per-domain loss sums that :class:`~llmshearing.models.ComposerCausalLM` accumulates.
+
+    The sums come from the training forward itself (no extra pass) and cover every microbatch of
+    the batch on every rank. A domain absent from a batch is not logged for that batch.
+
+    | Key | Logged |
+    | --- | --- |
+    | ``metrics/train/LanguageCrossEntropy_<domain>`` | token-averaged training loss of the domain this batch |
+    | ``metrics/train/tokens_<domain>`` | tokens of the domain in this global batch |
+    """
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        model = state.model
+        if not hasattr(model, "pop_train_domain_sums") and hasattr(model, "module"):
+            model = model.module
+        sums, counts = model.pop_train_domain_sums()
+        if sums.numel() == 0:
+            return
+        both = torch.stack([sums, counts]).to(state.device._device if hasattr(state.device, "_device") else sums.device)
+        dist.all_reduce(both)
+        sums, counts = both.cpu()
+        metrics = {}
+        for i, name in enumerate(model.domains):
+            if counts[i] > 0:
+                metrics[f"metrics/train/LanguageCrossEntropy_{name}"] = float(sums[i] / counts[i])
+                metrics[f"metrics/train/tokens_{name}"] = int(counts[i])
+        logger.log_metrics(metrics)

@@ -1,0 +1,201 @@
+"""Builds the Composer ``Trainer`` for a run config: ``train.py`` is ``train_from_yaml(path, overrides)``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from composer import Evaluator, Trainer
+from composer.algorithms import GradientClipping
+from composer.callbacks import LRMonitor, SpeedMonitor
+from composer.core import Algorithm, Callback
+from composer.loggers import LoggerDestination
+from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
+from composer.utils import dist, get_device, reproducibility
+
+from llmshearing.callbacks import DomainLossMonitor, DynamicLoading
+from llmshearing.config import ConfigError, RunConfig, load_config, to_plain
+from llmshearing.data import build_eval_dataloader, build_train_dataloader, load_manifest, resolve_domains
+from llmshearing.models import ComposerCausalLM, build_hf_model
+
+__all__ = ["build_trainer", "train_from_yaml"]
+
+log = logging.getLogger(__name__)
+
+
+def _precision(cfg: RunConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "amp_bf16" if torch.cuda.is_available() else "fp32"
+
+
+def _device(cfg: RunConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _loggers(cfg: RunConfig) -> list[LoggerDestination]:
+    out: list[LoggerDestination] = []
+    for name, kwargs in cfg.loggers.items():
+        kwargs = dict(kwargs or {})
+        if name == "wandb":
+            from composer.loggers import WandBLogger
+
+            out.append(WandBLogger(**kwargs))
+        elif name == "mlflow":
+            from composer.loggers import MLFlowLogger
+
+            out.append(MLFlowLogger(**kwargs))
+        elif name == "tensorboard":
+            from composer.loggers import TensorboardLogger
+
+            out.append(TensorboardLogger(**kwargs))
+    return out
+
+
+def _check_vocab(manifest: dict, model: torch.nn.Module, data_root: str) -> None:
+    n_tok = manifest["tokenizer"]["vocab_size"]
+    n_model = model.config.vocab_size
+    if n_tok > n_model:
+        raise ConfigError(
+            f"the data in {data_root} was tokenized with a {n_tok}-token vocabulary "
+            f"({manifest['tokenizer']['path']}) but the model's vocab_size is {n_model}; "
+            "prepare the data with the model's own tokenizer"
+        )
+
+
+def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Trainer:
+    """Everything a run needs, validated before any training step.
+
+    Args:
+        cfg: the validated run config.
+        extra_callbacks: more callbacks (tests, benchmarks).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = get_device(_device(cfg))
+    dist.initialize_dist(device, timeout=600)
+    reproducibility.seed_all(cfg.seed)  # same initial weights and masks on every rank
+
+    manifest = load_manifest(cfg.data.local, cfg.data.remote)
+    domains, proportions = resolve_domains(cfg.data, manifest)
+    if cfg.dynamic_loading is not None and cfg.dynamic_loading.reference_losses is not None:
+        if len(cfg.dynamic_loading.reference_losses) != len(domains):
+            raise ConfigError(
+                f"dynamic_loading.reference_losses has {len(cfg.dynamic_loading.reference_losses)} values but the run "
+                f"has {len(domains)} domains {domains}; give one per domain, in the same order"
+            )
+    if cfg.global_train_batch_size % dist.get_world_size():
+        raise ConfigError(
+            f"global_train_batch_size={cfg.global_train_batch_size} is not divisible by the "
+            f"{dist.get_world_size()} processes"
+        )
+    if "ep" in cfg.max_duration:
+        raise ConfigError(
+            f"max_duration={cfg.max_duration!r}: training data is an endless mixture, give a duration in "
+            "batches ('3200ba') or tokens ('1000000tok')"
+        )
+
+    hf_model = build_hf_model(cfg.model)
+    _check_vocab(manifest, hf_model, cfg.data.local)
+    model = ComposerCausalLM(hf_model, domains=domains)
+
+    train_loader = build_train_dataloader(
+        cfg.data, manifest, domains, proportions, cfg.global_train_batch_size, seed=cfg.seed
+    )
+    eval_loader = build_eval_dataloader(cfg.data, manifest, domains, cfg.device_eval_batch_size)
+    evaluator = Evaluator(label="eval", dataloader=eval_loader, metric_names=list(model.get_metrics(is_train=False)))
+
+    optimizer = DecoupledAdamW(
+        model.parameters(),
+        lr=cfg.optimizer.lr,
+        betas=tuple(cfg.optimizer.betas),
+        eps=cfg.optimizer.eps,
+        weight_decay=cfg.optimizer.weight_decay,
+    )
+    scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.t_warmup, alpha_f=cfg.scheduler.alpha_f)
+
+    algorithms: list[Algorithm] = []
+    if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm))
+    callbacks: list[Callback] = [DomainLossMonitor(), LRMonitor(), SpeedMonitor(window_size=10)]
+    if cfg.pruning is not None:
+        from llmshearing.algorithms.l0_pruning import L0Pruning
+
+        algorithms.append(L0Pruning.from_config(cfg.pruning, hf_model.config, save_folder=cfg.save_folder))
+    if cfg.dynamic_loading is not None:
+        callbacks.append(
+            DynamicLoading(
+                sampler=train_loader.batch_sampler,
+                domains=domains,
+                update=cfg.dynamic_loading.update,
+                reference_losses=cfg.dynamic_loading.reference_losses,
+                smoothing=cfg.dynamic_loading.smoothing,
+            )
+        )
+    callbacks.extend(extra_callbacks)
+
+    microbatch: Any = cfg.device_train_microbatch_size
+    if microbatch == "auto" and _device(cfg) == "cpu":
+        microbatch = cfg.global_train_batch_size // dist.get_world_size()
+    parallelism = {"fsdp": dict(cfg.fsdp)} if cfg.fsdp else None
+
+    trainer = Trainer(
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=evaluator,
+        max_duration=cfg.max_duration,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=_loggers(cfg),
+        precision=_precision(cfg),
+        device=device,
+        device_train_microbatch_size=microbatch,
+        parallelism_config=parallelism,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        load_path=cfg.load_path,
+        autoresume=cfg.autoresume,
+        console_log_interval=cfg.console_log_interval,
+        progress_bar=cfg.progress_bar,
+        log_to_console=True,
+        python_log_level=None,
+    )
+    trainer.logger.log_hyperparameters({"run_config": to_plain(cfg)})
+    return trainer
+
+
+def train_from_yaml(path: str, overrides: Sequence[str] = (), fit: bool = True) -> Trainer:
+    """Load ``path`` with ``key=value`` overrides, build the trainer and (by default) train.
+
+    Returns:
+        The trainer, after ``fit()`` when ``fit``.
+    """
+    cfg = load_config(path, overrides)
+    trainer = build_trainer(cfg)
+    if fit:
+        trainer.fit()
+    return trainer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``composer train.py <yaml> [key=value ...]``."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: composer train.py <config.yaml> [key=value ...]")
+        raise SystemExit(0 if args else 2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train_from_yaml(args[0], args[1:])
