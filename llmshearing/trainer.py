@@ -125,7 +125,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     if cfg.pruning is not None:
         from llmshearing.algorithms.l0_pruning import L0Pruning
 
-        algorithms.append(L0Pruning.from_config(cfg.pruning, hf_model.config, save_folder=cfg.save_folder))
+        algorithms.append(
+            L0Pruning.from_config(cfg.pruning, hf_model.config, seed=cfg.seed, save_folder=cfg.save_folder)
+        )
     if cfg.dynamic_loading is not None:
         callbacks.append(
             DynamicLoading(

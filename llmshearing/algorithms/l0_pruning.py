@@ -1,0 +1,204 @@
+"""Targeted structured pruning as a Composer Algorithm.
+
+The model's code knows nothing about masks. At ``Event.INIT`` this algorithm builds the
+:class:`~llmshearing.pruning.ShearingMasks` for the source and target shapes, registers it as the
+``masks`` submodule of the Composer model (so it is checkpointed, moved and wrapped with the
+model), hooks it into the transformers model and adds two optimizer parameter groups: the mask
+log-alphas (``mask_lr``) and the Lagrange multipliers (``-lambda_lr``). At every batch it tells the
+masks the step (which seeds the gate noise and ramps the target); after the loss it adds the
+Lagrangian. Evaluation uses deterministic top-k masks (the hooks follow ``model.training``).
+
+| Key | Logged (every batch) |
+| --- | --- |
+| ``pruning/expected_<structure>`` | expected kept units per row (layers, hidden dims, channels/layer, heads/group, groups/layer) |
+| ``pruning/target_<structure>`` | ramped target of the same |
+| ``pruning/lambda1_<structure>``, ``pruning/lambda2_<structure>`` | Lagrange multipliers |
+| ``pruning/expected_params`` | parameter count of the expected architecture |
+| ``pruning/expected_<config field>`` | expected target-config sizes (heads, KV heads, ...) |
+| ``loss/train/lm_loss``, ``loss/train/lagrangian`` | the two parts of ``loss/train/total`` |
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+from transformers import PretrainedConfig
+
+from llmshearing.config import PruningConfig
+from llmshearing.models.families import describe_shape
+from llmshearing.pruning import ShearingMasks, attach_masks, resolve_target
+
+__all__ = ["L0Pruning"]
+
+log = logging.getLogger(__name__)
+
+
+class L0Pruning(Algorithm):
+    """Learns hard-concrete masks that prune the model to ``target`` (see module docstring).
+
+    Args:
+        source: source shape (``describe_shape`` of the model config).
+        target: resolved target shape (``resolve_target``).
+        prune: structures to mask.
+        lagrangian_warmup: duration of the linear target ramp (Composer time string).
+        mask_lr: learning rate of the log-alphas.
+        lambda_lr: learning rate of the Lagrange multipliers (applied as ascent).
+        droprate_init: initial drop probability.
+        temperature: hard-concrete beta.
+        seed: seed of the per-step gate noise.
+        save_folder: where ``masks/ba<step>.pt`` are written at every evaluation (None: not saved).
+    """
+
+    def __init__(
+        self,
+        source: dict[str, int],
+        target: dict[str, int],
+        prune: list[str],
+        lagrangian_warmup: str = "0.2dur",
+        mask_lr: float = 1.0,
+        lambda_lr: float = 1.0,
+        droprate_init: float = 0.5,
+        temperature: float = 2.0 / 3.0,
+        seed: int = 0,
+        save_folder: Optional[str] = None,
+        tie_word_embeddings: bool = False,
+        qkv_bias: bool = False,
+    ) -> None:
+        self.source, self.target, self.prune = source, target, list(prune)
+        self.lagrangian_warmup = Time.from_timestring(lagrangian_warmup)
+        if self.lagrangian_warmup.unit not in (TimeUnit.BATCH, TimeUnit.DURATION):
+            raise ValueError(f"lagrangian_warmup={lagrangian_warmup!r}: give batches ('640ba') or a fraction ('0.2dur')")
+        self.mask_lr, self.lambda_lr = mask_lr, lambda_lr
+        self.droprate_init, self.temperature, self.seed = droprate_init, temperature, seed
+        self.save_folder = save_folder
+        self.tie_word_embeddings, self.qkv_bias = tie_word_embeddings, qkv_bias
+        self.masks: Optional[ShearingMasks] = None
+        self._warmup_batches = 0
+        self._lagrangian_logs: dict[str, float] = {}
+
+    @classmethod
+    def from_config(
+        cls, cfg: PruningConfig, model_config: PretrainedConfig, seed: int = 0, save_folder: Optional[str] = None
+    ) -> L0Pruning:
+        """Validate the target against the source config (before any training) and build the algorithm."""
+        source = describe_shape(model_config)
+        target = resolve_target(source, cfg.target, cfg.prune)
+        return cls(
+            source=source,
+            target=target,
+            prune=cfg.prune,
+            lagrangian_warmup=cfg.lagrangian_warmup,
+            mask_lr=cfg.mask_lr,
+            lambda_lr=cfg.lambda_lr,
+            droprate_init=cfg.droprate_init,
+            temperature=cfg.temperature,
+            seed=seed,
+            save_folder=save_folder if cfg.save_masks else None,
+            tie_word_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
+            qkv_bias=model_config.model_type == "qwen2" or bool(getattr(model_config, "attention_bias", False)),
+        )
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END, Event.EVAL_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._init(state)
+        elif event == Event.FIT_START:
+            self._warmup_batches = self._to_batches(state, self.lagrangian_warmup)
+        elif event == Event.BEFORE_FORWARD:
+            self._set_step(state)
+        elif event == Event.AFTER_LOSS:
+            self._add_lagrangian(state)
+        elif event == Event.BATCH_END:
+            self._log(state, logger)
+        elif event == Event.EVAL_END:
+            self._save_masks(state)
+
+    # -- events --------------------------------------------------------------------------------------
+    def _init(self, state: State) -> None:
+        model = state.model
+        hf_model = model.model
+        device = next(hf_model.parameters()).device
+        masks = ShearingMasks(
+            self.source, self.target, self.prune, self.droprate_init, self.temperature, self.seed,
+            self.tie_word_embeddings, self.qkv_bias,
+        ).to(device)
+        model.masks = masks  # a submodule: checkpointed, moved to device and wrapped with the model
+        self.masks = masks
+        self.hooks = attach_masks(hf_model, masks)
+        gate_params = [g.log_alpha for g in masks.gates.values()]
+        lambda_params = list(masks.lambdas.values())
+        for opt in state.optimizers:
+            opt.add_param_group({"params": gate_params, "lr": self.mask_lr, "weight_decay": 0.0})
+            # Gradient ASCENT on the Lagrange multipliers: the min-max objective maximises over lambda,
+            # which Adam-style optimizers do with a negative learning rate (no weight decay: it would
+            # grow the lambdas with a negative lr).
+            opt.add_param_group({"params": lambda_params, "lr": -self.lambda_lr, "weight_decay": 0.0})
+        log.info(
+            "pruning %s -> %s with masks over %s (%d mask parameters)",
+            self.source, self.target, sorted(masks.gates), sum(p.numel() for p in gate_params),
+        )
+
+    def _to_batches(self, state: State, t: Time) -> int:
+        if t.unit == TimeUnit.BATCH:
+            return int(t.value)
+        max_dur = state.max_duration
+        if max_dur is None or max_dur.unit != TimeUnit.BATCH:
+            raise ValueError("lagrangian_warmup as a fraction of the run ('0.2dur') needs max_duration in batches")
+        return int(round(t.value * max_dur.value))
+
+    def _set_step(self, state: State) -> None:
+        step = int(state.timestamp.batch)
+        self.masks.step = step
+        progress = 1.0 if self._warmup_batches <= 0 else min(1.0, step / self._warmup_batches)
+        self.masks.target_progress.fill_(progress)
+
+    def _add_lagrangian(self, state: State) -> None:
+        lm_loss = state.loss
+        if isinstance(lm_loss, dict):
+            lm_loss = lm_loss["total"]
+        lagrangian, self._lagrangian_logs = self.masks.lagrangian()
+        state.loss = {"total": lm_loss + lagrangian, "lm_loss": lm_loss, "lagrangian": lagrangian}
+
+    def _log(self, state: State, logger: Logger) -> None:
+        metrics: dict[str, Any] = {f"pruning/{k}": v for k, v in self._lagrangian_logs.items()}
+        metrics["pruning/expected_params"] = self.masks.expected_params()
+        for k, v in self.masks.expected_shape().items():
+            if k in ("num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size", "num_hidden_layers"):
+                metrics[f"pruning/expected_{k}"] = v
+        logger.log_metrics(metrics)
+
+    def _save_masks(self, state: State) -> None:
+        if self.save_folder is None or dist.get_global_rank() != 0:
+            return
+        out = Path(self.save_folder) / "masks" / f"ba{int(state.timestamp.batch)}.pt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "step": int(state.timestamp.batch),
+            "source": self.source,
+            "target": self.target,
+            "deterministic": self.masks.deterministic().to_dict(),
+            "log_alpha": {k: g.log_alpha.detach().cpu() for k, g in self.masks.gates.items()},
+            "expected_shape": self.masks.expected_shape(),
+        }
+        tmp = out.with_suffix(".pt.tmp")
+        torch.save(payload, tmp)
+        tmp.replace(out)
+
+    # -- checkpoint contract (the masks' tensors live in the model's state dict) --------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "target": self.target, "prune": self.prune}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and (state.get("source") != self.source or state.get("target") != self.target):
+            raise ValueError(
+                f"the checkpoint was written pruning {state.get('source')} -> {state.get('target')}, this run prunes "
+                f"{self.source} -> {self.target}; resume with the same source model and target, or start a new run"
+            )
