@@ -16,7 +16,7 @@ from composer.loggers import LoggerDestination
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, get_device, reproducibility
 
-from llmshearing.callbacks import DomainLossMonitor, DynamicLoading
+from llmshearing.callbacks import CheckpointMetadata, DomainLossMonitor, DynamicLoading
 from llmshearing.config import ConfigError, RunConfig, load_config, to_plain
 from llmshearing.data import build_eval_dataloader, build_train_dataloader, load_manifest, resolve_domains
 from llmshearing.models import ComposerCausalLM, build_hf_model
@@ -121,7 +121,12 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     algorithms: list[Algorithm] = []
     if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm))
-    callbacks: list[Callback] = [DomainLossMonitor(), LRMonitor(), SpeedMonitor(window_size=10)]
+    callbacks: list[Callback] = [
+        CheckpointMetadata(hf_model.config, cfg.tokenizer or manifest["tokenizer"]["path"], domains),
+        DomainLossMonitor(),
+        LRMonitor(),
+        SpeedMonitor(window_size=10),
+    ]
     if cfg.pruning is not None:
         from llmshearing.algorithms.l0_pruning import L0Pruning
 

@@ -90,6 +90,10 @@ class ComposerCausalLM(ComposerModel):
         self.model = model
         self.domains = list(domains)
         self._reset_train_domain_sums()
+        # FSDP and activation checkpointing wrap each decoder layer (Composer reads these from the child module).
+        layer_names = set(getattr(model, "_no_split_modules", None) or [])
+        model.fsdp_wrap_fn = lambda module: type(module).__name__ in layer_names
+        model.activation_checkpointing_fn = lambda module: type(module).__name__ in layer_names
 
     # -- training ----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -1,0 +1,43 @@
+"""Records what a checkpoint needs to be exported without the run's YAML: model config, tokenizer, domains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from composer.core import Callback
+from transformers import PretrainedConfig
+
+__all__ = ["CheckpointMetadata"]
+
+
+class CheckpointMetadata(Callback):
+    """Stores the source model's transformers config, the tokenizer path and the domains in every checkpoint.
+
+    Args:
+        model_config: the transformers config of the trained (source) model.
+        tokenizer: tokenizer path used for the data (copied into exports).
+        domains: data domains of the run.
+
+    Logs nothing. On resume, a checkpoint of a different model shape is refused.
+    """
+
+    def __init__(self, model_config: PretrainedConfig, tokenizer: Optional[str], domains: Sequence[str]) -> None:
+        self.model_config = model_config.to_dict()
+        self.tokenizer = tokenizer
+        self.domains = list(domains)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hf_config": self.model_config, "tokenizer": self.tokenizer, "domains": self.domains}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from llmshearing.models.families import SHAPE_FIELDS
+
+        theirs = state.get("hf_config", {})
+        diff = {k: (theirs.get(k), self.model_config.get(k)) for k in SHAPE_FIELDS if theirs.get(k) != self.model_config.get(k)}
+        if diff:
+            raise ValueError(
+                "the checkpoint is of a different model shape (checkpoint, this run): "
+                + ", ".join(f"{k}={a} vs {b}" for k, (a, b) in diff.items())
+                + "; resume with the same model config, or start a new run (another save_folder)"
+            )

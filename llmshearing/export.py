@@ -1,0 +1,175 @@
+"""Composer checkpoint (pruning or continued pre-training) -> Hugging Face model directory.
+
+A pruning checkpoint holds the source weights and the mask log-alphas; it is materialised to the
+target shape (deterministic top-k masks, values folded into the weights). A training checkpoint
+is exported as is. Every checkpoint tensor must be mapped: an unknown key or a shape that does not
+fit is an error, never silently dropped. The checkpoint is memory-mapped and tensors are read one
+at a time. The directory is written under a temporary name and renamed when complete; an
+existing directory is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_utils import no_init_weights
+
+from llmshearing.models.families import FAMILIES, describe_shape
+from llmshearing.pruning.masks import ShearingMasks
+from llmshearing.pruning.materialize import prune_state_dict, pruned_config
+
+__all__ = ["export_checkpoint", "load_composer_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+_MODEL_PREFIX = "model."  # ComposerCausalLM.model
+_MASK_PREFIX = "masks."  # ComposerCausalLM.masks (added by L0Pruning)
+
+
+def load_composer_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The ``state`` of a Composer checkpoint file, memory-mapped (tensors are read when touched)."""
+    path = Path(path)
+    if path.is_dir():
+        latest = path / "latest-rank0.pt"
+        if not latest.exists():
+            raise FileNotFoundError(f"{path} is a folder without latest-rank0.pt; give the checkpoint file")
+        path = latest
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which and what to do
+        raise ValueError(
+            f"could not read checkpoint {path}: {type(e).__name__}: {e}. The file is corrupted or not a Composer "
+            "checkpoint; use an earlier checkpoint of the run"
+        ) from e
+    if not isinstance(ckpt, dict) or "state" not in ckpt or "model" not in ckpt["state"]:
+        raise ValueError(f"{path} is not a Composer checkpoint (no state.model)")
+    return ckpt["state"]
+
+
+def _metadata(state: dict[str, Any]) -> dict[str, Any]:
+    meta = (state.get("callbacks") or {}).get("CheckpointMetadata")
+    if not meta:
+        raise ValueError("the checkpoint has no CheckpointMetadata (model config); was it written by llmshearing?")
+    return meta
+
+
+def _pruning_state(state: dict[str, Any]) -> Optional[dict[str, Any]]:
+    for name, algo_state in state.get("algorithms") or []:
+        if name == "L0Pruning":
+            return algo_state
+    return None
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    tokenizer: Optional[str] = None,
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a Hugging Face model directory from a Composer checkpoint (see module docstring).
+
+    Args:
+        checkpoint: Composer checkpoint file (or a save folder with ``latest-rank0.pt``).
+        output: model directory to write.
+        tokenizer: tokenizer to save alongside (default: the one recorded in the checkpoint, if it exists).
+        overwrite: replace an existing ``output``.
+        dtype: dtype of the saved weights.
+
+    Returns:
+        ``output``.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; choose another directory or pass --overwrite to replace it")
+    state = load_composer_checkpoint(checkpoint)
+    meta = _metadata(state)
+    family = meta["hf_config"]["model_type"]
+    config_cls, model_cls = FAMILIES[family]
+    src_cfg_dict = {k: v for k, v in meta["hf_config"].items() if k not in ("model_type", "transformers_version")}
+    src_config = config_cls(**src_cfg_dict)
+    weights: dict[str, torch.Tensor] = state["model"]
+
+    hf_keys = {k[len(_MODEL_PREFIX) :] for k in weights if k.startswith(_MODEL_PREFIX)}
+    mask_keys = {k for k in weights if k.startswith(_MASK_PREFIX)}
+    unknown = set(weights) - {_MODEL_PREFIX + k for k in hf_keys} - mask_keys
+    if unknown:
+        raise ValueError(f"checkpoint tensors that map to nothing: {sorted(unknown)[:10]}")
+
+    def get(name: str) -> torch.Tensor:
+        key = _MODEL_PREFIX + name
+        if key not in weights:
+            raise KeyError(f"the checkpoint has no tensor {key!r} that the {family} export needs")
+        return weights[key].to(torch.float32)
+
+    pruning = _pruning_state(state)
+    if pruning is not None:
+        masks = ShearingMasks(pruning["source"], pruning["target"], pruning["prune"])
+        mask_sd = {k[len(_MASK_PREFIX) :]: v for k, v in weights.items() if k.startswith(_MASK_PREFIX)}
+        masks.load_state_dict(mask_sd, strict=True)
+        det = masks.deterministic()
+        config = pruned_config(src_config, det)
+        tensors = prune_state_dict(get, src_config, det, tied=bool(src_config.tie_word_embeddings))
+        used = _used_source_keys(src_config)
+    else:
+        config = src_config
+        tensors = {k: get(k) for k in hf_keys}
+        used = hf_keys
+    unused = hf_keys - used - ({"lm_head.weight"} if src_config.tie_word_embeddings else set())
+    if unused:
+        raise ValueError(f"checkpoint tensors the export did not map: {sorted(unused)[:10]}")
+
+    with no_init_weights():
+        model: PreTrainedModel = model_cls(config)
+    expected = model.state_dict()
+    for name, t in tensors.items():
+        if name not in expected:
+            raise ValueError(f"exported tensor {name!r} has no place in {model_cls.__name__}")
+        if tuple(expected[name].shape) != tuple(t.shape):
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit {tuple(expected[name].shape)} of {config}")
+    missing = set(expected) - set(tensors) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if missing:
+        raise ValueError(f"no checkpoint tensor for {sorted(missing)[:10]}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model = model.to(dtype)
+
+    tmp = output.with_name(output.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok_path = tokenizer or meta.get("tokenizer")
+    if tok_path and Path(tok_path).exists():
+        from llmshearing.data.tokenizer import load_tokenizer
+
+        load_tokenizer(str(tok_path)).save_pretrained(tmp)
+    elif tok_path:
+        log.warning("tokenizer %s not found; exported the model without tokenizer files", tok_path)
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.replace(output)
+    log.info("exported %s (%s) to %s", family, describe_shape(config), output)
+    return output
+
+
+def _used_source_keys(config) -> set[str]:
+    """Every source tensor name the pruning export reads (all of them, for a LLaMA-family model)."""
+    names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names.add(p + f"self_attn.{proj}.weight")
+        if bias:
+            names.update(p + f"self_attn.{proj}.bias" for proj in ("q_proj", "k_proj", "v_proj"))
+        if getattr(config, "attention_bias", False):
+            names.add(p + "self_attn.o_proj.bias")
+        names.update(p + f"mlp.{x}.weight" for x in ("gate_proj", "up_proj", "down_proj"))
+        names.update(p + f"{n}.weight" for n in ("input_layernorm", "post_attention_layernorm"))
+    return names

@@ -1,0 +1,93 @@
+"""Configuration: every shipped YAML validates; bad keys and values fail with a message that names them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmshearing.config import ConfigError, load_config, load_yaml
+from tests.helpers import REPO
+
+RUN_YAMLS = sorted(p for p in (REPO / "yamls").rglob("*.yaml") if not {"models", "parts"} & set(p.parts))
+VARS = ["variables.data=/data", "variables.run_dir=/runs", "variables.source=/models/src", "variables.tokenizer=/tok"]
+
+
+
+@pytest.mark.parametrize("path", RUN_YAMLS, ids=lambda p: str(p.relative_to(REPO / "yamls")))
+def test_every_shipped_yaml_validates(path):
+    cfg = load_config(path, VARS)
+    assert cfg.max_duration and cfg.global_train_batch_size > 0
+
+
+def test_model_description_yamls_build_configs():
+    from llmshearing.models.families import build_config, count_params, describe_shape
+
+    found = {}
+    for path in sorted((REPO / "yamls" / "models").glob("*.yaml")):
+        model = load_yaml(path, ["variables.source=null"])["model"]
+        config = build_config(model["family"], dict(model["config"]))
+        found[path.stem] = count_params(describe_shape(config), config.tie_word_embeddings)
+    assert 6.6e9 < found["llama2_7b"] < 6.8e9
+    assert 7.9e9 < found["llama3_8b"] < 8.1e9
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+model: {family: llama, config: {hidden_size: 8}}
+data: {local: /d}
+max_duration: 10ba
+global_train_batch_size: 2
+"""
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.max_seq_lne'.*did you mean 'data.max_seq_len'"):
+        load_config(_write(tmp_path, BASE + "\n"), ["data.max_seq_lne=5"])
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'optimiser'"):
+        load_config(_write(tmp_path, BASE + "optimiser: {lr: 1}\n"))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="global_train_batch_size must be an integer"):
+        load_config(_write(tmp_path, BASE), ["global_train_batch_size=lots"])
+
+
+def test_proportions_must_sum_to_one(tmp_path):
+    with pytest.raises(ConfigError, match="sum to 0.9"):
+        load_config(_write(tmp_path, BASE), ["data.domains=[a,b]", "data.proportions=[0.5,0.4]"])
+
+
+def test_proportions_count_must_match_domains(tmp_path):
+    with pytest.raises(ConfigError, match="3 values but data.domains has 2"):
+        load_config(_write(tmp_path, BASE), ["data.domains=[a,b]", "data.proportions=[0.5,0.25,0.25]"])
+
+
+def test_reference_losses_count_must_match_domains(tmp_path):
+    with pytest.raises(ConfigError, match="reference_losses has 1 values but data.domains has 2"):
+        load_config(_write(tmp_path, BASE + "dynamic_loading: {reference_losses: [1.0]}\n"), ["data.domains=[a,b]"])
+
+
+def test_includes_merge_in_order_and_cycles_are_reported(tmp_path):
+    (tmp_path / "base.yaml").write_text(BASE)
+    child = tmp_path / "child.yaml"
+    child.write_text("includes: [base.yaml]\nmax_duration: 20ba\n")
+    cfg = load_config(child)
+    assert cfg.max_duration == "20ba" and cfg.model.config == {"hidden_size": 8}
+    (tmp_path / "a.yaml").write_text("includes: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("includes: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_missing_variable_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="could not resolve"):
+        load_config(_write(tmp_path, BASE.replace("/d", "${variables.data}") + "variables: {data: ???}\n"))
