@@ -89,5 +89,6 @@ def test_includes_merge_in_order_and_cycles_are_reported(tmp_path):
 
 
 def test_missing_variable_is_reported(tmp_path):
+    text = BASE.replace("{local: /d}", '{local: "${variables.data}"}') + "variables:\n  data: ???\n"
     with pytest.raises(ConfigError, match="could not resolve"):
-        load_config(_write(tmp_path, BASE.replace("/d", "${variables.data}") + "variables: {data: ???}\n"))
+        load_config(_write(tmp_path, text))

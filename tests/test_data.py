@@ -1,0 +1,159 @@
+"""Data prep and the domain batch sampler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from llmshearing.data import DomainBatchSampler, DomainExhausted, DomainTokenDataset, load_manifest
+from llmshearing.data.prepare import prepare_dataset
+from tests.helpers import LLAMA2_TOKENIZER, REDPAJAMA
+
+needs_shared = pytest.mark.skipif(
+    not (REDPAJAMA.is_dir() and LLAMA2_TOKENIZER.is_file()), reason="../shared RedPajama sample / LLaMA-2 tokenizer absent"
+)
+
+
+@needs_shared
+def test_redpajama_prep_counts_match_direct_tokenization(tmp_path):
+    import sentencepiece as spm
+
+    domains = ["arxiv", "github", "wiki"]
+    res = prepare_dataset(REDPAJAMA, tmp_path / "out", str(LLAMA2_TOKENIZER), 256, domains=domains,
+                          eval_fraction=0.2, max_doc_chars=None, workers=2, progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
+    for d in domains:
+        texts = [json.loads(line)["text"] for f in sorted((REDPAJAMA / d).glob("*.jsonl")) for line in open(f)]
+        direct = sum(len(ids) for ids in sp.encode(texts))
+        entry = res.manifest["domains"][d]
+        assert entry["text_tokens"] == direct
+        written = entry["train"]["tokens"] + entry["eval"]["tokens"]
+        dropped = entry["train"]["dropped_tail_tokens"] + entry["eval"]["dropped_tail_tokens"]
+        assert written + dropped == direct + 2 * entry["documents"]  # + BOS and EOS per document
+    assert res.manifest["dtype"] == "uint16"
+
+
+@needs_shared
+def test_first_sequence_decodes_to_start_of_first_document(tmp_path):
+    from llmshearing.data.tokenizer import load_tokenizer
+
+    prepare_dataset(REDPAJAMA, tmp_path / "out", str(LLAMA2_TOKENIZER), 64, domains=["wiki"], eval_fraction=0.0,
+                    progress=False)
+    ds = DomainTokenDataset(str(tmp_path / "out"), "train", ["wiki"], 64)
+    tok = load_tokenizer(str(LLAMA2_TOKENIZER))
+    first_doc = json.loads(open(next((REDPAJAMA / "wiki").glob("*.jsonl"))).readline())["text"]
+    ids = ds[0]["input_ids"].tolist()
+    assert ids[0] == tok.bos_token_id
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert first_doc.startswith(text[:150].strip()[:100])
+
+
+def test_malformed_lines_are_reported_by_line(tmp_path, small_tokenizer):
+    src = tmp_path / "in" / "web"
+    src.mkdir(parents=True)
+    lines = [json.dumps({"text": "good text number %d " % i * 20}) for i in range(30)]
+    lines[4] = "{not json"
+    lines[9] = json.dumps({"meta": "no text"})
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, eval_fraction=0.2, progress=False)
+    bad = res.manifest["domains"]["web"]["malformed"]
+    assert [(b["file"], b["line"]) for b in bad] == [("a.jsonl", 5), ("a.jsonl", 10)]
+    assert "invalid JSON" in bad[0]["error"] and "text" in bad[1]["error"]
+    assert res.manifest["domains"]["web"]["documents"] == 28
+
+
+def test_bad_inputs_fail_before_tokenizing(tmp_path, small_tokenizer):
+    (tmp_path / "in" / "empty").mkdir(parents=True)
+    with pytest.raises(ValueError, match="domain 'empty' is empty"):
+        prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, progress=False)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, domains=["nope"], progress=False)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare_dataset(tmp_path / "in", tmp_path / "exists", small_tokenizer, 16, progress=False)
+
+
+def test_train_and_eval_never_share_a_document(mds_data):
+    manifest = load_manifest(mds_data)
+    domains = list(manifest["domains"])
+    train = DomainTokenDataset(mds_data, "train", domains, 64)
+    evals = DomainTokenDataset(mds_data, "eval", domains, 64)
+    seqs = lambda ds: {tuple(ds[i]["input_ids"].tolist()) for i in range(len(ds))}  # noqa: E731
+    assert not seqs(train) & seqs(evals)
+    with pytest.raises(ValueError, match="longer than the prepared sequences"):
+        DomainTokenDataset(mds_data, "train", domains, 65)
+
+
+def _sampler(**kw):
+    args = dict(sizes=[500, 300, 200], offsets=[0, 500, 800], proportions=[0.5, 0.3, 0.2], global_batch_size=8, seed=1)
+    args.update(kw)
+    return DomainBatchSampler(**args)
+
+
+def _domain(idx):
+    return 0 if idx < 500 else 1 if idx < 800 else 2
+
+
+def test_realised_mixture_matches_proportions():
+    s = _sampler(sizes=[5000, 5000, 5000], offsets=[0, 5000, 10000], global_batch_size=20)
+    counts = np.zeros(3)
+    it = iter(s)
+    for _ in range(100):  # 2000 samples
+        for i in next(it):
+            counts[min(i // 5000, 2)] += 1
+    p = np.array([0.5, 0.3, 0.2])
+    sd = np.sqrt(2000 * p * (1 - p))
+    assert np.all(np.abs(counts - 2000 * p) < 4 * sd), counts
+
+
+def test_each_sample_once_per_domain_pass_and_stop_mode():
+    s = _sampler(proportions=[1.0, 0.0, 0.0], on_exhausted="stop")
+    seen = [i for _ in range(62) for i in s.draw_global_batch()]
+    assert len(seen) == len(set(seen)) == 496
+    with pytest.raises(DomainExhausted, match="no unseen sequences"):
+        for _ in range(2):
+            s.draw_global_batch()
+
+
+def test_global_batches_are_the_same_for_any_world_size():
+    one = iter(_sampler())
+    two = [iter(_sampler(rank=r, world_size=2)) for r in range(2)]
+    for _ in range(20):
+        assert next(one) == next(two[0]) + next(two[1])
+
+
+def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run():
+    a = _sampler(lag=2)
+    ita = iter(a)
+    head = [next(ita) for _ in range(7)]  # 7 consumed, 2 more prefetched below
+    a.set_proportions([0.1, 0.1, 0.8], consumed_batches=7)
+    state = a.state_dict(num_samples=7 * 8)
+    prefetched = [next(ita) for _ in range(2)]
+    tail = [next(ita) for _ in range(10)]
+    b = _sampler(lag=2)
+    b.load_state_dict(state)
+    itb = iter(b)
+    assert [next(itb) for _ in range(12)] == prefetched + tail
+    assert head  # the first part was drawn
+
+
+def test_proportion_change_reaches_workers_within_lag(mds_data):
+    manifest = load_manifest(mds_data)
+    domains = list(manifest["domains"])
+    ds = DomainTokenDataset(mds_data, "train", domains, 64, manifest=manifest)
+    workers, prefetch = 2, 2
+    sampler = DomainBatchSampler(ds.sizes, ds.offsets, [1.0, 0.0, 0.0], 4, seed=0, lag=workers * prefetch)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers, prefetch_factor=prefetch)
+    seen = []
+    for n, batch in enumerate(loader):
+        seen.append(set(batch["domain_id"].tolist()))
+        if n == 3:
+            sampler.set_proportions([0.0, 0.0, 1.0], consumed_batches=n + 1)
+        if n == 3 + workers * prefetch + 2:
+            break
+    assert all(s == {0} for s in seen[:4])
+    first_new = next(i for i, s in enumerate(seen) if s == {2})
+    assert first_new - 3 <= workers * prefetch + 1

@@ -1,0 +1,128 @@
+"""Pruning: masked model == materialised model == exported Hugging Face model; gates; targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmshearing.config import ConfigError, TargetShape
+from llmshearing.models.families import describe_shape
+from llmshearing.pruning import HardConcrete, ShearingMasks, attach_masks, materialize, resolve_target
+from tests.helpers import make_tiny_model
+
+ALL = ["layer", "head", "intermediate", "hidden"]
+CASES = {
+    "mha": ("llama2_mha", TargetShape(2, 24, 2, None, 20)),
+    "gqa_drop_groups": ("llama3_gqa", TargetShape(2, 40, 4, 1, 50)),
+    "gqa_heads_in_groups": ("llama3_gqa", TargetShape(2, 40, 4, 2, 50)),
+    "gqa_both": ("llama3_gqa", TargetShape(2, 40, 2, 1, 50)),
+    "qwen2_bias": ("qwen2_bias", TargetShape(1, 24, 2, 1, 20)),
+    "mistral": ("mistral_gqa", TargetShape(1, 16, 2, 1, 32)),
+}
+
+
+def _masked(name, target, seed=0):
+    model = make_tiny_model(name)
+    src = describe_shape(model.config)
+    masks = ShearingMasks(src, resolve_target(src, target, ALL), ALL, droprate_init=0.3)
+    with torch.no_grad():  # spread the gates so that soft values (not just 0/1) are folded
+        for g in masks.gates.values():
+            g.log_alpha.copy_(torch.randn(g.shape, generator=torch.Generator().manual_seed(seed)) * 2 + 1.5)
+    attach_masks(model, masks)
+    return model.eval(), masks
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_masked_materialised_and_exported_models_agree(case, tmp_path):
+    name, target = CASES[case]
+    model, masks = _masked(name, target)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
+    det = masks.deterministic()
+    assert not torch.all(det.hidden[det.hidden_keep] == 1), "test should fold soft mask values"
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        small = materialize(model, det)
+        dense = small(input_ids=ids).logits
+    shape = describe_shape(small.config)
+    want = resolve_target(describe_shape(model.config), target, ALL)
+    assert {k: shape[k] for k in want} == want
+    assert (masked - dense).abs().max().item() <= 1e-4
+    small.save_pretrained(tmp_path / "hf")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        exported = plain(input_ids=ids).logits
+    assert (masked - exported).abs().max().item() <= 1e-4
+
+
+def test_hooks_match_an_explicit_mask_reference():
+    """Layer + intermediate masks via hooks equal zeroing the same weights by hand."""
+    model = make_tiny_model("llama2_mha")
+    src = describe_shape(model.config)
+    target = resolve_target(src, TargetShape(3, 32, 4, None, 24), ["intermediate"])
+    masks = ShearingMasks(src, target, ["intermediate"])
+    det = masks.deterministic()
+    ref = make_tiny_model("llama2_mha")
+    with torch.no_grad():
+        for i, layer in enumerate(ref.model.layers):
+            layer.mlp.down_proj.weight.mul_(det.intermediate[i][None, :])
+    attach_masks(model, masks)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-6)
+
+
+def test_hard_concrete_sampling_matches_its_nonzero_probability():
+    gate = HardConcrete((20000,), keep=5, droprate_init=0.5, temperature=2 / 3)
+    with torch.no_grad():
+        gate.log_alpha.fill_(-1.0)
+    z = gate.sample(torch.rand(20000, generator=torch.Generator().manual_seed(0)).clamp(1e-6, 1 - 1e-6))
+    p = float(gate.prob_nonzero()[0])
+    assert abs(float((z > 0).float().mean()) - p) < 0.02
+    values, keep = gate.deterministic()
+    assert int(keep.sum()) == 5 and int((values > 0).sum()) <= 5
+
+
+def test_sampled_masks_depend_only_on_seed_and_step():
+    src = describe_shape(make_tiny_model("llama3_gqa").config)
+    tgt = resolve_target(src, TargetShape(2, 40, 4, 1, 50), ALL)
+    a, b = ShearingMasks(src, tgt, ALL, seed=3), ShearingMasks(src, tgt, ALL, seed=3)
+    a.step = b.step = 11
+    za, zb = a.refresh(training=True), b.refresh(training=True)
+    assert za.keys() == zb.keys() and all(torch.equal(za[k], zb[k]) for k in za)
+    b.step = 12
+    assert not torch.equal(za["intermediate"], b.refresh(training=True)["intermediate"])
+
+
+def test_lagrangian_gradients_pull_expected_size_toward_target():
+    src = describe_shape(make_tiny_model("llama2_mha").config)
+    masks = ShearingMasks(src, resolve_target(src, TargetShape(3, 32, 4, None, 12), ["intermediate"]), ["intermediate"])
+    masks.target_progress.fill_(1.0)
+    with torch.no_grad():
+        masks.lambdas["intermediate"].copy_(torch.tensor([1.0, 1.0]))
+    loss, logs = masks.lagrangian()
+    loss.backward()
+    assert logs["expected_intermediate"] > logs["target_intermediate"]
+    assert (masks.gates["intermediate"].log_alpha.grad > 0).all()  # descent lowers log_alpha -> fewer channels
+    assert masks.lambdas["intermediate"].grad[0] > 0  # ascent raises lambda_1 while above target
+
+
+SRC_MHA = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 8,
+           "num_key_value_heads": 8, "head_dim": 8, "vocab_size": 100}
+SRC_GQA = dict(SRC_MHA, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize(
+    "source,target,prune,message",
+    [
+        (SRC_MHA, TargetShape(4, 128, 8, None, 96), ALL, "larger than the source"),
+        (SRC_MHA, TargetShape(4, 64, 4, 2, 96), ALL, "must equal num_attention_heads"),
+        (SRC_GQA, TargetShape(4, 64, 6, 4, 96), ALL, "larger than the source"),
+        (SRC_GQA, TargetShape(4, 64, 3, 2, 96), ALL, "cannot be split evenly"),
+        (SRC_GQA, TargetShape(4, 64, 6, 1, 96), ALL, "only 4"),
+        (SRC_MHA, TargetShape(2, 64, 8, None, 96), ["head"], "'layer' is not in pruning.prune"),
+    ],
+)
+def test_unreachable_targets_are_rejected_with_the_reason(source, target, prune, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_target(source, target, prune)
