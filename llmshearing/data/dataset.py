@@ -1,0 +1,144 @@
+"""Per-domain MDS token datasets, read through mosaicml-streaming, with random access by global index.
+
+One :class:`~streaming.StreamingDataset` holds one ``Stream`` per domain (local directory, or a remote
+object-store prefix cached locally), so shard download, caching and integrity checks are streaming's.
+The project never iterates it in streaming's own order: the :class:`~llmshearing.data.sampler.DomainBatchSampler`
+decides, in the main process, which global sample indices make up each batch (that is what lets
+domain proportions change mid-run with any number of workers), and workers only fetch by index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataset
+
+from llmshearing.data.prepare import MANIFEST, read_manifest
+
+__all__ = ["DomainTokenDataset", "load_manifest"]
+
+log = logging.getLogger(__name__)
+
+
+def load_manifest(local: str, remote: Optional[str] = None) -> dict:
+    """Read ``manifest.json`` from ``local``, fetching it from ``remote`` first when given and missing."""
+    if remote is not None and not (Path(local) / MANIFEST).is_file():
+        from streaming.base.storage import download_file
+
+        Path(local).mkdir(parents=True, exist_ok=True)
+        download_file(f"{remote.rstrip('/')}/{MANIFEST}", str(Path(local) / MANIFEST), timeout=60)
+    return read_manifest(local)
+
+
+class DomainTokenDataset(torch.utils.data.Dataset):
+    """Fixed-length token sequences of several domains, addressed by one global index.
+
+    Global indices are laid out domain after domain, in ``domains`` order. Items are
+    ``{"input_ids": (max_seq_len,) long, "domain_id": int, "sample_index": int}``.
+
+    Args:
+        local: prepared dataset root (see :mod:`llmshearing.data.prepare`).
+        split: ``train`` or ``eval``.
+        domains: domains, in the order that defines ``domain_id``.
+        max_seq_len: sequence length to return (a prefix of the stored sequences).
+        remote: optional remote root of the same layout (``local`` is then the cache).
+        manifest: the dataset manifest, if already read.
+    """
+
+    def __init__(
+        self,
+        local: str,
+        split: str,
+        domains: Sequence[str],
+        max_seq_len: int,
+        remote: Optional[str] = None,
+        manifest: Optional[dict] = None,
+    ) -> None:
+        manifest = manifest or load_manifest(local, remote)
+        known = list(manifest["domains"])
+        missing = [d for d in domains if d not in known]
+        if missing:
+            raise ValueError(
+                f"domains {missing} are not in the prepared dataset {local} (it has {known}); "
+                "fix data.domains or prepare those domains"
+            )
+        if max_seq_len > manifest["seq_len"]:
+            raise ValueError(
+                f"data.max_seq_len={max_seq_len} is longer than the prepared sequences ({manifest['seq_len']} "
+                f"tokens in {local}); lower data.max_seq_len or re-run data prep with --seq-len {max_seq_len}"
+            )
+        self.domains = list(domains)
+        self.split = split
+        self.max_seq_len = max_seq_len
+        counts = [manifest["domains"][d][split]["sequences"] for d in self.domains]
+        empty = [d for d, n in zip(self.domains, counts) if n == 0]
+        if empty:
+            raise ValueError(
+                f"the {split} split of domains {empty} is empty in {local}; re-run data prep with more text, a "
+                "larger --eval-fraction or --max-doc-chars"
+            )
+        streams = [
+            Stream(
+                local=str(Path(local) / split / d),
+                remote=None if remote is None else f"{remote.rstrip('/')}/{split}/{d}",
+            )
+            for d in self.domains
+        ]
+        self._streaming = StreamingDataset(streams=streams, shuffle=False, batch_size=1, replication=None)
+        self.sizes = np.asarray(self._streaming.samples_per_stream, dtype=np.int64)
+        self.offsets = np.asarray(self._streaming.sample_offset_per_stream, dtype=np.int64)
+        if self.sizes.tolist() != counts:
+            raise ValueError(
+                f"{local}/{split}: the MDS indexes hold {self.sizes.tolist()} sequences per domain but the manifest "
+                f"says {counts}; the dataset is incomplete or was modified — prepare it again"
+            )
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def domain_of(self, index: int) -> int:
+        return int(np.searchsorted(self.offsets, index, side="right") - 1)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        padding = index >= n  # evaluation padding (see loaders.EvalSampler): a real sample, counted by no metric
+        index = int(index) % n
+        tokens = self._streaming[index]["tokens"][: self.max_seq_len]
+        return {
+            "input_ids": torch.from_numpy(tokens.astype(np.int64)),
+            "domain_id": -1 if padding else self.domain_of(index),
+            "sample_index": index,
+        }
+
+    # Composer saves the train dataset's state with the checkpoint and restores it on resume; the
+    # position lives in the batch sampler, attached by ``build_train_dataloader``.
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        sampler = getattr(self, "batch_sampler", None)
+        return {} if sampler is None else sampler.state_dict(num_samples)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sampler = getattr(self, "batch_sampler", None)
+        if sampler is not None and state:
+            sampler.load_state_dict(state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers only fetch samples; they never need the sampler (and must not drag its arrays along).
+        state = dict(self.__dict__)
+        state.pop("batch_sampler", None)
+        return state
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+        json.dump(obj, fh, indent=2)
+        tmp = Path(fh.name)
+    tmp.replace(path)
