@@ -29,7 +29,7 @@ class DomainLossMonitor(Callback):
         sums, counts = model.pop_train_domain_sums()
         if sums.numel() == 0:
             return
-        both = torch.stack([sums, counts]).to(state.device._device if hasattr(state.device, "_device") else sums.device)
+        both = torch.stack([sums, counts])  # on the model's device, as all_reduce needs
         dist.all_reduce(both)
         sums, counts = both.cpu()
         metrics = {}

@@ -9,9 +9,7 @@ domain proportions change mid-run with any number of workers), and workers only 
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -134,11 +132,3 @@ class DomainTokenDataset(torch.utils.data.Dataset):
         state.pop("batch_sampler", None)
         return state
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-        json.dump(obj, fh, indent=2)
-        tmp = Path(fh.name)
-    tmp.replace(path)

@@ -89,6 +89,7 @@ class ComposerCausalLM(ComposerModel):
         super().__init__()
         self.model = model
         self.domains = list(domains)
+        self._flops_params: Optional[int] = None
         self._reset_train_domain_sums()
         # FSDP and activation checkpointing wrap each decoder layer (Composer reads these from the child module).
         layer_names = set(getattr(model, "_no_split_modules", None) or [])
@@ -154,7 +155,9 @@ class ComposerCausalLM(ComposerModel):
         """Model FLOPs of one training batch (6 N T plus attention), for Composer's SpeedMonitor."""
         cfg = self.model.config
         bsz, seq = batch["input_ids"].shape
-        n_params = sum(p.numel() for n, p in self.model.named_parameters() if "embed_tokens" not in n)
+        if self._flops_params is None:  # called every batch by SpeedMonitor: count the parameters once
+            self._flops_params = sum(p.numel() for n, p in self.model.named_parameters() if "embed_tokens" not in n)
+        n_params = self._flops_params
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * seq  # QK^T and AV, fwd + bwd, causal/2*2
         return int(bsz * seq * (6 * n_params + attn))
