@@ -99,6 +99,13 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
             "batches ('3200ba') or tokens ('1000000tok')"
         )
 
+    if cfg.eval_subset_num_batches > 0 and dist.get_world_size() > 1:
+        log.warning(
+            "eval_subset_num_batches=%d counts batches per process, so %d processes evaluate on %dx the sequences "
+            "of one; use data.eval_sequences_per_domain for an evaluation set that does not depend on world size",
+            cfg.eval_subset_num_batches, dist.get_world_size(), dist.get_world_size(),
+        )
+
     hf_model = build_hf_model(cfg.model)
     _check_vocab(manifest, hf_model, cfg.data.local)
     model = ComposerCausalLM(hf_model, domains=domains)

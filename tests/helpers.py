@@ -57,3 +57,18 @@ def make_tiny_model(name: str, seed: int = 0) -> PreTrainedModel:
 def save_tiny_model(name: str, path: Path, seed: int = 0) -> Path:
     make_tiny_model(name, seed).save_pretrained(path)
     return path
+
+
+def run_traced(out: Path, yaml: Path, overrides: list[str], nproc: int = 1, timeout: int = 300) -> dict:
+    """Run ``composer -n nproc tests/trace_run.py`` and return its trace (see tests/trace_run.py)."""
+    import os
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).parent / "composer"
+    cmd = [str(launcher), "-n", str(nproc), str(REPO / "tests" / "trace_run.py"), str(out), str(yaml), *overrides]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return torch.load(out, weights_only=False)

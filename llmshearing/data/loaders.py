@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 from composer.utils import dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from llmshearing.config import ConfigError, DataConfig
 from llmshearing.data.dataset import DomainTokenDataset
@@ -89,8 +89,11 @@ def _round_robin(sizes: np.ndarray, offsets: np.ndarray, per_domain: Optional[in
     return [int(c[i]) for i in range(longest) for c in cols if i < len(c)]
 
 
-class EvalSampler(Sampler[int]):
+class EvalSampler(DistributedSampler):
     """Strided split of a fixed order over ranks, padded so every rank runs the same number of batches.
+
+    A :class:`~torch.utils.data.DistributedSampler` by type (Composer requires one with several
+    processes); the base ``__init__`` is deliberately not called.
 
     FSDP needs every rank in every forward, so ranks must see equally many samples; padding indices are
     ``>= n`` and the dataset marks them ``domain_id = -1``, which no metric counts. The evaluation is
@@ -100,6 +103,10 @@ class EvalSampler(Sampler[int]):
     def __init__(self, order: list[int], n: int) -> None:
         self.order, self.n = order, n
         self.rank, self.world = dist.get_global_rank(), dist.get_world_size()
+        self.num_replicas, self.epoch = self.world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.world)

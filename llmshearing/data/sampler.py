@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 __all__ = ["DomainBatchSampler", "DomainExhausted"]
 
@@ -40,8 +40,12 @@ class DomainExhausted(RuntimeError):
     """A domain ran out of unseen sequences and ``on_exhausted='stop'``."""
 
 
-class DomainBatchSampler(Sampler[list[int]]):
+class DomainBatchSampler(DistributedSampler):
     """Yields this rank's slice of each global batch, as global dataset indices.
+
+    It is a :class:`~torch.utils.data.DistributedSampler` by type only (Composer requires one for
+    multi-process training and calls ``set_epoch``); it shards batches itself and does not use the
+    base class's index arithmetic, so the base ``__init__`` is deliberately not called.
 
     Args:
         sizes: sequences per domain.
@@ -81,7 +85,9 @@ class DomainBatchSampler(Sampler[list[int]]):
         self.global_batch_size = global_batch_size
         self.per_rank = global_batch_size // world_size
         self.rank = rank
+        self.num_replicas = world_size
         self.seed = seed
+        self.epoch = 0
         self.on_exhausted = on_exhausted
         self.lag = lag
         self._schedule: list[tuple[int, np.ndarray]] = [(0, self._check(proportions))]
@@ -162,6 +168,13 @@ class DomainBatchSampler(Sampler[list[int]]):
             self._positions[d] += 1
         self._next_batch += 1
         return batch
+
+    def __len__(self) -> int:
+        raise TypeError("DomainBatchSampler is endless; give max_duration in batches or tokens")
+
+    def set_epoch(self, epoch: int) -> None:
+        """No-op: the stream of batches is endless and depends only on the seed and batch index."""
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
         lo = self.rank * self.per_rank
