@@ -65,6 +65,43 @@ def test_malformed_lines_are_reported_by_line(tmp_path, small_tokenizer):
     assert res.manifest["domains"]["web"]["documents"] == 28
 
 
+def test_compressed_inputs_give_the_same_dataset_as_plain_ones(tmp_path, small_tokenizer):
+    import gzip
+
+    import zstandard
+
+    lines = [json.dumps({"text": f"document {i}: " + "some words here " * (5 + i % 7), "meta": {}}) for i in range(60)]
+    blob = ("\n".join(lines) + "\n").encode()
+    for name, write in {
+        "plain": lambda d: (d / "part.jsonl").write_bytes(blob),
+        "packed": lambda d: ((d / "a.jsonl.gz").write_bytes(gzip.compress(blob[: blob.index(b"\n", 2000) + 1])),
+                             (d / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+                                 blob[blob.index(b"\n", 2000) + 1 :]))),
+    }.items():
+        (tmp_path / name / "web").mkdir(parents=True)
+        write(tmp_path / name / "web")
+    plain = prepare_dataset(tmp_path / "plain", tmp_path / "o1", small_tokenizer, 16, eval_fraction=0.0, progress=False)
+    packed = prepare_dataset(tmp_path / "packed", tmp_path / "o2", small_tokenizer, 16, eval_fraction=0.0,
+                             progress=False)
+    a, b = plain.manifest["domains"]["web"], packed.manifest["domains"]["web"]
+    assert (a["documents"], a["text_tokens"]) == (b["documents"], b["text_tokens"]) == (60, a["text_tokens"])
+    assert b["files"] == 2 and a["train"] == b["train"]
+    x = DomainTokenDataset(str(tmp_path / "o1"), "train", ["web"], 16)
+    y = DomainTokenDataset(str(tmp_path / "o2"), "train", ["web"], 16)
+    assert all(np.array_equal(x[i]["input_ids"], y[i]["input_ids"]) for i in range(len(x)))
+
+
+def test_token_budget_caps_a_domain(tmp_path, small_tokenizer):
+    src = tmp_path / "in" / "web"
+    src.mkdir(parents=True)
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": "words and more words " * 30}) + "\n" for _ in range(40)))
+    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, eval_fraction=0.0,
+                          max_tokens={"web": 200}, progress=False)
+    assert res.manifest["domains"]["web"]["train"]["tokens"] == 192  # 12 full sequences of the 200-token budget
+    with pytest.raises(ValueError, match="unknown domains"):
+        prepare_dataset(tmp_path / "in", tmp_path / "o2", small_tokenizer, 16, max_tokens={"nope": 1}, progress=False)
+
+
 def test_bad_inputs_fail_before_tokenizing(tmp_path, small_tokenizer):
     (tmp_path / "in" / "empty").mkdir(parents=True)
     with pytest.raises(ValueError, match="domain 'empty' is empty"):
