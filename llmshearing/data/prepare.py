@@ -271,10 +271,19 @@ def prepare_dataset(
     tasks = [(d, str(p), str(p.relative_to(input_dir / d))) for d, fs in files.items() for p in fs]
     tokenize_seconds = 0.0
 
-    init_args = (tokenizer, seed, eval_fraction, max_doc_chars, add_bos)
+    worker_tokenizer = str(tokenizer)
+    if workers > 1 and Path(tokenizer).is_file():
+        # A bare SentencePiece model is converted to a fast tokenizer on load (seconds per process):
+        # convert once here and let the workers load the converted tokenizer.json.
+        worker_tokenizer = str(tmp / "_tokenizer")
+        tok.save_pretrained(worker_tokenizer)
+    init_args = (worker_tokenizer, seed, eval_fraction, max_doc_chars, add_bos)
     results: Iterator[_FileResult]
     if workers > 1:
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init_args)
+        # fork where the platform has it: a spawned worker re-imports torch, streaming and transformers
+        # (seconds each); the parent has only loaded the tokenizer, never run it, so forking is safe.
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=init_args)
         results = pool.imap(_process_file, tasks)
     else:
         pool = None
@@ -353,6 +362,7 @@ def prepare_dataset(
         "max_doc_chars": max_doc_chars,
         "domains": manifest_domains,
     }
+    shutil.rmtree(tmp / "_tokenizer", ignore_errors=True)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if output_dir.exists():
         shutil.rmtree(output_dir)
