@@ -10,7 +10,8 @@ from llmshearing.config import ConfigError, load_config, load_yaml
 from tests.helpers import REPO
 
 RUN_YAMLS = sorted(p for p in (REPO / "yamls").rglob("*.yaml") if not {"models", "parts"} & set(p.parts))
-VARS = ["variables.data=/data", "variables.run_dir=/runs", "variables.source=/models/src", "variables.tokenizer=/tok"]
+VARS = ["variables.data=/data", "variables.run_dir=/runs", "variables.source=/models/src", "variables.tokenizer=/tok",
+        "variables.reference_losses=[3.0,3.0,3.0]"]
 
 
 

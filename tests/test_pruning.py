@@ -66,10 +66,27 @@ def test_hooks_match_an_explicit_mask_reference():
     with torch.no_grad():
         for i, layer in enumerate(ref.model.layers):
             layer.mlp.down_proj.weight.mul_(det.intermediate[i][None, :])
-    attach_masks(model, masks)
+    plain = make_tiny_model("llama2_mha").eval()
+    hooks = attach_masks(model, masks)
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         assert torch.allclose(model.eval()(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-6)
+    hooks.remove()  # the model is itself again
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_sampled_masks_train_every_gate():
+    """In training mode every gate's log-alpha gets a finite, non-zero gradient from the LM loss."""
+    model, masks = _masked(*CASES["gqa_both"])
+    model.train()
+    masks.train()
+    ids = torch.randint(0, 100, (2, 12))
+    logits = model(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).backward()
+    assert set(masks.gates) == {"layer", "hidden", "intermediate", "kv_group", "head"}
+    for name, g in masks.gates.items():
+        assert torch.isfinite(g.log_alpha.grad).all() and g.log_alpha.grad.abs().sum() > 0, name
 
 
 def test_hard_concrete_sampling_matches_its_nonzero_probability():
@@ -126,3 +143,39 @@ SRC_GQA = dict(SRC_MHA, num_key_value_heads=2)
 def test_unreachable_targets_are_rejected_with_the_reason(source, target, prune, message):
     with pytest.raises(ConfigError, match=message):
         resolve_target(source, target, prune)
+
+
+@pytest.mark.parametrize("case", ["mha", "gqa_both", "gqa_heads_in_groups"])
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_one_shot_baselines_build_the_target_architecture(case, method):
+    from llmshearing.pruning.baselines import select_masks
+
+    name, target = CASES[case]
+    model = make_tiny_model(name).eval()
+    fields = {k: v for k, v in vars(target).items() if v is not None}
+    small = materialize(model, select_masks(model, fields, method, seed=1))
+    want = dict(fields, num_key_value_heads=target.num_key_value_heads or target.num_attention_heads)
+    assert {k: getattr(small.config, k) for k in want} == want
+    with torch.no_grad():
+        assert torch.isfinite(small(input_ids=torch.randint(0, 100, (1, 8))).logits).all()
+
+
+def test_magnitude_keeps_the_heaviest_units():
+    from llmshearing.pruning.baselines import select_masks
+
+    model = make_tiny_model("llama2_mha")
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    with torch.no_grad():
+        for i, blk in enumerate(model.model.layers):
+            blk.self_attn.q_proj.weight[3 * hd : 4 * hd] *= 20  # head 3 of every layer
+            blk.mlp.up_proj.weight[7] *= 20  # FFN channel 7
+        model.model.embed_tokens.weight[:, 5] *= 20  # hidden dim 5
+        model.model.layers[1].input_layernorm.weight.mul_(30)  # layer 1 outweighs the others
+    masks = select_masks(model, dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=1, intermediate_size=4))
+    assert masks.layer_keep.tolist() == [False, True, False]
+    assert masks.head_keep[:, 3].all() and masks.head_keep.sum(1).tolist() == [1, 1, 1]
+    assert masks.intermediate_keep[:, 7].all() and bool(masks.hidden_keep[5])
+    other = select_masks(model, dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=1, intermediate_size=4),
+                         "random", seed=3)
+    assert other.intermediate_keep.sum(1).tolist() == [4, 4, 4]

@@ -1,16 +1,19 @@
-"""Apply :class:`~llmshearing.pruning.masks.ShearingMasks` to an unmodified transformers model with hooks.
+"""Apply :class:`~llmshearing.pruning.masks.ShearingMasks` to an unmodified transformers model.
 
-The model's ``forward`` is untouched; named hooks scale, for each layer ``i``:
+The model's code is untouched. A pre-forward hook on the ``*ForCausalLM`` computes this forward's
+masks once; then, for each layer ``i``:
 
-| hook | where | effect |
+| where | how | effect |
 | --- | --- | --- |
-| ``refresh`` | pre-forward of the ``*ForCausalLM`` | computes this forward's masks once |
-| ``embed`` | output of ``embed_tokens`` | ``* z_hidden`` |
-| ``heads[i]`` | input of ``self_attn.o_proj`` | each head's output ``* z_head[i]`` |
-| ``attn_out[i]`` | output of ``self_attn.o_proj`` | ``* z_layer[i] * z_hidden`` |
-| ``channels[i]`` | input of ``mlp.down_proj`` | ``* z_int[i]`` |
-| ``mlp_out[i]`` | output of ``mlp.down_proj`` | ``* z_layer[i] * z_hidden`` |
-| ``norm`` | output of every RMSNorm | RMS over the kept hidden dims only |
+| output of ``embed_tokens`` | forward hook | ``* z_hidden`` |
+| ``self_attn.o_proj`` | forward replaced: ``x @ (W * z_head[i] * (z_layer[i] * z_hidden))^T`` | each head's output ``* z_head[i]``, the write into the residual ``* z_layer[i] * z_hidden`` |
+| ``mlp.down_proj`` | forward replaced: ``x @ (W * z_int[i] * (z_layer[i] * z_hidden))^T`` | each channel ``* z_int[i]``, the residual write likewise |
+| every RMSNorm | forward replaced | RMS over the kept hidden dims only |
+
+The masks scale the *weights* of ``o_proj`` and ``down_proj`` (d x k elements per matrix) rather than
+their activations (tokens x d): the same function and gradients, with far less elementwise work for
+any batch of more than k tokens. The scaled weight lives only for the forward and backward of its layer
+(activation checkpointing recomputes it).
 
 Pruned hidden dims of the residual stream are exactly zero (every write into it is scaled by
 ``z_hidden``), so the RMS over kept dims is ``sqrt(sum(x^2) / n_kept)``.
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -32,82 +36,90 @@ __all__ = ["MaskHooks", "attach_masks"]
 
 @dataclass
 class MaskHooks:
-    """Handles of the hooks :func:`attach_masks` registered (``remove()`` detaches them all)."""
+    """Hooks and replaced forwards of :func:`attach_masks` (``remove()`` restores the model)."""
 
     handles: dict[str, RemovableHandle] = field(default_factory=dict)
+    patched: dict[str, nn.Module] = field(default_factory=dict)
 
     def remove(self) -> None:
         for h in self.handles.values():
             h.remove()
         self.handles.clear()
+        for module in self.patched.values():
+            del module.forward  # back to the class's forward
+        self.patched.clear()
 
 
-def _scale_output(masks: ShearingMasks, layer: int | None):
+def _scale_output(masks: ShearingMasks):
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         z = masks.z
-        scale = None
-        if layer is not None and "layer" in z:
-            scale = z["layer"][layer]
+        return output * z["hidden"].to(output.dtype) if "hidden" in z else output
+
+    return hook
+
+
+def _masked_linear(module: nn.Linear, masks: ShearingMasks, layer: int, in_key: str, repeat: int):
+    """``forward`` of ``o_proj`` / ``down_proj``: the input units scaled by ``z[in_key][layer]`` (each repeated
+    ``repeat`` times: a head's ``head_dim`` inputs) and the output by ``z_layer[layer] * z_hidden``."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        z = masks.z
+        weight, bias = module.weight, module.bias
+        if in_key in z:
+            s_in = z[in_key][layer]
+            s_in = s_in.repeat_interleave(repeat) if repeat > 1 else s_in
+            weight = weight * s_in.to(weight.dtype)[None, :]
+        s_out = None
+        if "layer" in z:
+            s_out = z["layer"][layer]
         if "hidden" in z:
-            scale = z["hidden"] if scale is None else scale * z["hidden"]
-        return output if scale is None else output * scale.to(output.dtype)
+            s_out = z["hidden"] if s_out is None else s_out * z["hidden"]
+        if s_out is not None:
+            s_out = s_out.to(weight.dtype)
+            weight = weight * (s_out[:, None] if s_out.dim() else s_out)
+            bias = None if bias is None else bias * s_out
+        return F.linear(x, weight, bias)
 
-    return hook
-
-
-def _scale_heads(masks: ShearingMasks, layer: int, num_heads: int):
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-        z = masks.z
-        if "head" not in z:
-            return None
-        x = args[0]  # (B, T, H * hd)
-        shape = x.shape
-        x = x.view(*shape[:-1], num_heads, -1) * z["head"][layer].to(x.dtype)[:, None]  # (B, T, H, hd)
-        return (x.reshape(shape), *args[1:])
-
-    return hook
+    return forward
 
 
-def _scale_channels(masks: ShearingMasks, layer: int):
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-        z = masks.z
-        if "intermediate" not in z:
-            return None
-        return (args[0] * z["intermediate"][layer].to(args[0].dtype), *args[1:])  # (B, T, m)
+def _masked_rmsnorm(module: nn.Module, masks: ShearingMasks):
+    original = module.forward
 
-    return hook
-
-
-def _masked_rmsnorm(masks: ShearingMasks):
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         z = masks.z
         if "hidden_count" not in z:
-            return output
-        x = args[0]
+            return original(x)
         xf = x.to(torch.float32)
         var = xf.pow(2).sum(-1, keepdim=True) / z["hidden_count"]  # mean over kept dims (pruned ones are 0)
         return module.weight * (xf * torch.rsqrt(var + module.variance_epsilon)).to(x.dtype)
 
-    return hook
+    return forward
+
+
+def _replace_forward(hooks: MaskHooks, name: str, module: nn.Module, forward: Any) -> None:
+    module.forward = forward  # an instance attribute: nn.Module.__call__ uses it, state_dict is unchanged
+    hooks.patched[name] = module
 
 
 def attach_masks(model: nn.Module, masks: ShearingMasks) -> MaskHooks:
-    """Register the masking hooks on a LLaMA-family ``*ForCausalLM`` (see the module docstring)."""
+    """Hook the masks into a LLaMA-family ``*ForCausalLM`` (see the module docstring)."""
     hooks = MaskHooks()
     h = hooks.handles
+
     def refresh(module: nn.Module, args: Any) -> None:
         masks.refresh(training=module.training)  # sampled when the model trains, top-k when it evaluates
 
     h["refresh"] = model.register_forward_pre_hook(refresh)
     base = model.model
-    h["embed"] = base.embed_tokens.register_forward_hook(_scale_output(masks, None))
-    num_heads = model.config.num_attention_heads
+    h["embed"] = base.embed_tokens.register_forward_hook(_scale_output(masks))
+    hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     for i, layer in enumerate(base.layers):
-        h[f"heads[{i}]"] = layer.self_attn.o_proj.register_forward_pre_hook(_scale_heads(masks, i, num_heads))
-        h[f"attn_out[{i}]"] = layer.self_attn.o_proj.register_forward_hook(_scale_output(masks, i))
-        h[f"channels[{i}]"] = layer.mlp.down_proj.register_forward_pre_hook(_scale_channels(masks, i))
-        h[f"mlp_out[{i}]"] = layer.mlp.down_proj.register_forward_hook(_scale_output(masks, i))
-        h[f"input_norm[{i}]"] = layer.input_layernorm.register_forward_hook(_masked_rmsnorm(masks))
-        h[f"post_attn_norm[{i}]"] = layer.post_attention_layernorm.register_forward_hook(_masked_rmsnorm(masks))
-    h["final_norm"] = base.norm.register_forward_hook(_masked_rmsnorm(masks))
+        o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        _replace_forward(hooks, f"o_proj[{i}]", o_proj, _masked_linear(o_proj, masks, i, "head", hd))
+        _replace_forward(hooks, f"down_proj[{i}]", down, _masked_linear(down, masks, i, "intermediate", 1))
+        for norm_name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(layer, norm_name)
+            _replace_forward(hooks, f"{norm_name}[{i}]", norm, _masked_rmsnorm(norm, masks))
+    _replace_forward(hooks, "final_norm", base.norm, _masked_rmsnorm(base.norm, masks))
     return hooks
