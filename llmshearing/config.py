@@ -274,6 +274,7 @@ class RunConfig:
     load_path: Optional[str] = None
     autoresume: bool = False
     loggers: dict = field(default_factory=dict)
+    metrics_file: Optional[str] = "auto"
     console_log_interval: str = "10ba"
     progress_bar: bool = False
 
@@ -340,7 +341,10 @@ def _load_with_includes(path: Path, seen: tuple[Path, ...]) -> DictConfig:
         raise ConfigError(f"config file not found: {path}")
     if path in seen:
         raise ConfigError(f"include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
-    cfg = om.load(path)
+    try:
+        cfg = om.load(path)
+    except Exception as e:  # yaml's scanner/constructor errors: report where, not a traceback
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a run config must be a YAML mapping")
     includes = cfg.pop("includes", None) or []

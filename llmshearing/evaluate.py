@@ -33,7 +33,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model directory (no config.json); export a checkpoint first with "
-            "`python scripts/export_hf.py <checkpoint.pt> <out_dir>`"
+            "`python scripts/export_hf.py --checkpoint <checkpoint.pt> --output <dir>`"
         )
     return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(device).eval()
 

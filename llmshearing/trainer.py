@@ -16,7 +16,7 @@ from composer.loggers import LoggerDestination
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, get_device, reproducibility
 
-from llmshearing.callbacks import CheckpointMetadata, DomainLossMonitor, DynamicLoading
+from llmshearing.callbacks import CheckpointMetadata, DomainLossMonitor, DynamicLoading, LossGuard, MetricsFile
 from llmshearing.config import ConfigError, RunConfig, load_config, to_plain
 from llmshearing.data import build_eval_dataloader, build_train_dataloader, load_manifest, resolve_domains
 from llmshearing.models import ComposerCausalLM, build_hf_model
@@ -38,8 +38,17 @@ def _device(cfg: RunConfig) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def _metrics_path(cfg: RunConfig) -> Optional[str]:
+    if cfg.metrics_file != "auto":
+        return cfg.metrics_file
+    return None if cfg.save_folder is None else os.path.join(os.path.dirname(cfg.save_folder.rstrip("/")) or ".", "metrics.jsonl")
+
+
 def _loggers(cfg: RunConfig) -> list[LoggerDestination]:
     out: list[LoggerDestination] = []
+    path = _metrics_path(cfg)
+    if path:
+        out.append(MetricsFile(path))
     for name, kwargs in cfg.loggers.items():
         kwargs = dict(kwargs or {})
         if name == "wandb":
@@ -131,6 +140,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     callbacks: list[Callback] = [
         CheckpointMetadata(hf_model.config, cfg.tokenizer or manifest["tokenizer"]["path"], domains),
         DomainLossMonitor(),
+        LossGuard(cfg.save_folder),
         LRMonitor(),
         SpeedMonitor(window_size=10),
     ]

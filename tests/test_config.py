@@ -17,7 +17,11 @@ VARS = ["variables.data=/data", "variables.run_dir=/runs", "variables.source=/mo
 
 @pytest.mark.parametrize("path", RUN_YAMLS, ids=lambda p: str(p.relative_to(REPO / "yamls")))
 def test_every_shipped_yaml_validates(path):
-    cfg = load_config(path, VARS)
+    extra = {  # configs whose target is given on the command line
+        "cpu.yaml": [f"pruning.target.{k}={v}" for k, v in
+                     dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=1, intermediate_size=8).items()],
+    }.get(path.name, [])
+    cfg = load_config(path, VARS + extra)
     assert cfg.max_duration and cfg.global_train_batch_size > 0
 
 
@@ -93,3 +97,10 @@ def test_missing_variable_is_reported(tmp_path):
     text = BASE.replace("{local: /d}", '{local: "${variables.data}"}') + "variables:\n  data: ???\n"
     with pytest.raises(ConfigError, match="could not resolve"):
         load_config(_write(tmp_path, text))
+
+
+def test_invalid_yaml_names_the_file_and_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variables:\n  a: 1\nvariables:\n  b: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML: .*duplicate key variables"):
+        load_config(bad)

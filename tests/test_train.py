@@ -7,8 +7,10 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from transformers import AutoModelForCausalLM
 
+from llmshearing.callbacks import read_metrics
 from llmshearing.config import load_config
 from llmshearing.export import export_checkpoint
+from llmshearing.plots import plot_run
 from llmshearing.trainer import build_trainer
 from tests.helpers import REPO
 
@@ -63,6 +65,12 @@ def test_tiny_pruning_reaches_the_target_and_exports(mds_data, tmp_path):
     for key, want in algo.target.items():
         assert abs(expected[key] - want) <= 0.05 * want, (key, expected[key], want)
     assert (tmp_path / "checkpoints" / "masks" / "ba200.pt").exists()
+    logged = read_metrics(tmp_path / "metrics.jsonl")  # the run's JSON-lines log, and the figures made from it
+    assert abs(logged["pruning/expected_hidden"][200] - expected["hidden_size"]) < 1e-3
+    assert set(logged["metrics/eval/LanguageCrossEntropy_code"]) == {100, 200}
+    figures = {p.name for p in plot_run(tmp_path, tmp_path / "plots")}
+    assert figures == {"domain_losses.png", "domain_weights.png", "sparsity.png", "kept_units.png"}
+    assert all((tmp_path / "plots" / f).stat().st_size > 10_000 for f in figures)
     model = trainer.state.model
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     model.eval()

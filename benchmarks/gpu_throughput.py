@@ -1,0 +1,172 @@
+"""GPU throughput check (issue #7): tokens/s per GPU and model FLOPs utilisation of
+- continued pre-training of the Sheared-LLaMA 1.3B shape (24 x 2048, 16 heads, 5504 FFN), and
+- pruning a source of LLaMA2-7B width (4096 hidden, 32 heads, 11008 FFN) at reduced depth,
+through the real Composer Trainer (bf16, sequence 4096, synthetic MDS data of random tokens), on one GPU.
+
+    python -m benchmarks.gpu_throughput --out runs/benchmarks/gpu_throughput.json   # bash scripts/gpu_check.sh
+    python -m benchmarks.gpu_throughput --dry-run                                   # tiny shapes, CPU, fp32
+
+MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s (dense; ``--peak-tflops``, default 989 for H100/H200
+SXM). FLOPs per token = 6 N (non-embedding parameters plus the LM head) + 6 L H hd T (causal attention,
+forward + backward). Step time is measured from BATCH_START to BATCH_END after ``--warmup`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from benchmarks.common import REPO, write_json  # noqa: E402
+
+CASES = {
+    "continue_pretrain_1.3b": dict(shape=dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=16,
+                                              intermediate_size=5504), micro=8, prune=None),
+    "prune_7b_width": dict(shape=dict(num_hidden_layers=8, hidden_size=4096, num_attention_heads=32,
+                                      intermediate_size=11008), micro=4,
+                           prune=dict(num_hidden_layers=6, hidden_size=2560, num_attention_heads=20,
+                                      intermediate_size=6912)),
+}
+DRY = {
+    "continue_pretrain_1.3b": dict(shape=dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                              intermediate_size=128), micro=4, prune=None),
+    "prune_7b_width": dict(shape=dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                      intermediate_size=128), micro=4,
+                           prune=dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=2, intermediate_size=96)),
+}
+
+
+def synthetic_dataset(root: Path, vocab: int, seq_len: int, n_train: int, n_eval: int = 8) -> Path:
+    """A prepared dataset (manifest + MDS shards) of uniformly random tokens, one domain."""
+    import numpy as np
+    from streaming import MDSWriter
+
+    from llmshearing.data.prepare import FORMAT, MANIFEST
+
+    rng = np.random.default_rng(0)
+    entry = {"documents": 0, "text_tokens": 0, "files": 0, "malformed": []}
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        with MDSWriter(out=str(root / split / "random"), columns={"tokens": "ndarray:uint16"}, size_limit="64mb") as w:
+            for _ in range(n):
+                w.write({"tokens": rng.integers(0, vocab, size=seq_len, dtype=np.uint16)})
+        entry[split] = {"sequences": n, "tokens": n * seq_len, "dropped_tail_tokens": 0}
+    manifest = {"format": FORMAT, "seq_len": seq_len, "dtype": "uint16", "seed": 0, "eval_fraction": 0.0,
+                "max_doc_chars": None, "domains": {"random": entry},
+                "tokenizer": {"path": "synthetic", "class": None, "vocab_size": vocab, "bos_token_id": None,
+                              "eos_token_id": None}}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+def flops_per_token(shape: dict, vocab: int, seq_len: int) -> float:
+    d, L, H, m = shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"], shape["intermediate_size"]
+    n = L * (4 * d * d + 3 * d * m) + vocab * d  # layers + LM head (the embedding lookup is free)
+    return 6 * n + 6 * L * d * seq_len  # H * hd = d
+
+
+def run_case(name: str, case: dict, data: Path, work: Path, args) -> dict:
+    from composer.core import Callback
+
+    from llmshearing.config import load_config
+    from llmshearing.trainer import build_trainer
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def batch_start(self, state, logger) -> None:
+            if args.device == "gpu":
+                import torch
+
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def batch_end(self, state, logger) -> None:
+            if args.device == "gpu":
+                import torch
+
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t)
+
+    shape, micro = case["shape"], case["micro"]
+    batch = micro * args.accum
+    yaml = REPO / ("yamls/prune/tiny_cpu.yaml" if case["prune"] else "yamls/pretrain/tiny_cpu.yaml")
+    ov = [f"variables.data={data}", f"variables.run_dir={work / name}", f"variables.vocab_size={args.vocab}",
+          f"data.max_seq_len={args.seq_len}", f"global_train_batch_size={batch}",
+          f"device_train_microbatch_size={micro}", f"max_duration={args.warmup + args.steps}ba",
+          "eval_interval=100000ba", "save_folder=null", "autoresume=false", "console_log_interval=100000ba",
+          "data.eval_sequences_per_domain=1", f"precision={args.precision}", f"device={args.device}",
+          f"model.config.max_position_embeddings={args.seq_len}", f"model.attn_implementation={args.attn}",
+          f"model.gradient_checkpointing={str(args.checkpointing).lower()}", "data.num_workers=2"]
+    ov += [f"model.config.{k}={v}" for k, v in shape.items()]
+    ov.append(f"model.config.num_key_value_heads={shape['num_attention_heads']}")
+    if case["prune"]:
+        ov += [f"pruning.target.{k}={v}" for k, v in case["prune"].items()] + ["dynamic_loading=null"]
+    timer = Timer()
+    trainer = build_trainer(load_config(yaml, ov), extra_callbacks=[timer])
+    trainer.fit()
+    peak_mem = None
+    if args.device == "gpu":
+        import torch
+
+        peak_mem = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    trainer.close()
+    step = statistics.median(timer.times[args.warmup:])
+    tokens_s = batch * args.seq_len / step
+    fpt = flops_per_token(shape, args.vocab, args.seq_len)
+    return {"shape": shape, "prune_target": case["prune"], "micro_batch": micro, "global_batch": batch,
+            "step_seconds": step, "tokens_per_s": tokens_s, "flops_per_token": fpt,
+            "mfu": tokens_s * fpt / (args.peak_tflops * 1e12), "peak_memory_gib": peak_mem,
+            "step_times": timer.times}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/benchmarks/gpu_throughput.json")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in fp32: checks the code path only")
+    p.add_argument("--cases", nargs="*", default=list(CASES))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    args = p.parse_args(argv)
+    cases = DRY if args.dry_run else CASES
+    if args.dry_run:
+        args.seq_len, args.vocab, args.steps, args.warmup = 64, 512, 3, 1
+        args.device, args.precision = "cpu", "fp32"
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU: run with --dry-run to check the code path on CPU")
+        args.device, args.precision = "gpu", "amp_bf16"
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    result = {"dry_run": args.dry_run, "seq_len": args.seq_len, "vocab": args.vocab, "peak_tflops": args.peak_tflops,
+              "attn": args.attn, "checkpointing": args.checkpointing, "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        n_train = max(64, (args.steps + args.warmup + 2) * max(c["micro"] for c in cases.values()) * args.accum)
+        data = synthetic_dataset(Path(tmp) / "data", args.vocab, args.seq_len, n_train)
+        for name in args.cases:
+            r = run_case(name, cases[name], data, Path(tmp), args)
+            result["cases"][name] = r
+            print(f"{name}: {r['tokens_per_s']:.0f} tokens/s per GPU, MFU {100 * r['mfu']:.1f}%, "
+                  f"step {r['step_seconds']:.3f} s, peak memory {r['peak_memory_gib']} GiB", flush=True)
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

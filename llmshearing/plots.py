@@ -1,0 +1,139 @@
+"""PNG figures of a run from its ``metrics.jsonl`` (and, for pruning runs, its saved masks).
+
+    python -m llmshearing.plots --run runs/quickstart/prune --out runs/quickstart/plots
+
+| figure | from |
+| --- | --- |
+| ``domain_losses.png`` | per-domain eval loss over steps, with the reference loss when dynamic loading logged one |
+| ``domain_weights.png`` | dynamic-loading domain weights over steps |
+| ``sparsity.png`` | expected vs target size of each pruned structure over steps |
+| ``kept_units.png`` | final per-layer kept heads and FFN channels, and which layers are kept |
+
+A figure whose metrics the run did not log is skipped (and said so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from llmshearing.callbacks.metrics_file import read_metrics
+
+__all__ = ["plot_run"]
+
+EVAL = re.compile(r"^metrics/eval/LanguageCrossEntropy_(.+)$")
+
+
+def _series(metrics: dict[str, dict[int, float]], key: str) -> tuple[list[int], list[float]]:
+    points = sorted(metrics.get(key, {}).items())
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _latest_masks(run: Path) -> Optional[Path]:
+    files = sorted((run / "checkpoints" / "masks").glob("ba*.pt"), key=lambda p: int(p.stem[2:]))
+    return files[-1] if files else None
+
+
+def plot_run(run: str | Path, out: str | Path, metrics_file: Optional[str | Path] = None) -> list[Path]:
+    """Write the figures of ``run`` (a run directory holding ``metrics.jsonl``) to ``out``; returns them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run, out = Path(run), Path(out)
+    path = Path(metrics_file) if metrics_file else run / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file {path}; runs write <run_dir>/metrics.jsonl (config key metrics_file)")
+    metrics = read_metrics(path)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+
+    domains = sorted({m.group(1) for k in metrics if (m := EVAL.match(k))})
+    if domains:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, d in enumerate(domains):
+            steps, losses = _series(metrics, f"metrics/eval/LanguageCrossEntropy_{d}")
+            (line,) = ax.plot(steps, losses, marker="o", ms=3, label=d)
+            s2, excess = _series(metrics, f"dynamic_loading/excess_loss_{d}")
+            if excess:
+                ref = [metrics[f"metrics/eval/LanguageCrossEntropy_{d}"][s] - e for s, e in zip(s2, excess)
+                       if s in metrics[f"metrics/eval/LanguageCrossEntropy_{d}"]]
+                if ref:
+                    ax.axhline(ref[-1], color=line.get_color(), ls="--", lw=1)
+        ax.set(xlabel="step", ylabel="eval loss", title="per-domain eval loss (dashed: reference)")
+        ax.legend(fontsize=8)
+        save(fig, "domain_losses.png")
+    else:
+        print("no per-domain eval losses logged: domain_losses.png skipped")
+
+    weights = sorted(k for k in metrics if k.startswith("dynamic_loading/weight_"))
+    if weights:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for k in weights:
+            steps, w = _series(metrics, k)
+            ax.step(steps, w, where="post", label=k.rsplit("weight_", 1)[1])
+        ax.set(xlabel="step", ylabel="proportion", title="domain weights (dynamic batch loading)", ylim=(0, 1))
+        ax.legend(fontsize=8)
+        save(fig, "domain_weights.png")
+    else:
+        print("no dynamic-loading weights logged: domain_weights.png skipped")
+
+    structures = sorted(k.split("pruning/target_", 1)[1] for k in metrics if k.startswith("pruning/target_"))
+    if structures:
+        fig, axes = plt.subplots(1, len(structures), figsize=(3.2 * len(structures), 3.4), squeeze=False)
+        for ax, name in zip(axes[0], structures):
+            ax.plot(*_series(metrics, f"pruning/expected_{name}"), label="expected")
+            ax.plot(*_series(metrics, f"pruning/target_{name}"), ls="--", label="target")
+            ax.set(title=name, xlabel="step")
+        axes[0][0].set_ylabel("kept units (per layer)")
+        axes[0][0].legend(fontsize=8)
+        save(fig, "sparsity.png")
+    else:
+        print("no pruning metrics logged: sparsity.png skipped")
+
+    masks_file = _latest_masks(run)
+    if masks_file is not None:
+        import torch
+
+        det = torch.load(masks_file, map_location="cpu", weights_only=False)["deterministic"]
+        layers = det["layer_keep"].bool()
+        heads = det["head_keep"].sum(1).tolist()
+        channels = det["intermediate_keep"].sum(1).tolist()
+        x = list(range(len(heads)))
+        colors = ["tab:blue" if k else "lightgray" for k in layers.tolist()]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        axes[0].bar(x, heads, color=colors)
+        axes[0].set(xlabel="layer (gray: pruned)", ylabel="kept query heads", title="heads per layer")
+        axes[1].bar(x, channels, color=colors)
+        axes[1].set(xlabel="layer (gray: pruned)", ylabel="kept FFN channels", title="FFN channels per layer")
+        for ax in axes:
+            ax.set_xticks(x)
+        fig.suptitle(f"{masks_file.parent.parent.parent.name}: masks at step {masks_file.stem[2:]}, "
+                     f"hidden {int(det['hidden_keep'].sum())}/{det['hidden_keep'].numel()}")
+        save(fig, "kept_units.png")
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory (holds metrics.jsonl and checkpoints/)")
+    p.add_argument("--out", help="output folder (default: <run>/plots)")
+    p.add_argument("--metrics", help="metrics file (default: <run>/metrics.jsonl)")
+    args = p.parse_args(argv)
+    for f in plot_run(args.run, args.out or Path(args.run) / "plots", args.metrics):
+        print(f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

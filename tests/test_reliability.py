@@ -1,0 +1,66 @@
+"""Bad input fails early with a message that says what is wrong and what to do; bad steps stop the run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from composer.core import Callback
+
+from llmshearing.callbacks import NonFiniteLoss
+from llmshearing.config import ConfigError, load_config
+from llmshearing.trainer import build_trainer
+from tests.helpers import REPO
+
+PRETRAIN = REPO / "yamls" / "pretrain" / "tiny_cpu.yaml"
+
+
+def _overrides(data, run_dir, *extra):
+    return [f"variables.data={data}", f"variables.run_dir={run_dir}", "variables.vocab_size=512",
+            "data.max_seq_len=64", "global_train_batch_size=8", "device_train_microbatch_size=8",
+            "console_log_interval=1000ba", *extra]
+
+
+class _PoisonAt(Callback):
+    """Sets the embedding to NaN at the start of batch ``step`` (a stand-in for a diverging run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def batch_start(self, state, logger) -> None:
+        if int(state.timestamp.batch) == self.step:
+            with torch.no_grad():
+                model = state.model.module if hasattr(state.model, "module") else state.model
+                model.model.get_input_embeddings().weight.fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(mds_data, tmp_path):
+    cfg = load_config(PRETRAIN, _overrides(mds_data, tmp_path, "max_duration=10ba", "save_interval=4ba",
+                                           "eval_interval=100ba"))
+    trainer = build_trainer(cfg, extra_callbacks=[_PoisonAt(5)])
+    with pytest.raises(NonFiniteLoss) as err:
+        trainer.fit()
+    msg = str(err.value)
+    assert "non-finite training loss at batch 6" in msg and "ep0-ba4-rank0.pt" in msg and "Restart from it" in msg
+    assert not (tmp_path / "checkpoints" / "ep0-ba6-rank0.pt").exists()  # the bad step was never saved
+    trainer.close()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["data.max_seq_len=512"], "data.max_seq_len=512 is longer than the prepared sequences (64 tokens"),
+        (["variables.vocab_size=300"], "tokenized with a 512-token vocabulary .* but the model's vocab_size is 300"),
+        (["data.domains=[code,nope]"], r"data.domains \['nope'\] are not in the prepared dataset"),
+        (["data.proportions=[0.5,0.5]"], "2 proportions? .* 3 domains|proportions"),
+        (["max_duration=2ep"], "give a duration in batches"),
+        (["global_train_batch_size=7"], "not divisible"),
+    ],
+)
+def test_bad_run_settings_fail_before_training(mds_data, tmp_path, extra, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        build_trainer(load_config(PRETRAIN, _overrides(mds_data, tmp_path, *extra)))
+
+
+def test_missing_dataset_names_the_prep_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset .* data_prep/prepare_data.py"):
+        build_trainer(load_config(PRETRAIN, _overrides(tmp_path / "nothing", tmp_path)))
