@@ -59,8 +59,12 @@ def save_tiny_model(name: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def run_traced(out: Path, yaml: Path, overrides: list[str], nproc: int = 1, timeout: int = 300) -> dict:
-    """Run ``composer -n nproc tests/trace_run.py`` and return its trace (see tests/trace_run.py)."""
+def run_traced(out: Path, yaml: Path, overrides: list[str], nproc: int = 1, timeout: int = 300,
+               kill_at: str | None = None) -> dict | None:
+    """Run ``composer -n nproc tests/trace_run.py`` and return its trace (see tests/trace_run.py).
+
+    With ``kill_at`` (``step:N``, ``eval:N``, ``save:N``) the run is killed there: returns None after
+    checking that it died."""
     import os
     import subprocess
     import sys
@@ -68,7 +72,13 @@ def run_traced(out: Path, yaml: Path, overrides: list[str], nproc: int = 1, time
     launcher = Path(sys.executable).parent / "composer"
     cmd = [str(launcher), "-n", str(nproc), str(REPO / "tests" / "trace_run.py"), str(out), str(yaml), *overrides]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.pop("KILL_AT", None)
+    if kill_at:
+        env["KILL_AT"] = kill_at
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if kill_at:
+        assert proc.returncode != 0, f"the run was to be killed at {kill_at} but finished"
+        return None
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return torch.load(out, weights_only=False)

@@ -66,7 +66,7 @@ def test_tiny_pruning_reaches_the_target_and_exports(mds_data, tmp_path):
         assert abs(expected[key] - want) <= 0.05 * want, (key, expected[key], want)
     assert (tmp_path / "checkpoints" / "masks" / "ba200.pt").exists()
     logged = read_metrics(tmp_path / "metrics.jsonl")  # the run's JSON-lines log, and the figures made from it
-    assert abs(logged["pruning/expected_hidden"][200] - expected["hidden_size"]) < 1e-3
+    assert abs(logged["pruning/expected_hidden"][200] - expected["hidden_size"]) < 0.05  # logged before the last step
     assert set(logged["metrics/eval/LanguageCrossEntropy_code"]) == {100, 200}
     figures = {p.name for p in plot_run(tmp_path, tmp_path / "plots")}
     assert figures == {"domain_losses.png", "domain_weights.png", "sparsity.png", "kept_units.png"}

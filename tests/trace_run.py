@@ -2,11 +2,17 @@
 trace of what it saw: the global sample indices of every batch (gathered over ranks, in rank order), the
 global loss per batch, the domain proportions per batch, and at the end the model, mask and lambda
 tensors. Tests compare traces of runs that must be identical (1 vs 2 processes, killed vs uninterrupted).
+
+Fault injection: ``KILL_AT=<where>:<batch>`` sends SIGKILL to the process at that point, where is
+``step`` (after batch <batch> finished, before its checkpoint), ``eval`` (in the middle of the evaluation
+at batch <batch>) or ``save`` (half-way through writing the checkpoint of batch <batch>).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +27,30 @@ from llmshearing.config import load_config  # noqa: E402
 from llmshearing.trainer import build_trainer  # noqa: E402
 
 
+def _die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_during_save(batch: int) -> None:
+    from composer.utils import checkpoint
+
+    original = checkpoint._write_checkpoint_file
+
+    def write(state_dict, filename):
+        if f"ba{batch}" not in os.path.basename(filename):
+            return original(state_dict, filename)
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        with open(filename, "wb") as fh:  # what a crash mid-write leaves behind: half a file
+            fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            fh.flush()
+            os.fsync(fh.fileno())
+        _die()
+
+    checkpoint._write_checkpoint_file = write
+
+
 class Trace(Callback):
     def __init__(self, out: str) -> None:
         self.out = out
@@ -29,8 +59,17 @@ class Trace(Callback):
         self.proportions: list[list[float]] = []
         self.first_batch: int | None = None
 
+        where, _, at = os.environ.get("KILL_AT", "").partition(":")
+        self.kill_where, self.kill_at = where, int(at or -1)
+        if where == "save":
+            _kill_during_save(self.kill_at)
+
     def fit_start(self, state: State, logger: Logger) -> None:
         self.first_batch = int(state.timestamp.batch)
+
+    def eval_batch_end(self, state: State, logger: Logger) -> None:
+        if self.kill_where == "eval" and int(state.timestamp.batch) == self.kill_at:
+            _die()
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
         ids = state.batch["sample_index"].tolist()
@@ -41,6 +80,8 @@ class Trace(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         # Composer's mean over ranks of the loss terms (loss/train/total, lm_loss, lagrangian).
         self.losses.append(dict(state.total_loss_dict))
+        if self.kill_where == "step" and int(state.timestamp.batch) == self.kill_at:
+            _die()
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:

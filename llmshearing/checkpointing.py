@@ -1,0 +1,67 @@
+"""Crash-safe checkpoint files for Composer runs.
+
+Composer 0.32 writes a checkpoint straight to its final name and then re-points ``latest-rank<r>.pt``
+(remove, then symlink). A crash mid-write leaves a truncated ``ep0-ba<N>-rank0.pt`` behind, and the
+resumed run then refuses to save batch N again ("may conflict with a future checkpoint"); a crash
+between the remove and the symlink leaves no ``latest`` at all. This module makes the write atomic
+(temporary name in the same folder, then ``os.replace``), removes temporary files a crash left behind,
+and re-creates a missing ``latest`` symlink from the newest complete checkpoint, so ``autoresume``
+always resumes from a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PARTIAL_PREFIX", "install_atomic_checkpoint_writes", "repair_save_folder"]
+
+log = logging.getLogger(__name__)
+
+PARTIAL_PREFIX = ".partial-"
+_CKPT = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
+
+
+def install_atomic_checkpoint_writes() -> None:
+    """Wrap Composer's checkpoint file writer so that a checkpoint file only ever exists complete."""
+    from composer.utils import checkpoint
+
+    original = checkpoint._write_checkpoint_file
+    if getattr(original, "_llmshearing_atomic", False):
+        return
+
+    def write(state_dict: dict[str, Any], filename: str) -> None:
+        path = Path(filename)
+        tmp = path.with_name(PARTIAL_PREFIX + path.name)  # same folder (same filesystem), same suffix
+        original(state_dict, str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    write._llmshearing_atomic = True  # type: ignore[attr-defined]
+    checkpoint._write_checkpoint_file = write
+
+
+def repair_save_folder(save_folder: str | Path) -> None:
+    """Remove partial files of a crashed write; restore a missing ``latest-rank<r>.pt`` symlink."""
+    folder = Path(save_folder)
+    if not folder.is_dir():
+        return
+    for p in folder.glob(PARTIAL_PREFIX + "*"):
+        log.warning("removing %s: a checkpoint write that did not complete", p)
+        p.unlink(missing_ok=True)
+    newest: dict[int, tuple[int, int, str]] = {}
+    for p in folder.iterdir():
+        m = _CKPT.match(p.name)
+        if m and p.is_file() and not p.is_symlink():
+            ep, ba, rank = map(int, m.groups())
+            newest[rank] = max(newest.get(rank, (-1, -1, "")), (ba, ep, p.name))
+    for rank, (_, _, name) in newest.items():
+        latest = folder / f"latest-rank{rank}.pt"
+        if not latest.exists():
+            log.warning("%s is missing (a crash while it was being updated): pointing it at %s", latest, name)
+            latest.unlink(missing_ok=True)  # a dangling link
+            latest.symlink_to(name)

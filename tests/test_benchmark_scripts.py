@@ -1,0 +1,23 @@
+"""The GPU throughput check runs its real code path on CPU in dry-run mode (the GPU run is a benchmark)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.gpu_throughput import flops_per_token
+from benchmarks.gpu_throughput import main as gpu_main
+
+
+def test_gpu_check_dry_run_measures_both_loops(tmp_path):
+    assert gpu_main(["--dry-run", "--out", str(tmp_path / "g.json")]) == 0
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert set(res["cases"]) == {"continue_pretrain_1.3b", "prune_7b_width"}
+    for case in res["cases"].values():
+        assert case["tokens_per_s"] > 0 and len(case["step_times"]) == 4
+
+
+def test_flops_per_token_of_the_1_3b_shape():
+    # 24 layers x (4 d^2 + 3 d m) + V d = 1.21B + 65.5M; 6 N + 6 L d T
+    shape = dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=16, intermediate_size=5504)
+    n = 24 * (4 * 2048**2 + 3 * 2048 * 5504) + 32000 * 2048
+    assert flops_per_token(shape, 32000, 4096) == 6 * n + 6 * 24 * 2048 * 4096
