@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     rows: dict[str, dict] = {}
-    src_model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    src_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     rows["source"] = {"params": src_model.num_parameters(), "losses": _eval(source, data), "tokens": 0}
 
     # learned masks: a real pruning run

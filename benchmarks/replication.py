@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "path": _cpt(cache, work, "cpt_constant", pruned, args.cpt_steps, ref, False), "tokens": sheared_tokens}
 
     # one-shot magnitude selection, then continued pre-training for the same total tokens
-    src_model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    src_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     mag = materialize(src_model, select_masks(src_model, TARGET, "magnitude"))
     mag.save_pretrained(work / "magnitude_hf")
     models["magnitude one-shot"] = {"path": work / "magnitude_hf", "tokens": 0}

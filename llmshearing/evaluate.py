@@ -35,7 +35,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
             f"{path} is not a Hugging Face model directory (no config.json); export a checkpoint first with "
             "`python scripts/export_hf.py --checkpoint <checkpoint.pt> --output <dir>`"
         )
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 @torch.no_grad()

@@ -194,3 +194,17 @@ def test_proportion_change_reaches_workers_within_lag(mds_data):
     assert all(s == {0} for s in seen[:4])
     first_new = next(i for i, s in enumerate(seen) if s == {2})
     assert first_new - 3 <= workers * prefetch + 1
+
+
+def test_remote_dataset_is_fetched_into_the_local_cache(mds_data, tmp_path):
+    """data.remote: the manifest and shards come through streaming's downloaders (a path stands in for s3://)."""
+    import torch
+
+    cache = tmp_path / "cache"
+    manifest = load_manifest(str(cache), remote=mds_data)
+    domains = list(manifest["domains"])
+    remote = DomainTokenDataset(str(cache), "train", domains, 64, remote=mds_data, manifest=manifest)
+    local = DomainTokenDataset(mds_data, "train", domains, 64)
+    assert len(remote) == len(local)
+    assert all(torch.equal(remote[i]["input_ids"], local[i]["input_ids"]) for i in range(0, len(local), 7))
+    assert (cache / "manifest.json").is_file() and any((cache / "train" / domains[0]).glob("shard.*.mds"))

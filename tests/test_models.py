@@ -16,7 +16,7 @@ from tests.helpers import TINY_CONFIGS, make_tiny_model, save_tiny_model
 def test_logits_match_transformers(name, tmp_path):
     family, _ = TINY_CONFIGS[name]
     path = save_tiny_model(name, tmp_path / name)
-    reference = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = ComposerCausalLM(build_hf_model(ModelConfig(family=family, pretrained=str(path)))).eval()
     ids = torch.randint(0, reference.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

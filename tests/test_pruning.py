@@ -49,7 +49,7 @@ def test_masked_materialised_and_exported_models_agree(case, tmp_path):
     assert {k: shape[k] for k in want} == want
     assert (masked - dense).abs().max().item() <= 1e-4
     small.save_pretrained(tmp_path / "hf")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         exported = plain(input_ids=ids).logits
     assert (masked - exported).abs().max().item() <= 1e-4

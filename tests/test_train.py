@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from llmshearing.callbacks import read_metrics
 from llmshearing.config import load_config
+from llmshearing.evaluate import generate
 from llmshearing.export import export_checkpoint
 from llmshearing.plots import plot_run
 from llmshearing.trainer import build_trainer
@@ -79,9 +80,12 @@ def test_tiny_pruning_reaches_the_target_and_exports(mds_data, tmp_path):
     trainer.close()
 
     out = export_checkpoint(tmp_path / "checkpoints" / "latest-rank0.pt", tmp_path / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     cfg = hf.config
     got = {k: getattr(cfg, k) for k in algo.target}
     assert got == algo.target
     with torch.no_grad():
         assert (hf(input_ids=ids).logits - masked).abs().max().item() <= 1e-4
+    # the export carries the run's tokenizer: plain transformers generates text from the directory alone
+    text = generate(out, "def ", max_new_tokens=8)
+    assert text.startswith("def") and len(text) > len("def ")

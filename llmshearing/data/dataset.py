@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 def load_manifest(local: str, remote: Optional[str] = None) -> dict:
     """Read ``manifest.json`` from ``local``, fetching it from ``remote`` first when given and missing."""
     if remote is not None and not (Path(local) / MANIFEST).is_file():
-        from streaming.base.storage import download_file
+        from streaming.base.storage import CloudDownloader
 
         Path(local).mkdir(parents=True, exist_ok=True)
-        download_file(f"{remote.rstrip('/')}/{MANIFEST}", str(Path(local) / MANIFEST), timeout=60)
+        # streaming's own downloaders (s3://, gs://, oci://, hf://, a local path, ...): the same as the shards
+        CloudDownloader.direct_download(f"{remote.rstrip('/')}/{MANIFEST}", str(Path(local) / MANIFEST), timeout=60)
     return read_manifest(local)
 
 

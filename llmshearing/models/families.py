@@ -108,7 +108,7 @@ def build_hf_model(cfg: ModelConfig) -> PreTrainedModel:
                     f"model.config.{key}={want!r} disagrees with the checkpoint's {key}={have!r} "
                     f"({path / 'config.json'}); remove the override or fix it"
                 )
-        model = model_cls.from_pretrained(path, torch_dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+        model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
