@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PARTIAL_PREFIX", "install_atomic_checkpoint_writes", "repair_save_folder"]
+__all__ = ["CheckpointError", "PARTIAL_PREFIX", "check_checkpoint_file", "install_atomic_checkpoint_writes",
+           "repair_save_folder", "resume_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +66,58 @@ def repair_save_folder(save_folder: str | Path) -> None:
             log.warning("%s is missing (a crash while it was being updated): pointing it at %s", latest, name)
             latest.unlink(missing_ok=True)  # a dangling link
             latest.symlink_to(name)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from is missing or unreadable."""
+
+
+def resume_checkpoint(save_folder: str | None, load_path: str | None, autoresume: bool) -> Path | None:
+    """The local checkpoint file a run will load (autoresume's latest, else ``load_path``), if any."""
+    if autoresume and save_folder:
+        latest = Path(save_folder) / "latest-rank0.pt"
+        if latest.exists():  # a sharded (directory) checkpoint is left to Composer
+            return latest.resolve() if latest.resolve().is_file() else None
+    if load_path and "://" not in load_path and not Path(load_path).is_dir():
+        return Path(load_path)
+    return None
+
+
+def check_checkpoint_file(path: str | Path, model_config: dict[str, Any] | None = None) -> None:
+    """Cheap checks of a ``torch.save`` checkpoint before the Trainer loads it.
+
+    Reads the zip directory (at the end of the file), so a file cut short by a crash or an incomplete
+    copy is reported with its name and the fix, instead of a deserialisation traceback; with
+    ``model_config``, also unpickles the checkpoint memory-mapped (tensors are not read) and compares
+    the model shape it was written for.
+
+    Raises:
+        CheckpointError: missing, not a torch zip archive, or truncated.
+        ValueError: written for another model shape.
+    """
+    import zipfile
+
+    path = Path(path)
+    fix = ("delete it and point latest-rank0.pt at the previous checkpoint (or set load_path to an earlier "
+           "one), or start a new run in another save_folder")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; set load_path to an existing checkpoint file")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({e}); {fix}") from None
+    if not any(n.endswith("data.pkl") for n in names):
+        raise CheckpointError(f"checkpoint {path} is not a torch.save archive (no data.pkl); {fix}")
+    if model_config is not None:
+        import torch
+
+        from llmshearing.callbacks.checkpoint_metadata import check_same_shape
+
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state"]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); {fix}") from None
+        meta = (state.get("callbacks") or {}).get("CheckpointMetadata")
+        if meta:
+            check_same_shape(meta.get("hf_config", {}), model_config)

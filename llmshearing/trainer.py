@@ -16,7 +16,12 @@ from composer.loggers import LoggerDestination
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, get_device, reproducibility
 
-from llmshearing.checkpointing import install_atomic_checkpoint_writes, repair_save_folder
+from llmshearing.checkpointing import (
+    check_checkpoint_file,
+    install_atomic_checkpoint_writes,
+    repair_save_folder,
+    resume_checkpoint,
+)
 from llmshearing.callbacks import CheckpointMetadata, DomainLossMonitor, DynamicLoading, LossGuard, MetricsFile
 from llmshearing.config import ConfigError, RunConfig, load_config, to_plain
 from llmshearing.data import build_eval_dataloader, build_train_dataloader, load_manifest, resolve_domains
@@ -167,6 +172,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     if cfg.save_folder and dist.get_global_rank() == 0:
         repair_save_folder(cfg.save_folder)
     dist.barrier()
+    ckpt = resume_checkpoint(cfg.save_folder, cfg.load_path, cfg.autoresume)
+    if ckpt is not None:
+        check_checkpoint_file(ckpt, hf_model.config.to_dict())
 
     microbatch: Any = cfg.device_train_microbatch_size
     if microbatch == "auto" and _device(cfg) == "cpu":

@@ -63,3 +63,32 @@ def test_bad_run_settings_fail_before_training(mds_data, tmp_path, extra, messag
 def test_missing_dataset_names_the_prep_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a prepared dataset .* data_prep/prepare_data.py"):
         build_trainer(load_config(PRETRAIN, _overrides(tmp_path / "nothing", tmp_path)))
+
+
+def _short_run(mds_data, run_dir, *extra):
+    trainer = build_trainer(load_config(PRETRAIN, _overrides(mds_data, run_dir, "max_duration=4ba", "save_interval=4ba",
+                                                             "eval_interval=100ba", *extra)))
+    trainer.fit()
+    trainer.close()
+
+
+def test_corrupted_checkpoint_is_named_before_loading(mds_data, tmp_path):
+    from llmshearing.checkpointing import CheckpointError
+
+    _short_run(mds_data, tmp_path)
+    ckpt = tmp_path / "checkpoints" / "ep0-ba4-rank0.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 3])  # a copy cut short
+    with pytest.raises(CheckpointError, match=r"ep0-ba4-rank0.pt is damaged or truncated .* delete it"):
+        build_trainer(load_config(PRETRAIN, _overrides(mds_data, tmp_path, "max_duration=8ba")))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_trainer(load_config(PRETRAIN, _overrides(mds_data, tmp_path / "other", "autoresume=false",
+                                                       f"load_path={tmp_path}/nope.pt")))
+
+
+def test_resuming_with_another_model_shape_is_refused(mds_data, tmp_path):
+    _short_run(mds_data, tmp_path)
+    with pytest.raises(ValueError, match=r"different model shape .*hidden_size=64 vs 32.*start a new run"):
+        trainer = build_trainer(load_config(PRETRAIN, _overrides(mds_data, tmp_path, "max_duration=8ba",
+                                                                 "model.config.hidden_size=32")))
+        trainer.fit()

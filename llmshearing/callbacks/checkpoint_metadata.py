@@ -8,7 +8,21 @@ from typing import Any, Optional
 from composer.core import Callback
 from transformers import PretrainedConfig
 
-__all__ = ["CheckpointMetadata"]
+__all__ = ["CheckpointMetadata", "check_same_shape"]
+
+
+def check_same_shape(checkpoint_config: dict[str, Any], run_config: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming every shape field where a checkpoint's model differs from this run's."""
+    from llmshearing.models.families import SHAPE_FIELDS
+
+    diff = {k: (checkpoint_config.get(k), run_config.get(k)) for k in SHAPE_FIELDS
+            if checkpoint_config.get(k) != run_config.get(k)}
+    if diff:
+        raise ValueError(
+            "the checkpoint is of a different model shape (checkpoint, this run): "
+            + ", ".join(f"{k}={a} vs {b}" for k, (a, b) in diff.items())
+            + "; resume with the same model config, or start a new run (another save_folder)"
+        )
 
 
 class CheckpointMetadata(Callback):
@@ -31,13 +45,4 @@ class CheckpointMetadata(Callback):
         return {"hf_config": self.model_config, "tokenizer": self.tokenizer, "domains": self.domains}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from llmshearing.models.families import SHAPE_FIELDS
-
-        theirs = state.get("hf_config", {})
-        diff = {k: (theirs.get(k), self.model_config.get(k)) for k in SHAPE_FIELDS if theirs.get(k) != self.model_config.get(k)}
-        if diff:
-            raise ValueError(
-                "the checkpoint is of a different model shape (checkpoint, this run): "
-                + ", ".join(f"{k}={a} vs {b}" for k, (a, b) in diff.items())
-                + "; resume with the same model config, or start a new run (another save_folder)"
-            )
+        check_same_shape(state.get("hf_config", {}), self.model_config)
