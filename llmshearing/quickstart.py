@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer trained for the default source")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--source-steps", type=int, default=800)
-    p.add_argument("--prune-steps", type=int, default=300)
+    p.add_argument("--prune-steps", type=int, default=400)
     p.add_argument("--cpt-steps", type=int, default=400)
     args = p.parse_args(argv)
     if args.source and not args.target:

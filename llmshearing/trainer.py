@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -168,6 +169,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         )
     callbacks.extend(extra_callbacks)
 
+    # EvalSampler pads with indices the metrics never count (domain_id -1), so Composer's own de-padding,
+    # which it warns it cannot do without the sampler's dataset length, is not needed.
+    warnings.filterwarnings("ignore", message="DistributedSampler's dataset does not have length defined")
     install_atomic_checkpoint_writes()
     if cfg.save_folder and dist.get_global_rank() == 0:
         repair_save_folder(cfg.save_folder)
