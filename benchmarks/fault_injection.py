@@ -1,5 +1,6 @@
-"""Fault injection (issue #6): pruning and continued pre-training runs killed with SIGKILL mid-step, during an
-evaluation and half-way through a checkpoint write, at several batches, restarted with autoresume; each
+"""Fault injection (issue #6): pruning and continued pre-training runs killed with SIGKILL mid-step (after the
+backward pass, before the optimizer step), between steps, during an evaluation and half-way through a
+checkpoint write, at several batches, restarted with autoresume; each
 final result is compared with an uninterrupted run (model, masks, lambdas, proportions, data order, losses).
 
     python -m benchmarks.fault_injection --out runs/benchmarks/fault_injection.json
@@ -20,9 +21,9 @@ from benchmarks.common import REPO, write_json  # noqa: E402
 from benchmarks.small_scale import VOCAB, ensure_data  # noqa: E402
 
 SEQUENCES = [  # each is one crashy run: killed at these points in turn, then restarted to the end
-    ["step:5", "eval:8", "save:12"],
-    ["save:4", "step:10", "eval:12"],
-    ["eval:4", "save:8", "step:15"],
+    ["mid:6", "eval:8", "save:12", "step:14"],
+    ["save:4", "step:10", "eval:12", "mid:15"],
+    ["eval:4", "mid:7", "save:8", "step:15"],
 ]
 
 

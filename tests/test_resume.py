@@ -1,4 +1,4 @@
-"""Crash and resume: runs killed with SIGKILL mid-step, mid-evaluation and mid-checkpoint-write, restarted with
+"""Crash and resume: runs killed with SIGKILL mid-step (between backward and optimizer step), mid-evaluation and mid-checkpoint-write, restarted with
 autoresume, end exactly where an uninterrupted run ends (model, masks, lambdas, proportions, data order)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.helpers import REPO, run_traced
 
-KILLS = ["step:6", "eval:8", "save:12"]  # killed 3 times: resumes from 4, 4, then 8
+KILLS = ["mid:6", "eval:8", "save:12"]  # killed 3 times: resumes from 4, 4, then 8
 
 
 def _common(data, *extra):

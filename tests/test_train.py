@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
@@ -86,6 +87,10 @@ def test_tiny_pruning_reaches_the_target_and_exports(mds_data, tmp_path):
     assert got == algo.target
     with torch.no_grad():
         assert (hf(input_ids=ids).logits - masked).abs().max().item() <= 1e-4
+    # an existing model directory is never overwritten unless asked
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        export_checkpoint(tmp_path / "checkpoints" / "latest-rank0.pt", tmp_path / "hf")
+    assert not list(tmp_path.glob("hf.tmp*"))  # nothing half-written left behind
     # the export carries the run's tokenizer: plain transformers generates text from the directory alone
     text = generate(out, "def ", max_new_tokens=8)
     assert text.startswith("def") and len(text) > len("def ")

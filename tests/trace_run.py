@@ -4,7 +4,8 @@ global loss per batch, the domain proportions per batch, and at the end the mode
 tensors. Tests compare traces of runs that must be identical (1 vs 2 processes, killed vs uninterrupted).
 
 Fault injection: ``KILL_AT=<where>:<batch>`` sends SIGKILL to the process at that point, where is
-``step`` (after batch <batch> finished, before its checkpoint), ``eval`` (in the middle of the evaluation
+``mid`` (inside training batch <batch>: after its backward pass, before the optimizer step), ``step`` (after
+batch <batch> finished, before its checkpoint), ``eval`` (in the middle of the evaluation
 at batch <batch>) or ``save`` (half-way through writing the checkpoint of batch <batch>).
 """
 
@@ -66,6 +67,10 @@ class Trace(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self.first_batch = int(state.timestamp.batch)
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        if self.kill_where == "mid" and int(state.timestamp.batch) + 1 == self.kill_at:
+            _die()
 
     def eval_batch_end(self, state: State, logger: Logger) -> None:
         if self.kill_where == "eval" and int(state.timestamp.batch) == self.kill_at:
