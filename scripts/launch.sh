@@ -30,7 +30,14 @@ LOG_DIR=${LOG_DIR:-logs/$(basename "$yaml" .yaml)}
 mkdir -p "$LOG_DIR"
 
 # Check the config (unknown keys, bad values, unreachable targets) before any process starts.
-python -c "import sys; from llmshearing.config import load_config; load_config(sys.argv[1], sys.argv[2:])" "$yaml" "$@"
+python - "$yaml" "$@" <<'PY'
+import sys
+from llmshearing.config import ConfigError, load_config
+try:
+    load_config(sys.argv[1], sys.argv[2:])
+except ConfigError as e:
+    sys.exit(f"config error: {e}")
+PY
 
 exec composer \
   --nproc "$NPROC" \

@@ -92,3 +92,17 @@ def test_resuming_with_another_model_shape_is_refused(mds_data, tmp_path):
         trainer = build_trainer(load_config(PRETRAIN, _overrides(mds_data, tmp_path, "max_duration=8ba",
                                                                  "model.config.hidden_size=32")))
         trainer.fit()
+
+
+def test_launcher_checks_the_config_before_starting_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, NPROC="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "launch.sh"), str(PRETRAIN), "variables.data=/x",
+                           f"variables.run_dir={tmp_path}", "optimizr.lr=1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "config error: unknown config key 'optimizr'; did you mean 'optimizer'?" in proc.stderr
