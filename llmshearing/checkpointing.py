@@ -110,14 +110,13 @@ def check_checkpoint_file(path: str | Path, model_config: dict[str, Any] | None 
     if not any(n.endswith("data.pkl") for n in names):
         raise CheckpointError(f"checkpoint {path} is not a torch.save archive (no data.pkl); {fix}")
     if model_config is not None:
-        import torch
-
         from llmshearing.callbacks.checkpoint_metadata import check_same_shape
+        from llmshearing.export import load_composer_checkpoint
 
         try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state"]
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); {fix}") from None
+            state = load_composer_checkpoint(path)  # memory-mapped: the tensors are not read
+        except ValueError as e:
+            raise CheckpointError(f"{e}; {fix}") from None
         meta = (state.get("callbacks") or {}).get("CheckpointMetadata")
         if meta:
             check_same_shape(meta.get("hf_config", {}), model_config)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from llmshearing.models.families import head_dim
 from llmshearing.pruning.masks import ShearingMasks
 
 __all__ = ["MaskHooks", "attach_masks"]
@@ -113,7 +114,7 @@ def attach_masks(model: nn.Module, masks: ShearingMasks) -> MaskHooks:
     h["refresh"] = model.register_forward_pre_hook(refresh)
     base = model.model
     h["embed"] = base.embed_tokens.register_forward_hook(_scale_output(masks))
-    hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    hd = head_dim(model.config)
     for i, layer in enumerate(base.layers):
         o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
         _replace_forward(hooks, f"o_proj[{i}]", o_proj, _masked_linear(o_proj, masks, i, "head", hd))
