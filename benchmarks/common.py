@@ -7,8 +7,11 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from composer.core import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -29,6 +32,32 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+class StepTimer(Callback):
+    """Wall time of every training step, BATCH_START to BATCH_END, in ``times`` (seconds).
+
+    Args:
+        cuda_sync: synchronise the GPU at both ends so queued kernels count in their own step.
+    """
+
+    def __init__(self, cuda_sync: bool = False) -> None:
+        self.cuda_sync = cuda_sync
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def _now(self) -> float:
+        if self.cuda_sync:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def batch_start(self, state, logger) -> None:
+        self._t = self._now()
+
+    def batch_end(self, state, logger) -> None:
+        self.times.append(self._now() - self._t)
 
 
 def median(values: list[float]) -> float:

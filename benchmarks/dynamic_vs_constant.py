@@ -17,8 +17,8 @@ import statistics
 from pathlib import Path
 
 from benchmarks.common import write_json
-from benchmarks.replication import _cpt, _eval
-from benchmarks.small_scale import ensure_data, ensure_source
+from benchmarks.replication import _cpt
+from benchmarks.small_scale import ensure_data, ensure_source, eval_losses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (pruned / "config.json").is_file():
         raise SystemExit(f"{pruned} is not a pruned model; run python -m benchmarks.replication first or pass --pruned")
     domains = list(json.loads((data / "manifest.json").read_text())["domains"])
-    src = _eval(source, data)
+    src = eval_losses(source, data)
     ref = "variables.reference_losses=[" + ",".join(f"{src[d]:.4f}" for d in domains) + "]"
     work = Path(args.out).resolve().with_suffix("")
     shutil.rmtree(work, ignore_errors=True)
@@ -44,15 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in args.seeds:
         for mode in ("dynamic", "constant"):
-            import benchmarks.replication as rep
-
-            base = rep.common_overrides
-            rep.common_overrides = lambda c, _b=base, _s=seed: _b(c) + [f"seed={_s}"]  # same runs, another seed
-            try:
-                out = _cpt(cache, work, f"{mode}_s{seed}", pruned, args.steps, ref, mode == "dynamic")
-            finally:
-                rep.common_overrides = base
-            losses = _eval(out, data)
+            out = _cpt(cache, work, f"{mode}_s{seed}", pruned, args.steps, ref, mode == "dynamic", [f"seed={seed}"])
+            losses = eval_losses(out, data)
             excess = {d: losses[d] - src[d] for d in domains}
             rows.append({"seed": seed, "mode": mode, "mean_loss": losses["all"], "worst_excess": max(excess.values()),
                          "worst_domain": max(excess, key=excess.get), "losses": losses})

@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import logging
 
-    import torch
-
     from benchmarks.gpu_throughput import synthetic_dataset
     from llmshearing.export import load_composer_checkpoint
 

@@ -18,12 +18,11 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.common import REPO, write_json  # noqa: E402
+from benchmarks.common import REPO, StepTimer, write_json  # noqa: E402
 
 CASES = {
     "continue_pretrain_1.3b": dict(shape=dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=16,
@@ -65,34 +64,14 @@ def synthetic_dataset(root: Path, vocab: int, seq_len: int, n_train: int, n_eval
 
 
 def flops_per_token(shape: dict, vocab: int, seq_len: int) -> float:
-    d, L, H, m = shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"], shape["intermediate_size"]
+    d, L, m = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"]
     n = L * (4 * d * d + 3 * d * m) + vocab * d  # layers + LM head (the embedding lookup is free)
     return 6 * n + 6 * L * d * seq_len  # H * hd = d
 
 
 def run_case(name: str, case: dict, data: Path, work: Path, args) -> dict:
-    from composer.core import Callback
-
     from llmshearing.config import load_config
     from llmshearing.trainer import build_trainer
-
-    class Timer(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def batch_start(self, state, logger) -> None:
-            if args.device == "gpu":
-                import torch
-
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def batch_end(self, state, logger) -> None:
-            if args.device == "gpu":
-                import torch
-
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t)
 
     shape, micro = case["shape"], case["micro"]
     batch = micro * args.accum
@@ -108,7 +87,7 @@ def run_case(name: str, case: dict, data: Path, work: Path, args) -> dict:
     ov.append(f"model.config.num_key_value_heads={shape['num_attention_heads']}")
     if case["prune"]:
         ov += [f"pruning.target.{k}={v}" for k, v in case["prune"].items()] + ["dynamic_loading=null"]
-    timer = Timer()
+    timer = StepTimer(cuda_sync=args.device == "gpu")
     trainer = build_trainer(load_config(yaml, ov), extra_callbacks=[timer])
     trainer.fit()
     peak_mem = None

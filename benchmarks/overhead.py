@@ -24,7 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.common import REPO, median, write_json  # noqa: E402
+from benchmarks.common import REPO, StepTimer, median, write_json  # noqa: E402
 from benchmarks.small_scale import ensure_data  # noqa: E402
 
 SHAPES = {
@@ -49,24 +49,6 @@ def _overrides(data: Path, run_dir: Path, shape: str, steps: int, batch: int) ->
     return out
 
 
-class _StepTimer:
-    def __new__(cls):
-        from composer.core import Callback
-
-        class StepTimer(Callback):
-            def __init__(self) -> None:
-                self.times: list[float] = []
-                self._t = 0.0
-
-            def batch_start(self, state, logger) -> None:
-                self._t = time.perf_counter()
-
-            def batch_end(self, state, logger) -> None:
-                self.times.append(time.perf_counter() - self._t)
-
-        return StepTimer()
-
-
 def trainer_step(data: Path, work: Path, shape: str, steps: int, batch: int, prune: bool) -> float:
     from llmshearing.config import load_config
     from llmshearing.trainer import build_trainer
@@ -77,7 +59,7 @@ def trainer_step(data: Path, work: Path, shape: str, steps: int, batch: int, pru
         ov += [f"pruning.target.{k}={v}" for k, v in TARGETS[shape].items()] + ["dynamic_loading=null"]
     else:
         ov += ["optimizer.lr=1.0e-4"]
-    timer = _StepTimer()
+    timer = StepTimer()
     trainer = build_trainer(load_config(yaml, ov), extra_callbacks=[timer])
     trainer.fit()
     trainer.close()

@@ -22,15 +22,9 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.common import REPO, write_json  # noqa: E402
-from benchmarks.small_scale import common_overrides, ensure_data, ensure_source  # noqa: E402
+from benchmarks.small_scale import common_overrides, ensure_data, ensure_source, eval_losses  # noqa: E402
 
 TARGET = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=3, intermediate_size=224)
-
-
-def _eval(model_dir: Path, data: Path) -> dict[str, float]:
-    from llmshearing.evaluate import domain_losses, load_model
-
-    return domain_losses(load_model(model_dir), data, batch_size=32, max_sequences_per_domain=128)
 
 
 def _finetune(cache: Path, model_dir: Path, work: Path, steps: int) -> Path:
@@ -75,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     rows: dict[str, dict] = {}
     src_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    rows["source"] = {"params": src_model.num_parameters(), "losses": _eval(source, data), "tokens": 0}
+    rows["source"] = {"params": src_model.num_parameters(), "losses": eval_losses(source, data), "tokens": 0}
 
     # learned masks: a real pruning run
     run = work / "learned_run"
@@ -88,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     learned = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / "learned_hf", overwrite=True)
     tokens = args.steps * 32 * 128
     rows["learned masks (pruning run)"] = {"params": AutoModelForCausalLM.from_pretrained(learned).num_parameters(),
-                                           "losses": _eval(learned, data), "tokens": tokens,
+                                           "losses": eval_losses(learned, data), "tokens": tokens,
                                            "expected_shape_at_end": expected}
 
     # one-shot baselines, then the same tokens of plain training
@@ -100,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             small.save_pretrained(work / name)
             shutil.copytree(source, work / name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("*.safetensors", "config.json", "generation_config.json"))
-            rows[f"{name} one-shot"] = {"params": small.num_parameters(), "losses": _eval(work / name, data), "tokens": 0}
+            rows[f"{name} one-shot"] = {"params": small.num_parameters(), "losses": eval_losses(work / name, data), "tokens": 0}
             if seed == 0:
                 ft = _finetune(cache, work / name, work, args.steps)
-                rows[f"{name} + {args.steps} steps"] = {"params": small.num_parameters(), "losses": _eval(ft, data),
+                rows[f"{name} + {args.steps} steps"] = {"params": small.num_parameters(), "losses": eval_losses(ft, data),
                                                         "tokens": tokens}
     domains = [d for d in rows["source"]["losses"] if d != "all"]
     lines = [f"| model | params | tokens after selection | eval loss | {' | '.join(domains)} |",

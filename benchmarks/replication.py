@@ -26,21 +26,16 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.common import REPO, write_json  # noqa: E402
-from benchmarks.small_scale import common_overrides, ensure_data, ensure_source  # noqa: E402
+from benchmarks.small_scale import common_overrides, ensure_data, ensure_source, eval_losses  # noqa: E402
 
 BATCH, SEQ = 32, 128
 TARGET = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=3, intermediate_size=224)
-
-
-def _eval(model_dir: Path, data: Path) -> dict[str, float]:
-    from llmshearing.evaluate import domain_losses, load_model
-
-    return domain_losses(load_model(model_dir), data, batch_size=32, max_sequences_per_domain=128)
 
 
 def _train(yaml: str, overrides: list[str]):
@@ -56,12 +51,13 @@ def _export(run: Path, out: Path) -> Path:
     return export_checkpoint(run / "checkpoints" / "latest-rank0.pt", out, overwrite=True)
 
 
-def _cpt(cache: Path, work: Path, name: str, model: Path, steps: int, ref: str, dynamic: bool) -> Path:
+def _cpt(cache: Path, work: Path, name: str, model: Path, steps: int, ref: str, dynamic: bool,
+         extra: Sequence[str] = ()) -> Path:
     run = work / name
     _train("yamls/continue_pretrain/tiny_cpu.yaml", common_overrides(cache) + [
         f"variables.run_dir={run}", f"variables.source={model}", ref, f"global_train_batch_size={BATCH}",
         f"device_train_microbatch_size={BATCH}", f"max_duration={steps}ba", f"eval_interval={steps // 6}ba",
-        f"save_interval={steps}ba", "autoresume=false", *([] if dynamic else ["dynamic_loading.update=constant"])])
+        f"save_interval={steps}ba", "autoresume=false", *([] if dynamic else ["dynamic_loading.update=constant"]), *extra])
     return _export(run, work / f"{name}_hf")
 
 
@@ -92,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     domains = list(json.loads((data / "manifest.json").read_text())["domains"])
-    ref_losses = _eval(source, data)
+    ref_losses = eval_losses(source, data)
     reference = {d: ref_losses[d] for d in domains}
     ref = "variables.reference_losses=[" + ",".join(f"{reference[d]:.4f}" for d in domains) + "]"
     tok_per_step = BATCH * SEQ
@@ -133,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = {}
     for name, m in models.items():
-        losses = ref_losses if name == "source" else _eval(Path(m["path"]), data)
+        losses = ref_losses if name == "source" else eval_losses(Path(m["path"]), data)
         params = AutoModelForCausalLM.from_pretrained(m["path"]).num_parameters()
         ex = _excess(losses, reference)
         rows[name] = {"params": params, "tokens": m["tokens"], "losses": losses, "excess": ex,

@@ -32,6 +32,13 @@ def common_overrides(cache: Path) -> list[str]:
             "console_log_interval=250ba", "progress_bar=false", "data.eval_sequences_per_domain=128"]
 
 
+def eval_losses(model_dir: Path, data: Path) -> dict[str, float]:
+    """Per-domain (and ``all``) eval loss of an exported model on the same 128 held-out sequences per domain."""
+    from llmshearing.evaluate import domain_losses, load_model
+
+    return domain_losses(load_model(model_dir), data, batch_size=32, max_sequences_per_domain=128)
+
+
 def ensure_data(cache: Path) -> Path:
     from llmshearing.data.embedded_corpus import build_embedded_corpus
     from llmshearing.data.prepare import MANIFEST, prepare_dataset
