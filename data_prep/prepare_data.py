@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-doc-chars", type=int, default=None, help="cut longer documents at line breaks first")
     p.add_argument("--max-tokens", nargs="*", default=[], metavar="DOMAIN=N", help="per-domain training token caps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--chunk-mb", type=float, default=1.0,
+                   help="input per worker task in MiB (plain files are cut at line starts; 0: one task per file)")
     p.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")
     p.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd")
     p.add_argument("--overwrite", action="store_true")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     res = prepare_dataset(
         args.input, args.output, args.tokenizer, args.seq_len, domains=args.domains,
         eval_fraction=args.eval_fraction, max_doc_chars=args.max_doc_chars, max_tokens=_budgets(args.max_tokens),
-        seed=args.seed, workers=args.workers, add_bos=not args.no_bos, compression=args.compression,
+        seed=args.seed, workers=args.workers, chunk_bytes=int(args.chunk_mb * 2**20) or None, add_bos=not args.no_bos, compression=args.compression,
         overwrite=args.overwrite,
     )
     summary = {d: {"train_seqs": e["train"]["sequences"], "eval_seqs": e["eval"]["sequences"],

@@ -51,18 +51,43 @@ def test_first_sequence_decodes_to_start_of_first_document(tmp_path):
     assert first_doc.startswith(text[:150].strip()[:100])
 
 
-def test_malformed_lines_are_reported_by_line(tmp_path, small_tokenizer):
+@pytest.mark.parametrize("chunk_bytes", [None, 100])
+def test_malformed_lines_are_reported_by_line(tmp_path, small_tokenizer, chunk_bytes):
     src = tmp_path / "in" / "web"
     src.mkdir(parents=True)
     lines = [json.dumps({"text": "good text number %d " % i * 20}) for i in range(30)]
     lines[4] = "{not json"
     lines[9] = json.dumps({"meta": "no text"})
-    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
-    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, eval_fraction=0.2, progress=False)
+    blob = ("\n".join(lines) + "\n").encode()
+    blob = blob.replace(b'"good text number 20', b'"good text number \xff20')  # line 21: not UTF-8
+    (src / "a.jsonl").write_bytes(blob)
+    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, eval_fraction=0.2,
+                          chunk_bytes=chunk_bytes, progress=False)
     bad = res.manifest["domains"]["web"]["malformed"]
-    assert [(b["file"], b["line"]) for b in bad] == [("a.jsonl", 5), ("a.jsonl", 10)]
-    assert "invalid JSON" in bad[0]["error"] and "text" in bad[1]["error"]
-    assert res.manifest["domains"]["web"]["documents"] == 28
+    assert [(b["file"], b["line"]) for b in bad] == [("a.jsonl", 5), ("a.jsonl", 10), ("a.jsonl", 21)]
+    assert "invalid JSON" in bad[0]["error"] and "text" in bad[1]["error"] and "UTF-8" in bad[2]["error"]
+    assert res.manifest["domains"]["web"]["documents"] == 27
+
+
+def test_workers_and_chunk_size_do_not_change_the_output(tmp_path, small_tokenizer):
+    """Work is cut into chunks at line starts and packed in input order: the shards are the same bytes."""
+    for domain, n in (("web", 80), ("code", 45)):
+        src = tmp_path / "in" / domain
+        src.mkdir(parents=True)
+        for f in range(2):
+            docs = [json.dumps({"text": f"{domain} {f} doc {i} " + "more words " * (i % 13)}) for i in range(n)]
+            docs[7] = "{broken"
+            (src / f"part{f}.jsonl").write_text("\r\n".join(docs) + ("\n" if f else ""))  # CRLF, no final newline
+    outputs = []
+    for i, (workers, chunk) in enumerate([(1, None), (2, 300), (1, 1), (2, None)]):
+        res = prepare_dataset(tmp_path / "in", tmp_path / f"o{i}", small_tokenizer, 16, eval_fraction=0.2,
+                              workers=workers, chunk_bytes=chunk, progress=False)
+        files = {p.relative_to(res.output): p.read_bytes() for p in sorted(res.output.rglob("*")) if p.is_file()}
+        outputs.append((res.manifest["domains"], files))
+    assert outputs[0][0]["web"]["documents"] == 158 and outputs[0][0]["code"]["malformed"][1]["line"] == 8
+    assert outputs[0][0]["web"]["eval"]["sequences"] > 0
+    for other in outputs[1:]:
+        assert other == outputs[0]
 
 
 def test_compressed_inputs_give_the_same_dataset_as_plain_ones(tmp_path, small_tokenizer):
@@ -208,3 +233,20 @@ def test_remote_dataset_is_fetched_into_the_local_cache(mds_data, tmp_path):
     assert len(remote) == len(local)
     assert all(torch.equal(remote[i]["input_ids"], local[i]["input_ids"]) for i in range(0, len(local), 7))
     assert (cache / "manifest.json").is_file() and any((cache / "train" / domains[0]).glob("shard.*.mds"))
+
+
+def test_spawned_workers_give_the_same_output(tmp_path, small_tokenizer, monkeypatch):
+    """Where fork is unavailable (macOS, Windows) workers are spawned and load the tokenizer themselves."""
+    import multiprocessing as mp
+
+    src = tmp_path / "in" / "web"
+    src.mkdir(parents=True)
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " + "words " * i}) + "\n" for i in range(60)))
+    forked = prepare_dataset(tmp_path / "in", tmp_path / "o1", small_tokenizer, 16, eval_fraction=0.2, workers=2,
+                             chunk_bytes=500, progress=False)
+    monkeypatch.setattr(mp, "get_all_start_methods", lambda: ["spawn"])
+    spawned = prepare_dataset(tmp_path / "in", tmp_path / "o2", small_tokenizer, 16, eval_fraction=0.2, workers=2,
+                              chunk_bytes=500, progress=False)
+    assert spawned.manifest["domains"] == forked.manifest["domains"]
+    for p in sorted(forked.output.rglob("*.mds")):
+        assert (spawned.output / p.relative_to(forked.output)).read_bytes() == p.read_bytes()

@@ -10,11 +10,16 @@ Output (written to ``<output>.tmp`` and renamed when complete)::
 Each document becomes ``[BOS] + tokens(text) + [EOS]`` (BOS when the tokenizer has one); documents
 are concatenated per domain and split and cut into ``seq_len`` sequences (the last partial sequence
 is dropped and counted). A document goes to the evaluation split when a seeded hash of
-``(domain, file, line, piece)`` falls below ``eval_fraction``, so the split is by document, never
+``(domain, file, byte offset of its line, piece)`` falls below ``eval_fraction``, so the split is by document, never
 overlaps, and is the same for the same seed regardless of the number of workers; a domain that
 would get no evaluation document gives its first document to evaluation instead. Long documents
 can be cut into pieces of at most ``max_doc_chars`` characters (at line breaks) first, so that a
 domain of a few very long documents (books) can still hold some out.
+
+Work is split into tasks of about ``chunk_bytes`` of input (whole lines of a plain file; a compressed
+file is one task), tokenized by ``workers`` processes and packed in input order by the parent, so the
+output is byte-identical for any number of workers and any chunk size, a worker holds one chunk at a
+time, and a few large files still spread over every worker.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -45,18 +51,28 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "llmshearing-mds-v1"
+CHUNK_BYTES = 1 << 20  # input per worker task: ~0.3 s of tokenizing, so hand-over costs <1% and work balances
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """A (possibly compressed) JSON-lines file as text."""
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="strict")
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
     name = path.name
     if name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict")
+        return gzip.open(path, "rb")
     if name.endswith(".zst"):
         import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _compressed(path: Path) -> bool:
+    return path.name.endswith((".gz", ".zst"))
 
 
 def _split_long(text: str, max_chars: Optional[int]) -> list[str]:
@@ -79,24 +95,84 @@ def _is_eval(seed: int, key: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < eval_fraction
 
 
-@dataclass
-class _FileResult:
+@dataclass(frozen=True)
+class _Task:
+    """Whole lines ``[start, end)`` (bytes) of one input file; ``end=None``: the whole file, streamed."""
+
     domain: str
+    path: str
     relpath: str
-    train: list[np.ndarray] = field(default_factory=list)  # one array per document, BOS/EOS included
-    eval: list[np.ndarray] = field(default_factory=list)
+    start: int = 0
+    end: Optional[int] = None
+
+
+def _plan(files: dict[str, list[Path]], input_dir: Path, chunk_bytes: Optional[int]) -> list[_Task]:
+    """Tasks in input order: each plain file cut at the first line start after every ``chunk_bytes``."""
+    tasks = []
+    for d, paths in files.items():
+        for p in paths:
+            rel = str(p.relative_to(input_dir / d))
+            if _compressed(p) or not chunk_bytes:
+                tasks.append(_Task(d, str(p), rel))
+                continue
+            size = p.stat().st_size
+            bounds = [0]
+            with open(p, "rb") as fh:
+                while bounds[-1] + chunk_bytes < size:
+                    fh.seek(bounds[-1] + chunk_bytes - 1)
+                    fh.readline()  # to the end of the line holding byte start + chunk_bytes - 1
+                    if fh.tell() >= size:
+                        break
+                    bounds.append(fh.tell())
+            bounds.append(size)
+            tasks.extend(_Task(d, str(p), rel, a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+    return tasks
+
+
+def _lines(task: _Task) -> Iterator[tuple[int, bytes]]:
+    """(byte offset in the uncompressed file, line) for every line of the task, newline kept or not."""
+    if task.end is not None:
+        with open(task.path, "rb") as fh:
+            fh.seek(task.start)
+            data = fh.read(task.end - task.start)
+        pos = task.start
+        for line in data.split(b"\n"):
+            yield pos, line
+            pos += len(line) + 1
+        return
+    with _open_binary(Path(task.path)) as fh:
+        pos = 0
+        for line in fh:
+            yield pos, line
+            pos += len(line)
+
+
+@dataclass
+class _ChunkResult:
+    task: _Task
+    train: np.ndarray  # documents (BOS/EOS included) concatenated, in input order
+    train_lengths: np.ndarray
+    eval: np.ndarray
+    eval_lengths: np.ndarray
+    lines: int = 0  # newline characters in the chunk: where the next chunk of the file starts counting
     text_tokens: int = 0
     documents: int = 0
-    malformed: list[tuple[int, str]] = field(default_factory=list)
+    malformed: list[tuple[int, str]] = field(default_factory=list)  # (line within the chunk, 1-based; why)
     seconds: float = 0.0
+
+    def documents_of(self, split: str) -> list[np.ndarray]:
+        tokens, lengths = (self.train, self.train_lengths) if split == "train" else (self.eval, self.eval_lengths)
+        return np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer: str, seed: int, eval_fraction: float, max_doc_chars: Optional[int], add_bos: bool) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = load_tokenizer(tokenizer)
+def _init_worker(tokenizer, seed: int, eval_fraction: float, max_doc_chars: Optional[int], add_bos: bool,
+                 dtype: str) -> None:
+    """``tokenizer``: a loaded tokenizer (inherited by a forked worker) or a path to load."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the worker processes
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     _WORKER.update(
         tok=tok,
         seed=seed,
@@ -104,42 +180,52 @@ def _init_worker(tokenizer: str, seed: int, eval_fraction: float, max_doc_chars:
         max_doc_chars=max_doc_chars,
         bos=[tok.bos_token_id] if add_bos and tok.bos_token_id is not None else [],
         eos=[tok.eos_token_id],
-        dtype=np.dtype(token_dtype(vocab_size(tok))),
+        dtype=np.dtype(dtype),
     )
 
 
-def _process_file(task: tuple[str, str, str]) -> _FileResult:
-    domain, path, relpath = task
+def _process(task: _Task) -> _ChunkResult:
     w = _WORKER
-    res = _FileResult(domain=domain, relpath=relpath)
     t0 = time.perf_counter()
-    texts, keys = [], []
-    with _open_text(Path(path)) as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                res.malformed.append((line_no, f"invalid JSON: {e.msg} at column {e.colno}"))
-                continue
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                res.malformed.append((line_no, "no string 'text' field"))
-                continue
-            res.documents += 1
-            for j, piece in enumerate(_split_long(text, w["max_doc_chars"])):
-                texts.append(piece)
-                keys.append(f"{domain}/{relpath}:{line_no}:{j}")
+    texts, keys, malformed = [], [], []
+    documents = lines = 0
+    for lines, (offset, line) in enumerate(_lines(task), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except UnicodeDecodeError as e:
+            malformed.append((lines, f"invalid UTF-8 at byte {e.start}"))
+            continue
+        except json.JSONDecodeError as e:
+            malformed.append((lines, f"invalid JSON: {e.msg} at column {e.colno}"))
+            continue
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            malformed.append((lines, "no string 'text' field"))
+            continue
+        documents += 1
+        for j, piece in enumerate(_split_long(text, w["max_doc_chars"])):
+            texts.append(piece)
+            keys.append(f"{task.domain}/{task.relpath}@{offset}:{j}")
+    if task.end is not None:
+        lines -= 1  # the piece after the chunk's last newline belongs to the next chunk (or is the empty tail)
+    docs: dict[bool, list[list[int]]] = {False: [], True: []}
+    text_tokens = 0
     for start in range(0, len(texts), 256):
-        chunk = texts[start : start + 256]
-        ids = w["tok"](chunk, add_special_tokens=False)["input_ids"]
+        ids = w["tok"](texts[start : start + 256], add_special_tokens=False)["input_ids"]
         for key, doc in zip(keys[start : start + 256], ids):
-            res.text_tokens += len(doc)
-            arr = np.asarray(w["bos"] + doc + w["eos"], dtype=w["dtype"])
-            (res.eval if _is_eval(w["seed"], key, w["eval_fraction"]) else res.train).append(arr)
-    res.seconds = time.perf_counter() - t0
-    return res
+            text_tokens += len(doc)
+            docs[_is_eval(w["seed"], key, w["eval_fraction"])].append(w["bos"] + doc + w["eos"])
+
+    def flat(ds: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        lengths = np.fromiter((len(x) for x in ds), dtype=np.int64, count=len(ds))
+        tokens = np.fromiter(itertools.chain.from_iterable(ds), dtype=w["dtype"], count=int(lengths.sum()))
+        return tokens, lengths
+
+    (tr, tr_len), (ev, ev_len) = flat(docs[False]), flat(docs[True])
+    return _ChunkResult(task, tr, tr_len, ev, ev_len, lines=lines, text_tokens=text_tokens, documents=documents,
+                        malformed=malformed, seconds=time.perf_counter() - t0)
 
 
 class _Packer:
@@ -215,6 +301,7 @@ def prepare_dataset(
     max_tokens: Optional[dict[str, int]] = None,
     seed: int = 0,
     workers: int = 1,
+    chunk_bytes: Optional[int] = CHUNK_BYTES,
     add_bos: bool = True,
     compression: Optional[str] = None,
     overwrite: bool = False,
@@ -232,7 +319,8 @@ def prepare_dataset(
         max_doc_chars: cut longer documents into pieces first (None: never).
         max_tokens: optional per-domain cap on training tokens (a mixture budget).
         seed: seed of the train/eval assignment.
-        workers: tokenizer processes (parallel over files).
+        workers: tokenizer processes.
+        chunk_bytes: input per task (plain files are cut at line starts; None: one task per file).
         add_bos: start every document with BOS (when the tokenizer has one).
         compression: MDS shard compression (e.g. ``zstd``) or None.
         overwrite: replace an existing output.
@@ -243,6 +331,8 @@ def prepare_dataset(
     """
     t_start = time.perf_counter()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive number of bytes or None (one task per file), got {chunk_bytes}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     if not 0.0 <= eval_fraction < 1.0:
@@ -265,68 +355,78 @@ def prepare_dataset(
         (d, split): _Packer(tmp / split / d, seq_len, dtype, compression) for d in files for split in ("train", "eval")
     }
     stats = {d: {"documents": 0, "text_tokens": 0, "files": len(fs), "malformed": []} for d, fs in files.items()}
-    pending_first: dict[str, Optional[np.ndarray]] = {}  # first train doc, held until the domain has an eval doc
+    # The first training document of each domain is held back and packed last: into training when the
+    # domain drew an evaluation document, else into evaluation (a domain never has an empty eval split).
+    # Holding it whatever comes later keeps the output independent of how the input was chunked.
+    held_first: dict[str, np.ndarray] = {}
     has_eval = {d: False for d in files}
     budget_hit = {d: False for d in files}
-    tasks = [(d, str(p), str(p.relative_to(input_dir / d))) for d, fs in files.items() for p in fs]
+
+    def add_train(d: str, doc: np.ndarray) -> None:
+        if budget_hit[d]:
+            return
+        packer = packers[(d, "train")]
+        cap = (max_tokens or {}).get(d)
+        if cap is not None and packer.tokens + packer.buffered + len(doc) > cap:
+            doc = doc[: max(0, cap - packer.tokens - packer.buffered)]
+            budget_hit[d] = True
+        packer.add(doc)
+
+    tasks = _plan(files, input_dir, chunk_bytes)
+    lines_before: dict[tuple[str, str], int] = {}  # lines of the file in its chunks already consumed
     tokenize_seconds = 0.0
 
-    worker_tokenizer = str(tokenizer)
-    if workers > 1 and Path(tokenizer).is_file():
-        # A bare SentencePiece model is converted to a fast tokenizer on load (seconds per process):
-        # convert once here and let the workers load the converted tokenizer.json.
-        worker_tokenizer = str(tmp / "_tokenizer")
-        tok.save_pretrained(worker_tokenizer)
-    init_args = (worker_tokenizer, seed, eval_fraction, max_doc_chars, add_bos)
-    results: Iterator[_FileResult]
+    results: Iterator[_ChunkResult]
     if workers > 1:
-        # fork where the platform has it: a spawned worker re-imports torch, streaming and transformers
-        # (seconds each); the parent has only loaded the tokenizer, never run it, so forking is safe.
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=init_args)
-        results = pool.imap(_process_file, tasks)
+        if "fork" in mp.get_all_start_methods():
+            # Forked workers inherit the loaded tokenizer (the parent has never run it, so no tokenizer
+            # thread pool exists to be broken by the fork) and skip re-importing torch and transformers.
+            ctx, worker_tok = mp.get_context("fork"), tok
+        else:
+            # Spawned workers load it themselves; a bare SentencePiece model is converted to a fast
+            # tokenizer once here, not in every worker.
+            ctx, worker_tok = mp.get_context("spawn"), str(tokenizer)
+            if Path(tokenizer).is_file():
+                worker_tok = str(tmp / "_tokenizer")
+                tok.save_pretrained(worker_tok)
+        pool = ctx.Pool(workers, initializer=_init_worker,
+                        initargs=(worker_tok, seed, eval_fraction, max_doc_chars, add_bos, dtype))
+        results = pool.imap(_process, tasks)
     else:
         pool = None
-        _init_worker(*init_args)
-        results = map(_process_file, tasks)
+        _init_worker(tok, seed, eval_fraction, max_doc_chars, add_bos, dtype)
+        results = map(_process, tasks)
     try:
-        for res in tqdm(results, total=len(tasks), desc="tokenizing files", disable=not progress, unit="file"):
-            d = res.domain
+        for res in tqdm(results, total=len(tasks), desc="tokenizing", disable=not progress, unit="chunk"):
+            d, relpath = res.task.domain, res.task.relpath
             tokenize_seconds += res.seconds
             st = stats[d]
             st["documents"] += res.documents
             st["text_tokens"] += res.text_tokens
+            first_line = lines_before.get((d, relpath), 0)
+            lines_before[(d, relpath)] = first_line + res.lines
             for line_no, why in res.malformed:
-                st["malformed"].append({"file": res.relpath, "line": line_no, "error": why})
-                log.warning("%s/%s line %d skipped: %s", d, res.relpath, line_no, why)
-            for doc in res.eval:
+                st["malformed"].append({"file": relpath, "line": first_line + line_no, "error": why})
+                log.warning("%s/%s line %d skipped: %s", d, relpath, first_line + line_no, why)
+            for doc in res.documents_of("eval"):
                 packers[(d, "eval")].add(doc)
-            if res.eval and not has_eval[d]:
-                has_eval[d] = True
-                if pending_first.get(d) is not None:
-                    packers[(d, "train")].add(pending_first.pop(d))
-            for doc in res.train:
-                if budget_hit[d]:
-                    break
-                if eval_fraction > 0 and not has_eval[d] and d not in pending_first:
-                    pending_first[d] = doc
-                    continue
-                packer = packers[(d, "train")]
-                cap = (max_tokens or {}).get(d)
-                if cap is not None and packer.tokens + packer.buffered + len(doc) > cap:
-                    doc = doc[: max(0, cap - packer.tokens - packer.buffered)]
-                    budget_hit[d] = True
-                packer.add(doc)
+            has_eval[d] |= len(res.eval_lengths) > 0
+            for doc in res.documents_of("train"):
+                if eval_fraction > 0 and d not in held_first:
+                    held_first[d] = doc.copy()  # not a view that keeps the whole chunk alive
+                else:
+                    add_train(d, doc)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
 
-    for d in files:
-        first = pending_first.pop(d, None)
-        if first is not None:  # no document of this domain was drawn for evaluation: hold out the first one
+    for d, first in held_first.items():
+        if has_eval[d]:
+            add_train(d, first)
+        else:  # no document of this domain was drawn for evaluation: hold out its first one
             packers[(d, "eval")].add(first)
-            has_eval[d] = eval_fraction > 0
+            has_eval[d] = True
     manifest_domains = {}
     for d in files:
         entry = dict(stats[d])
