@@ -7,8 +7,8 @@ through the real Composer Trainer (bf16, sequence 4096, synthetic MDS data of ra
     python -m benchmarks.gpu_throughput --dry-run                                   # tiny shapes, CPU, fp32
 
 MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s (dense; ``--peak-tflops``, default 989 for H100/H200
-SXM). FLOPs per token = 6 N (non-embedding parameters plus the LM head) + 6 L H hd T (causal attention,
-forward + backward). Step time is measured from BATCH_START to BATCH_END after ``--warmup`` steps.
+SXM); beside it, the same against an 8192^3 bf16 matrix product timed on the card. FLOPs per token = 6 N
+(non-embedding parameters plus the LM head) + 6 L H hd T (causal attention, forward + backward). Step time is measured from BATCH_START to BATCH_END after ``--warmup`` steps.
 """
 
 from __future__ import annotations
@@ -134,17 +134,100 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     result = {"dry_run": args.dry_run, "seq_len": args.seq_len, "vocab": args.vocab, "peak_tflops": args.peak_tflops,
-              "attn": args.attn, "checkpointing": args.checkpointing, "cases": {}}
+              "attn": args.attn, "checkpointing": args.checkpointing, "environment": _environment(),
+              "matmul_tflops": None if args.dry_run else matmul_tflops(), "cases": {}}
+    if result["matmul_tflops"]:
+        print(f"bf16 8192^3 matmul: {result['matmul_tflops']:.0f} TFLOP/s (datasheet peak {args.peak_tflops:.0f})",
+              flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         n_train = max(64, (args.steps + args.warmup + 2) * max(c["micro"] for c in cases.values()) * args.accum)
         data = synthetic_dataset(Path(tmp) / "data", args.vocab, args.seq_len, n_train)
         for name in args.cases:
-            r = run_case(name, cases[name], data, Path(tmp), args)
-            result["cases"][name] = r
-            print(f"{name}: {r['tokens_per_s']:.0f} tokens/s per GPU, MFU {100 * r['mfu']:.1f}%, "
-                  f"step {r['step_seconds']:.3f} s, peak memory {r['peak_memory_gib']} GiB", flush=True)
+            result["cases"][name] = r = _run_with_fallback(name, dict(cases[name]), data, Path(tmp), args)
+            if "mfu" in r and result["matmul_tflops"]:
+                r["fraction_of_measured_matmul"] = r["tokens_per_s"] * r["flops_per_token"] / (
+                    result["matmul_tflops"] * 1e12)
+            if "error" in r:
+                print(f"{name}: FAILED: {r['error']}", flush=True)
+            else:
+                of_measured = r.get("fraction_of_measured_matmul")
+                print(f"{name}: {r['tokens_per_s']:.0f} tokens/s per GPU, MFU {100 * r['mfu']:.1f}%"
+                      + (f" ({100 * of_measured:.1f}% of the measured matmul rate)" if of_measured else "") + ", "
+                      f"micro-batch {r['micro_batch']}, step {r['step_seconds']:.3f} s, "
+                      f"peak memory {r['peak_memory_gib']} GiB", flush=True)
     write_json(args.out, result)
-    return 0
+    return 1 if any("error" in r for r in result["cases"].values()) else 0
+
+
+def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    """Median rate of an n^3 bf16 matrix product on random data: the achievable ceiling, beside the datasheet."""
+    import torch
+
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def _environment() -> dict:
+    import sys
+
+    import composer
+    import torch
+    import transformers
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "composer": composer.__version__,
+           "transformers": transformers.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def _run_with_fallback(name: str, case: dict, data: Path, work: Path, args) -> dict:
+    """One case; on running out of GPU memory, again at half the micro-batch (down to 1). Any other failure
+    is recorded with its traceback and the next case still runs: one device run answers as much as it can."""
+    import traceback
+
+    oom: list[int] = []
+    while True:
+        try:
+            r = run_case(name, case, data, work / f"micro{case['micro']}", args)
+            r["out_of_memory_at_micro_batch"] = oom
+            return r
+        except Exception as e:  # noqa: BLE001 - reported in the JSON, and the exit status says it failed
+            failure = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-8000:],
+                       "micro_batch": case["micro"], "out_of_memory_at_micro_batch": oom}
+            retry = "out of memory" in str(e).lower() and case["micro"] > 1
+        if not retry:  # outside the except block: the traceback (and the model it holds) is gone by now
+            return failure
+        oom.append(case["micro"])
+        print(f"{name}: out of memory at micro-batch {case['micro']}; retrying at {case['micro'] // 2}", flush=True)
+        case["micro"] //= 2
+        _free_gpu()
+
+
+def _free_gpu() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 if __name__ == "__main__":

@@ -1,10 +1,28 @@
 #!/usr/bin/env bash
 # GPU throughput check (under 8 minutes on one H100/H200): continued pre-training of the 1.3B shape and
 # pruning of a LLaMA2-7B-width source (reduced depth), bf16, sequence 4096; prints tokens/s per GPU and
-# MFU, writes runs/benchmarks/gpu_throughput.json.
+# MFU, writes runs/benchmarks/gpu_throughput.json (or $OUT/gpu_throughput.json when OUT is set).
 #   bash scripts/gpu_check.sh             # on a CUDA machine
 #   bash scripts/gpu_check.sh --dry-run   # anywhere: tiny shapes on CPU, checks the code path only
+#
+# Where .venv exists (or a package index is reachable) it runs in the project's pinned venv. On a machine
+# with its own python3 + torch and no network (a lent GPU box), run `bash scripts/device_wheels.sh` on a
+# connected machine first and bring .whl/ along: the missing stack is installed from it into /tmp/site
+# (USE_WHEELS=1 forces this path; scripts/device_emulate.sh rehearses it on a CPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/_env.sh
-exec .venv/bin/python -m benchmarks.gpu_throughput "$@"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+if [ -n "${USE_WHEELS:-}" ] || { [ ! -x .venv/bin/python ] && compgen -G ".whl/*.whl" >/dev/null; }; then
+  PY="${PYTHON:-python3}"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" -c "import torch, composer, streaming, transformers; print('[gpu_check] python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'composer', composer.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+else
+  [ -x .venv/bin/python ] || echo "[gpu_check] no .venv: creating one from PyPI; on a machine without network," \
+    "run scripts/device_wheels.sh on a connected one and bring .whl/ instead" >&2
+  source scripts/_env.sh
+  PY=.venv/bin/python
+fi
+ARGS=("$@")
+if [ -n "${OUT:-}" ]; then ARGS+=(--out "$OUT/gpu_throughput.json"); fi
+exec "$PY" -m benchmarks.gpu_throughput "${ARGS[@]}"

@@ -21,3 +21,22 @@ def test_flops_per_token_of_the_1_3b_shape():
     shape = dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=16, intermediate_size=5504)
     n = 24 * (4 * 2048**2 + 3 * 2048 * 5504) + 32000 * 2048
     assert flops_per_token(shape, 32000, 4096) == 6 * n + 6 * 24 * 2048 * 4096
+
+
+def test_gpu_check_halves_the_micro_batch_on_out_of_memory_and_reports_other_failures(tmp_path, monkeypatch):
+    import benchmarks.gpu_throughput as g
+
+    def fake_run_case(name, case, data, work, args):
+        if name == "prune_7b_width":
+            raise ValueError("bad shape")
+        if case["micro"] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"tokens_per_s": 1.0, "mfu": 0.5, "micro_batch": case["micro"], "step_seconds": 1.0,
+                "peak_memory_gib": None, "work": str(work)}
+
+    monkeypatch.setattr(g, "run_case", fake_run_case)
+    assert g.main(["--dry-run", "--out", str(tmp_path / "g.json")]) == 1  # a failed case fails the check
+    res = json.loads((tmp_path / "g.json").read_text())["cases"]
+    cpt, prune = res["continue_pretrain_1.3b"], res["prune_7b_width"]
+    assert cpt["micro_batch"] == 2 and cpt["out_of_memory_at_micro_batch"] == [4]
+    assert prune["error"] == "ValueError: bad shape" and "fake_run_case" in prune["traceback"]
