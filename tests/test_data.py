@@ -123,6 +123,12 @@ def test_token_budget_caps_a_domain(tmp_path, small_tokenizer):
     res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, eval_fraction=0.0,
                           max_tokens={"web": 200}, progress=False)
     assert res.manifest["domains"]["web"]["train"]["tokens"] == 192  # 12 full sequences of the 200-token budget
+    # Reading stops after the chunk that fills the budget, the same way for any number of workers.
+    small = [prepare_dataset(tmp_path / "in", tmp_path / f"c{w}", small_tokenizer, 16, eval_fraction=0.0,
+                             max_tokens={"web": 200}, workers=w, chunk_bytes=1000, progress=False) for w in (1, 2)]
+    web = small[0].manifest["domains"]["web"]
+    assert web["train"]["tokens"] == 192 and web["documents"] < 40 / 2  # most chunks never tokenized
+    assert small[1].manifest == small[0].manifest
     with pytest.raises(ValueError, match="unknown domains"):
         prepare_dataset(tmp_path / "in", tmp_path / "o2", small_tokenizer, 16, max_tokens={"nope": 1}, progress=False)
 

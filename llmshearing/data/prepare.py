@@ -10,16 +10,17 @@ Output (written to ``<output>.tmp`` and renamed when complete)::
 Each document becomes ``[BOS] + tokens(text) + [EOS]`` (BOS when the tokenizer has one); documents
 are concatenated per domain and split and cut into ``seq_len`` sequences (the last partial sequence
 is dropped and counted). A document goes to the evaluation split when a seeded hash of
-``(domain, file, byte offset of its line, piece)`` falls below ``eval_fraction``, so the split is by document, never
-overlaps, and is the same for the same seed regardless of the number of workers; a domain that
-would get no evaluation document gives its first document to evaluation instead. Long documents
-can be cut into pieces of at most ``max_doc_chars`` characters (at line breaks) first, so that a
-domain of a few very long documents (books) can still hold some out.
+``(domain, file, byte offset of its line in the uncompressed file, piece)`` falls below ``eval_fraction``,
+so the split is by document, never overlaps, and is the same for the same seed regardless of the number
+of workers; a domain that would get no evaluation document gives its first document to evaluation
+instead. Long documents can be cut into pieces of at most ``max_doc_chars`` characters (at line breaks)
+first, so that a domain of a few very long documents (books) can still hold some out.
 
 Work is split into tasks of about ``chunk_bytes`` of input (whole lines of a plain file; a compressed
 file is one task), tokenized by ``workers`` processes and packed in input order by the parent, so the
-output is byte-identical for any number of workers and any chunk size, a worker holds one chunk at a
-time, and a few large files still spread over every worker.
+output is byte-identical for any number of workers and (without token budgets) any chunk size, a
+worker holds one chunk at a time, at most ``2 x workers`` finished chunks wait in memory, and a few large
+files still spread over every worker.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +168,26 @@ class _ChunkResult:
 
 
 _WORKER: dict = {}
+
+
+def _in_order(pool, tasks: Sequence[_Task], window: int, skip) -> Iterator[_ChunkResult]:
+    """Results of ``tasks`` in input order, at most ``window`` in flight (so finished chunks never pile up
+    in memory), not submitting a task for which ``skip(task)`` holds when its turn comes."""
+    pending: deque = deque()
+    todo = iter(tasks)
+
+    def submit() -> None:
+        for task in todo:
+            if not skip(task):
+                pending.append(pool.apply_async(_process, (task,)))
+                return
+
+    for _ in range(window):
+        submit()
+    while pending:
+        res = pending.popleft().get()
+        submit()  # before yielding: keep the workers busy while the caller packs
+        yield res
 
 
 def _init_worker(tokenizer, seed: int, eval_fraction: float, max_doc_chars: Optional[int], add_bos: bool,
@@ -317,7 +339,9 @@ def prepare_dataset(
         domains: domains to include (default: every sub-folder).
         eval_fraction: share of documents held out for evaluation.
         max_doc_chars: cut longer documents into pieces first (None: never).
-        max_tokens: optional per-domain cap on training tokens (a mixture budget).
+        max_tokens: optional per-domain cap on training tokens (a mixture budget). A domain's input is read
+            only up to the chunk in which its budget fills; the rest is never tokenized, and its evaluation
+            documents come from the same prefix.
         seed: seed of the train/eval assignment.
         workers: tokenizer processes.
         chunk_bytes: input per task (plain files are cut at line starts; None: one task per file).
@@ -391,14 +415,16 @@ def prepare_dataset(
                 tok.save_pretrained(worker_tok)
         pool = ctx.Pool(workers, initializer=_init_worker,
                         initargs=(worker_tok, seed, eval_fraction, max_doc_chars, add_bos, dtype))
-        results = pool.imap(_process, tasks)
+        results = _in_order(pool, tasks, window=2 * workers, skip=lambda t: budget_hit[t.domain])
     else:
         pool = None
         _init_worker(tok, seed, eval_fraction, max_doc_chars, add_bos, dtype)
-        results = map(_process, tasks)
+        results = (_process(t) for t in tasks if not budget_hit[t.domain])
     try:
         for res in tqdm(results, total=len(tasks), desc="tokenizing", disable=not progress, unit="chunk"):
             d, relpath = res.task.domain, res.task.relpath
+            if budget_hit[d]:
+                continue  # tokenized while the budget ran out in an earlier chunk: not used, not counted
             tokenize_seconds += res.seconds
             st = stats[d]
             st["documents"] += res.documents
