@@ -40,3 +40,19 @@ def test_gpu_check_halves_the_micro_batch_on_out_of_memory_and_reports_other_fai
     cpt, prune = res["continue_pretrain_1.3b"], res["prune_7b_width"]
     assert cpt["micro_batch"] == 2 and cpt["out_of_memory_at_micro_batch"] == [4]
     assert prune["error"] == "ValueError: bad shape" and "fake_run_case" in prune["traceback"]
+
+
+def test_memory_plan_separates_per_token_activations_from_the_scaled_weights():
+    from benchmarks.memory_plan import measure
+
+    d, m = 64, 160
+    spec = dict(width=dict(hidden_size=d, num_attention_heads=4, num_key_value_heads=4, intermediate_size=m,
+                           vocab_size=256),
+                target=dict(hidden_size=48, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96))
+    res = measure(spec, [32, 64])
+    scaled_weights = 2 * 2 * (d * d + d * m)  # o_proj and down_proj, bf16, two copies each (see README)
+    assert abs(res["layer_token_independent_bytes"] - scaled_weights) < 0.05 * scaled_weights
+    # a SwiGLU layer saves about 24 B x d + 8 B x m per token in bf16
+    per_token = res["layer_bytes_per_token_per_hidden"] * d
+    assert abs(per_token - (24 * d + 8 * m)) < 0.1 * per_token
+    assert 4 < res["outside_bytes_per_token_per_vocab"] < 8  # the fp32 log-softmax kept by the loss, and more
