@@ -1,7 +1,10 @@
 """GPU throughput check (issue #7): tokens/s per GPU and model FLOPs utilisation of
 - continued pre-training of the Sheared-LLaMA 1.3B shape (24 x 2048, 16 heads, 5504 FFN), and
 - pruning a source of LLaMA2-7B width (4096 hidden, 32 heads, 11008 FFN) at reduced depth,
-through the real Composer Trainer (bf16, sequence 4096, synthetic MDS data of random tokens), on one GPU.
+through the real Composer Trainer (bf16, sequence 4096, synthetic MDS data of random tokens), on one GPU;
+then a functional smoke test of the multi-GPU pruning path on that GPU: FSDP FULL_SHARD with activation
+checkpointing (as ``yamls/parts/gpu_fsdp.yaml``), a GQA source, a checkpoint, its export, and the exported
+model loaded back with plain transformers at exactly the target shape.
 
     python -m benchmarks.gpu_throughput --out runs/benchmarks/gpu_throughput.json   # bash scripts/gpu_check.sh
     python -m benchmarks.gpu_throughput --dry-run                                   # tiny shapes, CPU, fp32
@@ -32,6 +35,14 @@ CASES = {
                            prune=dict(num_hidden_layers=6, hidden_size=2560, num_attention_heads=20,
                                       intermediate_size=6912)),
 }
+SMOKE = dict(shape=dict(num_hidden_layers=4, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4,
+                        intermediate_size=2816), micro=2,
+             prune=dict(num_hidden_layers=3, hidden_size=768, num_attention_heads=8, num_key_value_heads=2,
+                        intermediate_size=2048))
+DRY_SMOKE = dict(shape=dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128), micro=2,
+                 prune=dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=2, num_key_value_heads=1,
+                            intermediate_size=96))
 DRY = {
     "continue_pretrain_1.3b": dict(shape=dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                               intermediate_size=128), micro=4, prune=None),
@@ -69,26 +80,35 @@ def flops_per_token(shape: dict, vocab: int, seq_len: int) -> float:
     return 6 * n + 6 * L * d * seq_len  # H * hd = d
 
 
+def _overrides(name: str, case: dict, data: Path, work: Path, args, steps: int) -> list[str]:
+    shape, micro = case["shape"], case["micro"]
+    ov = [f"variables.data={data}", f"variables.run_dir={work / name}", f"variables.vocab_size={args.vocab}",
+          f"data.max_seq_len={args.seq_len}", f"global_train_batch_size={micro * args.accum}",
+          f"device_train_microbatch_size={micro}", f"max_duration={steps}ba",
+          "eval_interval=100000ba", "save_folder=null", "autoresume=false", "console_log_interval=100000ba",
+          "data.eval_sequences_per_domain=1", f"precision={args.precision}", f"device={args.device}",
+          f"model.config.max_position_embeddings={args.seq_len}", f"model.attn_implementation={args.attn}",
+          f"model.gradient_checkpointing={str(args.checkpointing).lower()}", "data.num_workers=2"]
+    ov += [f"model.config.{k}={v}" for k, v in shape.items()]
+    ov.append(f"model.config.num_key_value_heads={shape.get('num_key_value_heads', shape['num_attention_heads'])}")
+    if case["prune"]:
+        ov += [f"pruning.target.{k}={v}" for k, v in case["prune"].items()] + ["dynamic_loading=null"]
+    return ov
+
+
+def _yaml(case: dict) -> Path:
+    return REPO / ("yamls/prune/tiny_cpu.yaml" if case["prune"] else "yamls/pretrain/tiny_cpu.yaml")
+
+
 def run_case(name: str, case: dict, data: Path, work: Path, args) -> dict:
     from llmshearing.config import load_config
     from llmshearing.trainer import build_trainer
 
     shape, micro = case["shape"], case["micro"]
     batch = micro * args.accum
-    yaml = REPO / ("yamls/prune/tiny_cpu.yaml" if case["prune"] else "yamls/pretrain/tiny_cpu.yaml")
-    ov = [f"variables.data={data}", f"variables.run_dir={work / name}", f"variables.vocab_size={args.vocab}",
-          f"data.max_seq_len={args.seq_len}", f"global_train_batch_size={batch}",
-          f"device_train_microbatch_size={micro}", f"max_duration={args.warmup + args.steps}ba",
-          "eval_interval=100000ba", "save_folder=null", "autoresume=false", "console_log_interval=100000ba",
-          "data.eval_sequences_per_domain=1", f"precision={args.precision}", f"device={args.device}",
-          f"model.config.max_position_embeddings={args.seq_len}", f"model.attn_implementation={args.attn}",
-          f"model.gradient_checkpointing={str(args.checkpointing).lower()}", "data.num_workers=2"]
-    ov += [f"model.config.{k}={v}" for k, v in shape.items()]
-    ov.append(f"model.config.num_key_value_heads={shape['num_attention_heads']}")
-    if case["prune"]:
-        ov += [f"pruning.target.{k}={v}" for k, v in case["prune"].items()] + ["dynamic_loading=null"]
+    ov = _overrides(name, case, data, work, args, steps=args.warmup + args.steps)
     timer = StepTimer(cuda_sync=args.device == "gpu")
-    trainer = build_trainer(load_config(yaml, ov), extra_callbacks=[timer])
+    trainer = build_trainer(load_config(_yaml(case), ov), extra_callbacks=[timer])
     trainer.fit()
     peak_mem = None
     if args.device == "gpu":
@@ -106,6 +126,45 @@ def run_case(name: str, case: dict, data: Path, work: Path, args) -> dict:
             "step_times": timer.times}
 
 
+FSDP = ["fsdp.sharding_strategy=FULL_SHARD", "fsdp.mixed_precision=DEFAULT", "fsdp.activation_checkpointing=true",
+        "fsdp.state_dict_type=full", "fsdp.use_orig_params=true", "fsdp.sync_module_states=true",
+        "fsdp.limit_all_gathers=true"]  # as yamls/parts/gpu_fsdp.yaml
+
+
+def pruning_smoke(case: dict, data: Path, work: Path, args, steps: int = 12) -> dict:
+    """The multi-GPU pruning path on one GPU: FSDP FULL_SHARD with activation checkpointing (Composer's FSDP
+    needs CUDA, so the dry run goes without), GQA, a checkpoint saved at the end, exported, and loaded back
+    with plain transformers in bf16."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmshearing.config import load_config
+    from llmshearing.export import export_checkpoint
+    from llmshearing.models.families import describe_shape
+    from llmshearing.trainer import build_trainer
+
+    ov = _overrides("smoke", case, data, work, args, steps=steps)
+    ov += [f"save_folder={work / 'smoke_ckpt'}", f"save_interval={steps}ba"]
+    if args.device == "gpu":
+        ov += FSDP
+    trainer = build_trainer(load_config(_yaml(case), ov))
+    trainer.fit()
+    trainer.close()
+    out = export_checkpoint(work / "smoke_ckpt" / "latest-rank0.pt", work / "smoke_hf")
+    device = "cuda" if args.device == "gpu" else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.bfloat16).to(device).eval()
+    shape = describe_shape(model.config)
+    ids = torch.randint(0, args.vocab, (1, min(args.seq_len, 512)), device=device)
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, labels=ids).loss)
+    wrong = {k: (shape[k], v) for k, v in case["prune"].items() if shape[k] != v}
+    if wrong or not math.isfinite(loss):
+        raise AssertionError(f"exported model: shape mismatches (got, target) {wrong}, loss {loss}")
+    return {"fsdp": args.device == "gpu", "source": case["shape"], "exported_shape": shape, "loss": loss}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/gpu_throughput.json")
@@ -119,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--no-smoke", action="store_true", help="skip the FSDP prune -> export -> load check")
     args = p.parse_args(argv)
     cases = DRY if args.dry_run else CASES
     if args.dry_run:
@@ -155,8 +215,26 @@ def main(argv: list[str] | None = None) -> int:
                       + (f" ({100 * of_measured:.1f}% of the measured matmul rate)" if of_measured else "") + ", "
                       f"micro-batch {r['micro_batch']}, step {r['step_seconds']:.3f} s, "
                       f"peak memory {r['peak_memory_gib']} GiB", flush=True)
+            write_json(args.out, result)  # after every case: a crash later keeps what was measured
+        if not args.no_smoke:
+            _free_gpu()
+            result["pruning_smoke"] = r = _guarded(pruning_smoke, DRY_SMOKE if args.dry_run else SMOKE, data,
+                                                   Path(tmp), args)
+            print("pruning smoke: " + (f"FAILED: {r['error']}" if "error" in r else
+                  f"{'FSDP FULL_SHARD + activation checkpointing, ' if r['fsdp'] else ''}exported "
+                  f"{r['exported_shape']} loads in transformers, loss {r['loss']:.3f}"), flush=True)
     write_json(args.out, result)
-    return 1 if any("error" in r for r in result["cases"].values()) else 0
+    failed = [r for r in (*result["cases"].values(), result.get("pruning_smoke", {})) if "error" in r]
+    return 1 if failed else 0
+
+
+def _guarded(fn, *a) -> dict:
+    import traceback
+
+    try:
+        return fn(*a)
+    except Exception as e:  # noqa: BLE001 - reported in the JSON, and the exit status says it failed
+        return {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-8000:]}
 
 
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:

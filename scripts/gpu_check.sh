@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU throughput check (under 8 minutes on one H100/H200): continued pre-training of the 1.3B shape and
 # pruning of a LLaMA2-7B-width source (reduced depth), bf16, sequence 4096; prints tokens/s per GPU and
-# MFU, writes runs/benchmarks/gpu_throughput.json (or $OUT/gpu_throughput.json when OUT is set).
+# MFU; then prunes a small GQA model under FSDP + activation checkpointing, exports it and loads it back.
+# Writes runs/benchmarks/gpu_throughput.json (or $OUT/gpu_throughput.json when OUT is set).
 #   bash scripts/gpu_check.sh             # on a CUDA machine
 #   bash scripts/gpu_check.sh --dry-run   # anywhere: tiny shapes on CPU, checks the code path only
 #

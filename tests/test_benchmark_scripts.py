@@ -14,6 +14,8 @@ def test_gpu_check_dry_run_measures_both_loops(tmp_path):
     assert set(res["cases"]) == {"continue_pretrain_1.3b", "prune_7b_width"}
     for case in res["cases"].values():
         assert case["tokens_per_s"] > 0 and len(case["step_times"]) == 4
+    smoke = res["pruning_smoke"]  # prune -> save -> export -> plain transformers, at the target shape
+    assert smoke["exported_shape"]["num_key_value_heads"] == 1 and smoke["loss"] > 0
 
 
 def test_flops_per_token_of_the_1_3b_shape():
@@ -35,7 +37,7 @@ def test_gpu_check_halves_the_micro_batch_on_out_of_memory_and_reports_other_fai
                 "peak_memory_gib": None, "work": str(work)}
 
     monkeypatch.setattr(g, "run_case", fake_run_case)
-    assert g.main(["--dry-run", "--out", str(tmp_path / "g.json")]) == 1  # a failed case fails the check
+    assert g.main(["--dry-run", "--no-smoke", "--out", str(tmp_path / "g.json")]) == 1  # a failed case fails it
     res = json.loads((tmp_path / "g.json").read_text())["cases"]
     cpt, prune = res["continue_pretrain_1.3b"], res["prune_7b_width"]
     assert cpt["micro_batch"] == 2 and cpt["out_of_memory_at_micro_batch"] == [4]
