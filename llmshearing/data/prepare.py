@@ -207,10 +207,31 @@ def _init_worker(tokenizer, seed: int, eval_fraction: float, max_doc_chars: Opti
 
 
 def _process(task: _Task) -> _ChunkResult:
+    """Parse, tokenize and split one task. Texts are tokenized 256 at a time and kept only as token arrays,
+    so a worker's memory is about 2-4 bytes per token of its task (a compressed file is one task)."""
     w = _WORKER
     t0 = time.perf_counter()
-    texts, keys, malformed = [], [], []
-    documents = lines = 0
+    texts: list[str] = []
+    keys: list[str] = []
+    malformed: list[tuple[int, str]] = []
+    parts: dict[bool, list[tuple[np.ndarray, np.ndarray]]] = {False: [], True: []}  # is_eval -> (tokens, lengths)
+    documents = lines = text_tokens = 0
+
+    def flush() -> None:
+        nonlocal text_tokens
+        ids = w["tok"](texts, add_special_tokens=False)["input_ids"]
+        text_tokens += sum(len(doc) for doc in ids)
+        split: dict[bool, list[list[int]]] = {False: [], True: []}
+        for key, doc in zip(keys, ids):
+            split[_is_eval(w["seed"], key, w["eval_fraction"])].append(w["bos"] + doc + w["eos"])
+        for is_eval, ds in split.items():
+            if ds:
+                lengths = np.fromiter((len(x) for x in ds), dtype=np.int64, count=len(ds))
+                tokens = np.fromiter(itertools.chain.from_iterable(ds), dtype=w["dtype"], count=int(lengths.sum()))
+                parts[is_eval].append((tokens, lengths))
+        texts.clear()
+        keys.clear()
+
     for lines, (offset, line) in enumerate(_lines(task), start=1):
         if not line.strip():
             continue
@@ -230,22 +251,20 @@ def _process(task: _Task) -> _ChunkResult:
         for j, piece in enumerate(_split_long(text, w["max_doc_chars"])):
             texts.append(piece)
             keys.append(f"{task.domain}/{task.relpath}@{offset}:{j}")
+        if len(texts) >= 256:
+            flush()
+    if texts:
+        flush()
     if task.end is not None:
         lines -= 1  # the piece after the chunk's last newline belongs to the next chunk (or is the empty tail)
-    docs: dict[bool, list[list[int]]] = {False: [], True: []}
-    text_tokens = 0
-    for start in range(0, len(texts), 256):
-        ids = w["tok"](texts[start : start + 256], add_special_tokens=False)["input_ids"]
-        for key, doc in zip(keys[start : start + 256], ids):
-            text_tokens += len(doc)
-            docs[_is_eval(w["seed"], key, w["eval_fraction"])].append(w["bos"] + doc + w["eos"])
 
-    def flat(ds: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        lengths = np.fromiter((len(x) for x in ds), dtype=np.int64, count=len(ds))
-        tokens = np.fromiter(itertools.chain.from_iterable(ds), dtype=w["dtype"], count=int(lengths.sum()))
-        return tokens, lengths
+    def joined(is_eval: bool) -> tuple[np.ndarray, np.ndarray]:
+        ps = parts[is_eval]
+        if not ps:
+            return np.zeros(0, dtype=w["dtype"]), np.zeros(0, dtype=np.int64)
+        return np.concatenate([t for t, _ in ps]), np.concatenate([n for _, n in ps])
 
-    (tr, tr_len), (ev, ev_len) = flat(docs[False]), flat(docs[True])
+    (tr, tr_len), (ev, ev_len) = joined(False), joined(True)
     return _ChunkResult(task, tr, tr_len, ev, ev_len, lines=lines, text_tokens=text_tokens, documents=documents,
                         malformed=malformed, seconds=time.perf_counter() - t0)
 
