@@ -195,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     result = {"dry_run": args.dry_run, "seq_len": args.seq_len, "vocab": args.vocab, "peak_tflops": args.peak_tflops,
               "attn": args.attn, "checkpointing": args.checkpointing, "environment": _environment(),
-              "matmul_tflops": None if args.dry_run else matmul_tflops(), "cases": {}}
+              "matmul_tflops": None, "cases": {}}
+    if not args.dry_run:
+        mm = _guarded(lambda: {"tflops": matmul_tflops()})
+        result["matmul_tflops"] = mm.get("tflops")
+        if "error" in mm:
+            print(f"matmul ceiling: FAILED: {mm['error']}", flush=True)
     if result["matmul_tflops"]:
         print(f"bf16 8192^3 matmul: {result['matmul_tflops']:.0f} TFLOP/s (datasheet peak {args.peak_tflops:.0f})",
               flush=True)
