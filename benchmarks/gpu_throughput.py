@@ -279,20 +279,16 @@ def _environment() -> dict:
 def _run_with_fallback(name: str, case: dict, data: Path, work: Path, args) -> dict:
     """One case; on running out of GPU memory, again at half the micro-batch (down to 1). Any other failure
     is recorded with its traceback and the next case still runs: one device run answers as much as it can."""
-    import traceback
-
     oom: list[int] = []
     while True:
-        try:
-            r = run_case(name, case, data, work / f"micro{case['micro']}", args)
-            r["out_of_memory_at_micro_batch"] = oom
+        # _guarded returns outside its except block: the traceback (and the model it holds) is gone by now
+        r = _guarded(run_case, name, case, data, work / f"micro{case['micro']}", args)
+        r["out_of_memory_at_micro_batch"] = oom
+        if "error" not in r:
             return r
-        except Exception as e:  # noqa: BLE001 - reported in the JSON, and the exit status says it failed
-            failure = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-8000:],
-                       "micro_batch": case["micro"], "out_of_memory_at_micro_batch": oom}
-            retry = "out of memory" in str(e).lower() and case["micro"] > 1
-        if not retry:  # outside the except block: the traceback (and the model it holds) is gone by now
-            return failure
+        r["micro_batch"] = case["micro"]
+        if "out of memory" not in r["error"].lower() or case["micro"] == 1:
+            return r
         oom.append(case["micro"])
         print(f"{name}: out of memory at micro-batch {case['micro']}; retrying at {case['micro'] // 2}", flush=True)
         case["micro"] //= 2

@@ -471,7 +471,6 @@ def prepare_dataset(
             add_train(d, first)
         else:  # no document of this domain was drawn for evaluation: hold out its first one
             packers[(d, "eval")].add(first)
-            has_eval[d] = True
     manifest_domains = {}
     for d in files:
         entry = dict(stats[d])
