@@ -56,7 +56,7 @@ def tokenizer_alone(tokenizer: str, texts: list[str]) -> tuple[int, float]:
 def prep(corpus: Path, tokenizer: str, out: Path, workers: int, seq_len: int) -> tuple[int, float, float]:
     from llmshearing.data.prepare import prepare_dataset
 
-    res = prepare_dataset(corpus, out, tokenizer, seq_len, eval_fraction=0.01, max_doc_chars=MAX_DOC_CHARS,
+    res = prepare_dataset(corpus, out, tokenizer, seq_len, val_fraction=0.01, test_fraction=0.01, max_doc_chars=MAX_DOC_CHARS,
                           workers=workers, overwrite=True,
                           progress=False)
     tokens = sum(d["text_tokens"] for d in res.manifest["domains"].values())

@@ -61,12 +61,13 @@ def synthetic_dataset(root: Path, vocab: int, seq_len: int, n_train: int, n_eval
 
     rng = np.random.default_rng(0)
     entry = {"documents": 0, "text_tokens": 0, "files": 0, "malformed": []}
-    for split, n in (("train", n_train), ("eval", n_eval)):
+    for split, n in (("train", n_train), ("val", n_eval), ("test", n_eval)):
         with MDSWriter(out=str(root / split / "random"), columns={"tokens": "ndarray:uint16"}, size_limit="64mb") as w:
             for _ in range(n):
                 w.write({"tokens": rng.integers(0, vocab, size=seq_len, dtype=np.uint16)})
         entry[split] = {"sequences": n, "tokens": n * seq_len, "dropped_tail_tokens": 0}
-    manifest = {"format": FORMAT, "seq_len": seq_len, "dtype": "uint16", "seed": 0, "eval_fraction": 0.0,
+    manifest = {"format": FORMAT, "seq_len": seq_len, "dtype": "uint16", "seed": 0, "split_unit": "document",
+                "val_fraction": 0.0, "test_fraction": 0.0,
                 "max_doc_chars": None, "domains": {"random": entry},
                 "tokenizer": {"path": "synthetic", "class": None, "vocab_size": vocab, "bos_token_id": None,
                               "eos_token_id": None}}

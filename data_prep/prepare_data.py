@@ -2,7 +2,7 @@
 
 Example:
     python data_prep/prepare_data.py --input /data/redpajama --output /data/rp_mds \
-        --tokenizer /models/Llama-2-7b-hf --seq-len 4096 --eval-fraction 0.005 --workers 16
+        --tokenizer /models/Llama-2-7b-hf --seq-len 4096 --val-fraction 0.005 --test-fraction 0.005 --workers 16
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer dir or SentencePiece .model")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--domains", nargs="*", default=None, help="domains to include (default: all sub-folders)")
-    p.add_argument("--eval-fraction", type=float, default=0.01, help="share of documents held out")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of documents held out for validation (training's evaluation, dynamic loading, tuning)")
+    p.add_argument("--test-fraction", type=float, default=0.01,
+                   help="share of documents held out for testing (reported results only)")
     p.add_argument("--max-doc-chars", type=int, default=None, help="cut longer documents at line breaks first")
     p.add_argument("--max-tokens", nargs="*", default=[], metavar="DOMAIN=N", help="per-domain training token caps")
     p.add_argument("--seed", type=int, default=0)
@@ -49,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     res = prepare_dataset(
         args.input, args.output, args.tokenizer, args.seq_len, domains=args.domains,
-        eval_fraction=args.eval_fraction, max_doc_chars=args.max_doc_chars, max_tokens=_budgets(args.max_tokens),
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, max_doc_chars=args.max_doc_chars, max_tokens=_budgets(args.max_tokens),
         seed=args.seed, workers=args.workers, chunk_bytes=int(args.chunk_mb * 2**20) or None, add_bos=not args.no_bos, compression=args.compression,
         overwrite=args.overwrite,
     )
-    summary = {d: {"train_seqs": e["train"]["sequences"], "eval_seqs": e["eval"]["sequences"],
+    summary = {d: {"train_seqs": e["train"]["sequences"], "val_seqs": e["val"]["sequences"],
+                   "test_seqs": e["test"]["sequences"],
                    "text_tokens": e["text_tokens"], "malformed": len(e["malformed"])}
                for d, e in res.manifest["domains"].items()}
     print(json.dumps({"output": str(res.output), "seconds": round(res.seconds, 2), "domains": summary}, indent=2))

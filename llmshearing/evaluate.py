@@ -1,10 +1,11 @@
-"""Per-domain loss / perplexity of any Hugging Face causal LM on a prepared evaluation split, and generation.
+"""Per-domain loss / perplexity of any Hugging Face causal LM on a prepared held-out split, and generation.
 
     python -m llmshearing.evaluate --model runs/quickstart/final_hf --data runs/quickstart/data
     python -m llmshearing.evaluate --model runs/quickstart/final_hf --generate "def fibonacci(n):"
 
 The loss of a domain is the token-averaged next-token cross-entropy over its held-out sequences,
-the same quantity training logs as ``LanguageCrossEntropy_<domain>``.
+the same quantity training logs as ``LanguageCrossEntropy_<domain>`` (training evaluates the ``val``
+split; this reports on ``test`` unless told otherwise).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from llmshearing.data.dataset import DomainTokenDataset, load_manifest
 from llmshearing.data.loaders import _round_robin
 from llmshearing.models.composer_causal_lm import token_cross_entropy
 
-__all__ = ["domain_losses", "generate", "load_model"]
+__all__ = ["domain_losses", "generate", "load_model", "paired_difference", "sequence_losses"]
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -39,15 +40,17 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
 
 @torch.no_grad()
-def domain_losses(
+def sequence_losses(
     model: torch.nn.Module,
     data: str | Path,
+    split: str = "test",
     domains: Optional[Sequence[str]] = None,
     seq_len: Optional[int] = None,
     batch_size: int = 8,
     max_sequences_per_domain: Optional[int] = None,
-) -> dict[str, float]:
-    """Token-averaged eval loss per domain (and ``"all"`` over every token) of ``model`` on ``data``'s eval split.
+) -> dict[str, np.ndarray]:
+    """Mean next-token loss of every evaluated sequence, per domain, in a fixed order (the same for any model,
+    so two models' arrays pair up sequence by sequence: see :func:`paired_difference`).
 
     Raises:
         ValueError: the data's vocabulary does not fit the model's, or a domain is unknown or empty.
@@ -61,23 +64,54 @@ def domain_losses(
         )
     domains = list(domains) if domains else list(manifest["domains"])
     seq_len = seq_len or manifest["seq_len"]
-    ds = DomainTokenDataset(str(data), "eval", domains, seq_len, manifest=manifest)
+    ds = DomainTokenDataset(str(data), split, domains, seq_len, manifest=manifest)
     order = _round_robin(ds.sizes, ds.offsets, max_sequences_per_domain)
     device = next(model.parameters()).device
-    sums, counts = np.zeros(len(domains)), np.zeros(len(domains))
+    out: dict[int, list[float]] = {k: [] for k in range(len(domains))}
     for start in range(0, len(order), batch_size):
         items = [ds[i] for i in order[start : start + batch_size]]
         ids = torch.stack([it["input_ids"] for it in items]).to(device)
-        dom = torch.tensor([it["domain_id"] for it in items])
         logits = model(input_ids=ids).logits
         loss, valid = token_cross_entropy(logits, {"input_ids": ids})
-        per_seq = (loss * valid).sum(1).double().cpu().numpy()
-        n_seq = valid.sum(1).double().cpu().numpy()
-        np.add.at(sums, dom.numpy(), per_seq)
-        np.add.at(counts, dom.numpy(), n_seq)
-    out = {d: float(s / c) for d, s, c in zip(domains, sums, counts)}
-    out["all"] = float(sums.sum() / counts.sum())
+        per_seq = ((loss * valid).sum(1) / valid.sum(1)).double().cpu().numpy()
+        for it, v in zip(items, per_seq):
+            out[it["domain_id"]].append(float(v))
+    return {d: np.asarray(out[k]) for k, d in enumerate(domains)}
+
+
+def domain_losses(
+    model: torch.nn.Module,
+    data: str | Path,
+    domains: Optional[Sequence[str]] = None,
+    seq_len: Optional[int] = None,
+    batch_size: int = 8,
+    max_sequences_per_domain: Optional[int] = None,
+    split: str = "test",
+) -> dict[str, float]:
+    """Token-averaged loss per domain (and ``"all"`` over every token) of ``model`` on ``data``'s ``split``
+    (``test`` for reported results; ``val`` for anything that tunes, such as reference losses)."""
+    per = sequence_losses(model, data, split, domains, seq_len, batch_size, max_sequences_per_domain)
+    out = {d: float(v.mean()) for d, v in per.items()}  # every sequence has the same number of tokens
+    out["all"] = float(np.concatenate(list(per.values())).mean())
     return out
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, block: int = 8) -> tuple[float, float]:
+    """Mean of ``a - b`` over paired sequences and its standard error.
+
+    Consecutive sequences of a domain come from the same or neighbouring documents and are correlated, so
+    the error is the batch-means estimate over blocks of ``block`` consecutive sequences, or the plain
+    per-sequence one when that is larger (it is with fewer than ~4 blocks' worth of correlation).
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else float("nan"), float("nan")
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    n_blocks = len(d) // block
+    if n_blocks >= 2:
+        means = d[: n_blocks * block].reshape(n_blocks, block).mean(1)
+        se = max(se, means.std(ddof=1) / np.sqrt(n_blocks))
+    return float(d.mean()), float(se)
 
 
 @torch.no_grad()
@@ -98,6 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--data", help="prepared dataset root (data_prep/prepare_data.py output)")
+    p.add_argument("--split", default="test", choices=["val", "test"],
+                   help="held-out split: test (reported results, default) or val (what training tuned on)")
     p.add_argument("--domains", nargs="*", help="domains to evaluate (default: all)")
     p.add_argument("--seq-len", type=int, help="sequence length (default: the data's)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -113,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.data:
         model = load_model(args.model, args.device)
         losses = domain_losses(model, args.data, args.domains, args.seq_len, args.batch_size,
-                               args.max_sequences_per_domain)
+                               args.max_sequences_per_domain, split=args.split)
         print("| domain | loss | perplexity |\n|---|---|---|")
         for d, v in losses.items():
             print(f"| {d} | {v:.4f} | {math.exp(v):.2f} |")

@@ -30,6 +30,8 @@ from llmshearing.export import export_checkpoint
 
 log = logging.getLogger("llmshearing.quickstart")
 REPO = Path(__file__).resolve().parents[1]
+# Document-level split of the embedded corpus: validation feeds dynamic loading, test is what the table reports.
+SPLIT = dict(split_seed=0, val_fraction=0.05, test_fraction=0.05)
 TINY_TARGET = dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=2, intermediate_size=86)
 
 
@@ -86,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
         tok = out / "tokenizer"
         if not (tok / "tokenizer.json").exists():
-            train_tokenizer(corpus, tok, vocab_size=args.vocab_size)
+            train_tokenizer(corpus, tok, vocab_size=args.vocab_size, **SPLIT)  # on the training split only
     data = out / "data"
     if not (data / MANIFEST).exists():
-        prepare_dataset(corpus, data, str(tok), args.seq_len, eval_fraction=0.05, max_doc_chars=4000, workers=2)
+        prepare_dataset(corpus, data, str(tok), args.seq_len, seed=SPLIT["split_seed"], val_fraction=SPLIT["val_fraction"],
+                        test_fraction=SPLIT["test_fraction"], max_doc_chars=4000, workers=2)
     domains = list(json.loads((data / MANIFEST).read_text())["domains"])
     common = [f"variables.data={data}", f"tokenizer={tok}", "console_log_interval=100ba", "progress_bar=false",
               "data.eval_sequences_per_domain=64", f"data.max_seq_len={args.seq_len}"]
@@ -109,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     family = json.loads((source / "config.json").read_text())["model_type"]
     target = _target(args.target) if args.target else TINY_TARGET
 
-    # 3. reference losses: the source's own per-domain eval loss (the paper's alternative to a scaling law)
+    # 3. reference losses: the source's own per-domain loss on the validation split (the paper's alternative
+    # to a scaling law); dynamic loading compares the validation losses it sees with these
     from llmshearing.evaluate import domain_losses, load_model
 
-    source_losses = domain_losses(load_model(source), data, batch_size=32, max_sequences_per_domain=64)
-    reference = [source_losses[d] for d in domains]
+    reference_val = domain_losses(load_model(source), data, batch_size=32, max_sequences_per_domain=64, split="val")
+    reference = [reference_val[d] for d in domains]
     ref_arg = "variables.reference_losses=[" + ",".join(f"{v:.4f}" for v in reference) + "]"
 
     # 4. prune with learned masks and dynamic batch loading
@@ -142,14 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, path in models.items():
         model = load_model(path)
-        losses = source_losses if path == source else domain_losses(model, data, batch_size=32,
-                                                                    max_sequences_per_domain=64)
+        losses = domain_losses(model, data, batch_size=32, max_sequences_per_domain=64, split="test")
         rows.append((name, model.num_parameters(), losses))
-    print("\n| model | params | eval loss | " + " | ".join(domains) + " |")
+    print("\n| model | params | test loss | " + " | ".join(domains) + " |")
     print("|---|---|---|" + "---|" * len(domains))
     for name, n, losses in rows:
         print(f"| {name} | {n / 1e6:.3f}M | {losses['all']:.3f} | " + " | ".join(f"{losses[d]:.3f}" for d in domains) + " |")
-    print("\nreference losses (the source's): " + ", ".join(f"{d} {v:.3f}" for d, v in zip(domains, reference)))
+    print("\nreference losses (the source's, validation split): " + ", ".join(f"{d} {v:.3f}" for d, v in zip(domains, reference)))
 
     print("\ndomain weights over time (dynamic batch loading, after each evaluation)")
     print("| stage | step | " + " | ".join(domains) + " |")

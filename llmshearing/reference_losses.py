@@ -8,7 +8,8 @@ and one row per model (at least 3 sizes)::
 
     python -m llmshearing.reference_losses fit --csv family_losses.csv --target-params 1.3e9
 
-``measure``: use a model's own per-domain eval loss (e.g. the source model's) as the reference::
+``measure``: use a model's own per-domain loss on the validation split (e.g. the source model's) as the
+reference (validation, not test: dynamic loading tunes the data mixture with it)::
 
     python -m llmshearing.reference_losses measure --model source_hf --data prepared_data
 
@@ -143,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from llmshearing.evaluate import domain_losses, load_model
 
         res = domain_losses(load_model(args.model), args.data, args.domains, args.seq_len, args.batch_size,
-                            args.max_sequences_per_domain)
+                            args.max_sequences_per_domain, split="val")
         domains = [d for d in res if d != "all"]
         print("| domain | loss |\n|---|---|")
         for d in domains:

@@ -33,7 +33,7 @@ mkdir -p "$WORK"
 
 if [[ ! -f $WORK/data/manifest.json ]]; then
   python data_prep/prepare_data.py --input "$RAW" --output "$WORK/data" --tokenizer "$SOURCE" \
-    --seq-len "$SEQ_LEN" --eval-fraction 0.005 --workers "$PREP_WORKERS"
+    --seq-len "$SEQ_LEN" --val-fraction 0.005 --test-fraction 0.005 --workers "$PREP_WORKERS"
 fi
 
 # shellcheck disable=SC2086

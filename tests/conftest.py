@@ -19,6 +19,9 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+SPLIT = dict(split_seed=0, val_fraction=0.1, test_fraction=0.1)  # shared by the tokenizer and data prep
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     from llmshearing.data.embedded_corpus import build_embedded_corpus
@@ -30,14 +33,15 @@ def corpus_dir(tmp_path_factory):
 def small_tokenizer(corpus_dir, tmp_path_factory):
     from llmshearing.data.train_tokenizer import train_tokenizer
 
-    return str(train_tokenizer(corpus_dir, tmp_path_factory.mktemp("tok"), vocab_size=512))
+    return str(train_tokenizer(corpus_dir, tmp_path_factory.mktemp("tok"), vocab_size=512, **SPLIT))
 
 
 @pytest.fixture(scope="session")
 def mds_data(corpus_dir, small_tokenizer, tmp_path_factory):
-    """Prepared MDS data: 3 domains (code, docstrings, reference), sequences of 64 tokens."""
+    """Prepared MDS data: 3 domains (code, docstrings, reference), sequences of 64 tokens, train/val/test."""
     from llmshearing.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("mds") / "data"
-    prepare_dataset(corpus_dir, out, small_tokenizer, 64, eval_fraction=0.1, max_doc_chars=4000, progress=False)
+    prepare_dataset(corpus_dir, out, small_tokenizer, 64, seed=SPLIT["split_seed"], val_fraction=SPLIT["val_fraction"],
+                    test_fraction=SPLIT["test_fraction"], max_doc_chars=4000, progress=False)
     return str(out)

@@ -23,15 +23,15 @@ def test_redpajama_prep_counts_match_direct_tokenization(tmp_path):
 
     domains = ["arxiv", "github", "wiki"]
     res = prepare_dataset(REDPAJAMA, tmp_path / "out", str(LLAMA2_TOKENIZER), 256, domains=domains,
-                          eval_fraction=0.2, max_doc_chars=None, workers=2, progress=False)
+                          val_fraction=0.1, test_fraction=0.1, max_doc_chars=None, workers=2, progress=False)
     sp = spm.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
     for d in domains:
         texts = [json.loads(line)["text"] for f in sorted((REDPAJAMA / d).glob("*.jsonl")) for line in open(f)]
         direct = sum(len(ids) for ids in sp.encode(texts))
         entry = res.manifest["domains"][d]
         assert entry["text_tokens"] == direct
-        written = entry["train"]["tokens"] + entry["eval"]["tokens"]
-        dropped = entry["train"]["dropped_tail_tokens"] + entry["eval"]["dropped_tail_tokens"]
+        written = sum(entry[s]["tokens"] for s in ("train", "val", "test"))
+        dropped = sum(entry[s]["dropped_tail_tokens"] for s in ("train", "val", "test"))
         assert written + dropped == direct + 2 * entry["documents"]  # + BOS and EOS per document
     assert res.manifest["dtype"] == "uint16"
 
@@ -40,7 +40,7 @@ def test_redpajama_prep_counts_match_direct_tokenization(tmp_path):
 def test_first_sequence_decodes_to_start_of_first_document(tmp_path):
     from llmshearing.data.tokenizer import load_tokenizer
 
-    prepare_dataset(REDPAJAMA, tmp_path / "out", str(LLAMA2_TOKENIZER), 64, domains=["wiki"], eval_fraction=0.0,
+    prepare_dataset(REDPAJAMA, tmp_path / "out", str(LLAMA2_TOKENIZER), 64, domains=["wiki"], val_fraction=0.0, test_fraction=0.0,
                     progress=False)
     ds = DomainTokenDataset(str(tmp_path / "out"), "train", ["wiki"], 64)
     tok = load_tokenizer(str(LLAMA2_TOKENIZER))
@@ -61,7 +61,7 @@ def test_malformed_lines_are_reported_by_line(tmp_path, small_tokenizer, chunk_b
     blob = ("\n".join(lines) + "\n").encode()
     blob = blob.replace(b'"good text number 20', b'"good text number \xff20')  # line 21: not UTF-8
     (src / "a.jsonl").write_bytes(blob)
-    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, eval_fraction=0.2,
+    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, val_fraction=0.1, test_fraction=0.1,
                           chunk_bytes=chunk_bytes, progress=False)
     bad = res.manifest["domains"]["web"]["malformed"]
     assert [(b["file"], b["line"]) for b in bad] == [("a.jsonl", 5), ("a.jsonl", 10), ("a.jsonl", 21)]
@@ -80,12 +80,12 @@ def test_workers_and_chunk_size_do_not_change_the_output(tmp_path, small_tokeniz
             (src / f"part{f}.jsonl").write_text("\r\n".join(docs) + ("\n" if f else ""))  # CRLF, no final newline
     outputs = []
     for i, (workers, chunk) in enumerate([(1, None), (2, 300), (1, 1), (2, None)]):
-        res = prepare_dataset(tmp_path / "in", tmp_path / f"o{i}", small_tokenizer, 16, eval_fraction=0.2,
+        res = prepare_dataset(tmp_path / "in", tmp_path / f"o{i}", small_tokenizer, 16, val_fraction=0.1, test_fraction=0.1,
                               workers=workers, chunk_bytes=chunk, progress=False)
         files = {p.relative_to(res.output): p.read_bytes() for p in sorted(res.output.rglob("*")) if p.is_file()}
         outputs.append((res.manifest["domains"], files))
     assert outputs[0][0]["web"]["documents"] == 158 and outputs[0][0]["code"]["malformed"][1]["line"] == 8
-    assert outputs[0][0]["web"]["eval"]["sequences"] > 0
+    assert outputs[0][0]["web"]["val"]["sequences"] > 0 and outputs[0][0]["web"]["test"]["sequences"] > 0
     for other in outputs[1:]:
         assert other == outputs[0]
 
@@ -105,8 +105,8 @@ def test_compressed_inputs_give_the_same_dataset_as_plain_ones(tmp_path, small_t
     }.items():
         (tmp_path / name / "web").mkdir(parents=True)
         write(tmp_path / name / "web")
-    plain = prepare_dataset(tmp_path / "plain", tmp_path / "o1", small_tokenizer, 16, eval_fraction=0.0, progress=False)
-    packed = prepare_dataset(tmp_path / "packed", tmp_path / "o2", small_tokenizer, 16, eval_fraction=0.0,
+    plain = prepare_dataset(tmp_path / "plain", tmp_path / "o1", small_tokenizer, 16, val_fraction=0.0, test_fraction=0.0, progress=False)
+    packed = prepare_dataset(tmp_path / "packed", tmp_path / "o2", small_tokenizer, 16, val_fraction=0.0, test_fraction=0.0,
                              progress=False)
     a, b = plain.manifest["domains"]["web"], packed.manifest["domains"]["web"]
     assert (a["documents"], a["text_tokens"]) == (b["documents"], b["text_tokens"]) == (60, a["text_tokens"])
@@ -120,11 +120,11 @@ def test_token_budget_caps_a_domain(tmp_path, small_tokenizer):
     src = tmp_path / "in" / "web"
     src.mkdir(parents=True)
     (src / "a.jsonl").write_text("".join(json.dumps({"text": "words and more words " * 30}) + "\n" for _ in range(40)))
-    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, eval_fraction=0.0,
+    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, val_fraction=0.0, test_fraction=0.0,
                           max_tokens={"web": 200}, progress=False)
     assert res.manifest["domains"]["web"]["train"]["tokens"] == 192  # 12 full sequences of the 200-token budget
     # Reading stops after the chunk that fills the budget, the same way for any number of workers.
-    small = [prepare_dataset(tmp_path / "in", tmp_path / f"c{w}", small_tokenizer, 16, eval_fraction=0.0,
+    small = [prepare_dataset(tmp_path / "in", tmp_path / f"c{w}", small_tokenizer, 16, val_fraction=0.0, test_fraction=0.0,
                              max_tokens={"web": 200}, workers=w, chunk_bytes=1000, progress=False) for w in (1, 2)]
     web = small[0].manifest["domains"]["web"]
     assert web["train"]["tokens"] == 192 and web["documents"] < 40 / 2  # most chunks never tokenized
@@ -144,15 +144,11 @@ def test_bad_inputs_fail_before_tokenizing(tmp_path, small_tokenizer):
         prepare_dataset(tmp_path / "in", tmp_path / "exists", small_tokenizer, 16, progress=False)
 
 
-def test_train_and_eval_never_share_a_document(mds_data):
-    manifest = load_manifest(mds_data)
-    domains = list(manifest["domains"])
-    train = DomainTokenDataset(mds_data, "train", domains, 64)
-    evals = DomainTokenDataset(mds_data, "eval", domains, 64)
-    seqs = lambda ds: {tuple(ds[i]["input_ids"].tolist()) for i in range(len(ds))}  # noqa: E731
-    assert not seqs(train) & seqs(evals)
+def test_bad_split_name_is_refused(mds_data):
+    with pytest.raises(ValueError, match="unknown split 'eval'"):
+        DomainTokenDataset(mds_data, "eval", ["code"], 64)
     with pytest.raises(ValueError, match="longer than the prepared sequences"):
-        DomainTokenDataset(mds_data, "train", domains, 65)
+        DomainTokenDataset(mds_data, "train", ["code"], 65)
 
 
 def _sampler(**kw):
@@ -248,10 +244,10 @@ def test_spawned_workers_give_the_same_output(tmp_path, small_tokenizer, monkeyp
     src = tmp_path / "in" / "web"
     src.mkdir(parents=True)
     (src / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " + "words " * i}) + "\n" for i in range(60)))
-    forked = prepare_dataset(tmp_path / "in", tmp_path / "o1", small_tokenizer, 16, eval_fraction=0.2, workers=2,
+    forked = prepare_dataset(tmp_path / "in", tmp_path / "o1", small_tokenizer, 16, val_fraction=0.1, test_fraction=0.1, workers=2,
                              chunk_bytes=500, progress=False)
     monkeypatch.setattr(mp, "get_all_start_methods", lambda: ["spawn"])
-    spawned = prepare_dataset(tmp_path / "in", tmp_path / "o2", small_tokenizer, 16, eval_fraction=0.2, workers=2,
+    spawned = prepare_dataset(tmp_path / "in", tmp_path / "o2", small_tokenizer, 16, val_fraction=0.1, test_fraction=0.1, workers=2,
                               chunk_bytes=500, progress=False)
     assert spawned.manifest["domains"] == forked.manifest["domains"]
     for p in sorted(forked.output.rglob("*.mds")):

@@ -53,12 +53,12 @@ def test_measured_losses_match_the_trainer_metrics(mds_data, tmp_path, capsys):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=4)).eval()
     domains = list(load_manifest(mds_data)["domains"])
-    got = domain_losses(model, mds_data, batch_size=5, max_sequences_per_domain=7)
+    got = domain_losses(model, mds_data, batch_size=5, max_sequences_per_domain=7, split="val")
 
     # the same numbers through the Composer model's eval metrics, batch by batch over each domain
     wrapped = ComposerCausalLM(model, domains=domains)
     metrics = wrapped.get_metrics(is_train=False)
-    ds = DomainTokenDataset(mds_data, "eval", domains, 64)
+    ds = DomainTokenDataset(mds_data, "val", domains, 64)  # what training evaluates; `measure` reads it too
     with torch.no_grad():
         for d, (off, n) in enumerate(zip(ds.offsets, ds.sizes)):
             items = [ds[int(i)] for i in range(off, off + min(n, 7))]
@@ -71,6 +71,8 @@ def test_measured_losses_match_the_trainer_metrics(mds_data, tmp_path, capsys):
         assert got[d] == pytest.approx(float(metrics[f"LanguageCrossEntropy_{d}"].compute()), abs=1e-5)
     assert got["all"] == pytest.approx(float(metrics["LanguageCrossEntropy"].compute()), abs=1e-5)
     assert all(abs(v - math.log(512)) < 0.5 for v in got.values())  # a random model is near uniform
+    test = domain_losses(model, mds_data, batch_size=5, max_sequences_per_domain=7)  # reported results: test split
+    assert all(test[d] != got[d] for d in domains)
 
     model.save_pretrained(tmp_path / "hf")
     assert ref_main(["measure", "--model", str(tmp_path / "hf"), "--data", mds_data,

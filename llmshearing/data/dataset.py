@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
 
-from llmshearing.data.prepare import MANIFEST, read_manifest
+from llmshearing.data.prepare import MANIFEST, SPLITS, read_manifest
 
 __all__ = ["DomainTokenDataset", "load_manifest"]
 
@@ -44,7 +44,7 @@ class DomainTokenDataset(torch.utils.data.Dataset):
 
     Args:
         local: prepared dataset root (see :mod:`llmshearing.data.prepare`).
-        split: ``train`` or ``eval``.
+        split: ``train``, ``val`` (evaluated during training) or ``test`` (for reported results).
         domains: domains, in the order that defines ``domain_id``.
         max_seq_len: sequence length to return (a prefix of the stored sequences).
         remote: optional remote root of the same layout (``local`` is then the cache).
@@ -61,6 +61,8 @@ class DomainTokenDataset(torch.utils.data.Dataset):
         manifest: Optional[dict] = None,
     ) -> None:
         manifest = manifest or load_manifest(local, remote)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; a prepared dataset has {list(SPLITS)}")
         known = list(manifest["domains"])
         missing = [d for d in domains if d not in known]
         if missing:
@@ -81,7 +83,7 @@ class DomainTokenDataset(torch.utils.data.Dataset):
         if empty:
             raise ValueError(
                 f"the {split} split of domains {empty} is empty in {local}; re-run data prep with more text, a "
-                "larger --eval-fraction or --max-doc-chars"
+                "larger --val-fraction / --test-fraction"
             )
         streams = [
             Stream(

@@ -75,9 +75,12 @@ def build_train_dataloader(
 def build_eval_dataloader(
     cfg: DataConfig, manifest: dict, domains: list[str], batch_size: int
 ) -> DataLoader:
-    """Evaluation dataloader over the domains' held-out sequences (at most ``eval_sequences_per_domain`` each)."""
+    """Evaluation dataloader over the domains' validation sequences (at most ``eval_sequences_per_domain`` each).
+
+    Training evaluates (and dynamic loading reads) the ``val`` split only; the ``test`` split is for reported
+    results (``llmshearing.evaluate``), so nothing tuned during training has seen it."""
     max_samples = cfg.eval_sequences_per_domain
-    dataset = DomainTokenDataset(cfg.local, "eval", domains, cfg.max_seq_len, remote=cfg.remote, manifest=manifest)
+    dataset = DomainTokenDataset(cfg.local, "val", domains, cfg.max_seq_len, remote=cfg.remote, manifest=manifest)
     order = _round_robin(dataset.sizes, dataset.offsets, max_samples)
     return DataLoader(dataset, batch_size=batch_size, sampler=EvalSampler(order, len(dataset)), num_workers=0)
 

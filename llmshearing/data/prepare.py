@@ -3,18 +3,23 @@
 Input: ``<input>/<domain>/*.jsonl[.gz|.zst]``, one JSON object per line with a ``text`` field.
 Output (written to ``<output>.tmp`` and renamed when complete)::
 
-    <output>/manifest.json          # tokenizer, seq_len, dtype, per-domain counts, malformed lines
+    <output>/manifest.json          # tokenizer, seq_len, dtype, splits, per-domain counts, malformed lines
     <output>/train/<domain>/        # MDS shards, one column "tokens": ndarray of seq_len ids
-    <output>/eval/<domain>/         # held-out documents, same format
+    <output>/val/<domain>/          # held-out documents: what training evaluates and dynamic loading reads
+    <output>/test/<domain>/         # held-out documents: what results are reported on
 
 Each document becomes ``[BOS] + tokens(text) + [EOS]`` (BOS when the tokenizer has one); documents
 are concatenated per domain and split and cut into ``seq_len`` sequences (the last partial sequence
-is dropped and counted). A document goes to the evaluation split when a seeded hash of
-``(domain, file, byte offset of its line in the uncompressed file, piece)`` falls below ``eval_fraction``,
-so the split is by document, never overlaps, and is the same for the same seed regardless of the number
-of workers; a domain that would get no evaluation document gives its first document to evaluation
-instead. Long documents can be cut into pieces of at most ``max_doc_chars`` characters (at line breaks)
-first, so that a domain of a few very long documents (books) can still hold some out.
+is dropped and counted). A document's split is decided by a seeded hash of its key
+``(domain, file, byte offset of its line in the uncompressed file)`` (:func:`split_of`): below
+``val_fraction`` it is validation, below ``val_fraction + test_fraction`` test, else training. The key
+is the whole document's, taken before any cutting, so every piece of a document lands in the same split
+(splits share no document), and it is the same for the same seed regardless of the number of workers or
+the chunking. A domain whose hash draws no document for a held-out split gives it one of its first
+training documents instead (packed last, so the output stays independent of chunking). Long documents can
+be cut into pieces of at most ``max_doc_chars`` characters (at line breaks) before tokenizing; the pieces
+stay together. :func:`iter_documents` yields the same keys and splits without tokenizing, so a tokenizer
+can be trained on the training split alone.
 
 Work is split into tasks of about ``chunk_bytes`` of input (whole lines of a plain file; a compressed
 file is one task), tokenized by ``workers`` processes and packed in input order by the parent, so the
@@ -47,12 +52,15 @@ from tqdm import tqdm
 
 from llmshearing.data.tokenizer import load_tokenizer, token_dtype, vocab_size
 
-__all__ = ["PrepareResult", "prepare_dataset", "read_manifest", "MANIFEST", "FORMAT"]
+__all__ = ["PrepareResult", "prepare_dataset", "read_manifest", "split_of", "iter_documents", "MANIFEST", "FORMAT",
+           "SPLITS", "HELDOUT"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = "llmshearing-mds-v1"
+FORMAT = "llmshearing-mds-v2"  # v2: train/val/test split by whole document (v1: train/eval, split by piece)
+SPLITS = ("train", "val", "test")
+HELDOUT = ("val", "test")
 CHUNK_BYTES = 1 << 20  # input per worker task: ~0.3 s of tokenizing, so hand-over costs <1% and work balances
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
 
@@ -92,9 +100,16 @@ def _split_long(text: str, max_chars: Optional[int]) -> list[str]:
     return pieces
 
 
-def _is_eval(seed: int, key: str, eval_fraction: float) -> bool:
+def document_key(domain: str, relpath: str, offset: int) -> str:
+    """The identity of one document: its domain, file (relative to the domain folder) and line's byte offset."""
+    return f"{domain}/{relpath}@{offset}"
+
+
+def split_of(seed: int, key: str, val_fraction: float, test_fraction: float) -> str:
+    """``"val"``, ``"test"`` or ``"train"`` for the document ``key``: a seeded hash, uniform on [0, 1)."""
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < eval_fraction
+    u = int.from_bytes(digest, "little") / 2**64
+    return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
 @dataclass(frozen=True)
@@ -152,10 +167,8 @@ def _lines(task: _Task) -> Iterator[tuple[int, bytes]]:
 @dataclass
 class _ChunkResult:
     task: _Task
-    train: np.ndarray  # documents (BOS/EOS included) concatenated, in input order
-    train_lengths: np.ndarray
-    eval: np.ndarray
-    eval_lengths: np.ndarray
+    # split -> (documents concatenated in input order, each its pieces' [BOS] tokens [EOS] in a row; lengths)
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
     lines: int = 0  # newline characters in the chunk: where the next chunk of the file starts counting
     text_tokens: int = 0
     documents: int = 0
@@ -163,7 +176,7 @@ class _ChunkResult:
     seconds: float = 0.0
 
     def documents_of(self, split: str) -> list[np.ndarray]:
-        tokens, lengths = (self.train, self.train_lengths) if split == "train" else (self.eval, self.eval_lengths)
+        tokens, lengths = self.splits[split]
         return np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
@@ -190,7 +203,7 @@ def _in_order(pool, tasks: Sequence[_Task], window: int, skip) -> Iterator[_Chun
         yield res
 
 
-def _init_worker(tokenizer, seed: int, eval_fraction: float, max_doc_chars: Optional[int], add_bos: bool,
+def _init_worker(tokenizer, seed: int, fractions: tuple[float, float], max_doc_chars: Optional[int], add_bos: bool,
                  dtype: str) -> None:
     """``tokenizer``: a loaded tokenizer (inherited by a forked worker) or a path to load."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the worker processes
@@ -198,7 +211,7 @@ def _init_worker(tokenizer, seed: int, eval_fraction: float, max_doc_chars: Opti
     _WORKER.update(
         tok=tok,
         seed=seed,
-        eval_fraction=eval_fraction,
+        fractions=fractions,
         max_doc_chars=max_doc_chars,
         bos=[tok.bos_token_id] if add_bos and tok.bos_token_id is not None else [],
         eos=[tok.eos_token_id],
@@ -206,67 +219,100 @@ def _init_worker(tokenizer, seed: int, eval_fraction: float, max_doc_chars: Opti
     )
 
 
-def _process(task: _Task) -> _ChunkResult:
-    """Parse, tokenize and split one task. Texts are tokenized 256 at a time and kept only as token arrays,
-    so a worker's memory is about 2-4 bytes per token of its task (a compressed file is one task)."""
-    w = _WORKER
-    t0 = time.perf_counter()
-    texts: list[str] = []
-    keys: list[str] = []
-    malformed: list[tuple[int, str]] = []
-    parts: dict[bool, list[tuple[np.ndarray, np.ndarray]]] = {False: [], True: []}  # is_eval -> (tokens, lengths)
-    documents = lines = text_tokens = 0
-
-    def flush() -> None:
-        nonlocal text_tokens
-        ids = w["tok"](texts, add_special_tokens=False)["input_ids"]
-        text_tokens += sum(len(doc) for doc in ids)
-        split: dict[bool, list[list[int]]] = {False: [], True: []}
-        for key, doc in zip(keys, ids):
-            split[_is_eval(w["seed"], key, w["eval_fraction"])].append(w["bos"] + doc + w["eos"])
-        for is_eval, ds in split.items():
-            if ds:
-                lengths = np.fromiter((len(x) for x in ds), dtype=np.int64, count=len(ds))
-                tokens = np.fromiter(itertools.chain.from_iterable(ds), dtype=w["dtype"], count=int(lengths.sum()))
-                parts[is_eval].append((tokens, lengths))
-        texts.clear()
-        keys.clear()
-
-    for lines, (offset, line) in enumerate(_lines(task), start=1):
+def _parse(task: _Task, malformed: list[tuple[int, str]], seen: Optional[list[int]] = None
+           ) -> Iterator[tuple[int, str]]:
+    """(byte offset, text) of every well-formed document of ``task``. A malformed line is appended to
+    ``malformed`` as (line number within the task, 1-based; why); ``seen[0]`` ends as the number of lines read
+    (for a chunk: its newline characters, so the next chunk of the file knows where its numbering starts)."""
+    line_no = 0
+    for line_no, (offset, line) in enumerate(_lines(task), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except UnicodeDecodeError as e:
-            malformed.append((lines, f"invalid UTF-8 at byte {e.start}"))
+            malformed.append((line_no, f"invalid UTF-8 at byte {e.start}"))
             continue
         except json.JSONDecodeError as e:
-            malformed.append((lines, f"invalid JSON: {e.msg} at column {e.colno}"))
+            malformed.append((line_no, f"invalid JSON: {e.msg} at column {e.colno}"))
             continue
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):
-            malformed.append((lines, "no string 'text' field"))
+            malformed.append((line_no, "no string 'text' field"))
             continue
-        documents += 1
-        for j, piece in enumerate(_split_long(text, w["max_doc_chars"])):
-            texts.append(piece)
-            keys.append(f"{task.domain}/{task.relpath}@{offset}:{j}")
-        if len(texts) >= 256:
-            flush()
-    if texts:
-        flush()
-    if task.end is not None:
-        lines -= 1  # the piece after the chunk's last newline belongs to the next chunk (or is the empty tail)
+        yield offset, text
+    if seen is not None:
+        # a chunk's last piece (after its last newline) belongs to the next chunk, or is the empty tail
+        seen[0] = line_no - 1 if task.end is not None else line_no
 
-    def joined(is_eval: bool) -> tuple[np.ndarray, np.ndarray]:
-        ps = parts[is_eval]
+
+def _process(task: _Task) -> _ChunkResult:
+    """Parse, tokenize and split one task. Texts are tokenized 256 pieces at a time and kept only as token
+    arrays, so a worker's memory is about 2-4 bytes per token of its task (a compressed file is one task).
+    The pieces of one document are joined again after tokenizing: a document is the unit of the split."""
+    w = _WORKER
+    t0 = time.perf_counter()
+    pieces: list[str] = []
+    owner: list[int] = []  # index into docs_split of the document each piece belongs to
+    docs_split: list[str] = []
+    malformed: list[tuple[int, str]] = []
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in SPLITS}
+    text_tokens = 0
+
+    def flush() -> None:
+        nonlocal text_tokens
+        ids = w["tok"](pieces, add_special_tokens=False)["input_ids"]
+        text_tokens += sum(len(p) for p in ids)
+        docs: dict[int, list[int]] = {}
+        for doc_index, piece in zip(owner, ids):  # pieces of a document are consecutive
+            docs.setdefault(doc_index, []).extend(w["bos"] + piece + w["eos"])
+        by_split: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+        for doc_index, tokens in docs.items():
+            by_split[docs_split[doc_index]].append(tokens)
+        for split, ds in by_split.items():
+            if ds:
+                lengths = np.fromiter((len(x) for x in ds), dtype=np.int64, count=len(ds))
+                tokens = np.fromiter(itertools.chain.from_iterable(ds), dtype=w["dtype"], count=int(lengths.sum()))
+                parts[split].append((tokens, lengths))
+        pieces.clear()
+        owner.clear()
+        docs_split.clear()
+
+    documents = 0
+    seen = [0]
+    for offset, text in _parse(task, malformed, seen):
+        documents += 1
+        docs_split.append(split_of(w["seed"], document_key(task.domain, task.relpath, offset), *w["fractions"]))
+        for piece in _split_long(text, w["max_doc_chars"]):
+            pieces.append(piece)
+            owner.append(len(docs_split) - 1)
+        if len(pieces) >= 256:
+            flush()  # only between documents: a document's pieces are never split over two flushes
+    if pieces:
+        flush()
+
+    def joined(split: str) -> tuple[np.ndarray, np.ndarray]:
+        ps = parts[split]
         if not ps:
             return np.zeros(0, dtype=w["dtype"]), np.zeros(0, dtype=np.int64)
         return np.concatenate([t for t, _ in ps]), np.concatenate([n for _, n in ps])
 
-    (tr, tr_len), (ev, ev_len) = joined(False), joined(True)
-    return _ChunkResult(task, tr, tr_len, ev, ev_len, lines=lines, text_tokens=text_tokens, documents=documents,
-                        malformed=malformed, seconds=time.perf_counter() - t0)
+    return _ChunkResult(task, {s: joined(s) for s in SPLITS}, lines=seen[0], text_tokens=text_tokens,
+                        documents=documents, malformed=malformed, seconds=time.perf_counter() - t0)
+
+
+def iter_documents(input_dir: str | Path, seed: int, val_fraction: float, test_fraction: float,
+                   domains: Optional[Sequence[str]] = None) -> Iterator[tuple[str, str, str]]:
+    """(domain, split, text) of every well-formed document under ``input_dir``, in input order, with the split
+    :func:`prepare_dataset` assigns by hash for the same seed and fractions. (A domain whose hash draws no
+    held-out document lends one of its first training documents to that split in prepare; this yields it as
+    ``train``.) Use it to train a tokenizer on the training split only."""
+    input_dir = Path(input_dir)
+    for d, paths in _discover(input_dir, domains).items():
+        for p in paths:
+            task = _Task(d, str(p), str(p.relative_to(input_dir / d)))
+            for offset, text in _parse(task, []):
+                yield d, split_of(seed, document_key(d, task.relpath, offset), val_fraction, test_fraction), text
 
 
 class _Packer:
@@ -337,7 +383,8 @@ def prepare_dataset(
     seq_len: int,
     *,
     domains: Optional[Sequence[str]] = None,
-    eval_fraction: float = 0.01,
+    val_fraction: float = 0.01,
+    test_fraction: float = 0.01,
     max_doc_chars: Optional[int] = None,
     max_tokens: Optional[dict[str, int]] = None,
     seed: int = 0,
@@ -356,12 +403,14 @@ def prepare_dataset(
         tokenizer: Hugging Face tokenizer directory or SentencePiece ``.model`` file.
         seq_len: tokens per sequence.
         domains: domains to include (default: every sub-folder).
-        eval_fraction: share of documents held out for evaluation.
+        val_fraction: share of documents held out for validation (evaluation during training, dynamic loading,
+            any tuning).
+        test_fraction: share of documents held out for testing (reported results only).
         max_doc_chars: cut longer documents into pieces first (None: never).
         max_tokens: optional per-domain cap on training tokens (a mixture budget). A domain's input is read
-            only up to the chunk in which its budget fills; the rest is never tokenized, and its evaluation
+            only up to the chunk in which its budget fills; the rest is never tokenized, and its held-out
             documents come from the same prefix.
-        seed: seed of the train/eval assignment.
+        seed: seed of the document -> split assignment.
         workers: tokenizer processes.
         chunk_bytes: input per task (plain files are cut at line starts; None: one task per file).
         add_bos: start every document with BOS (when the tokenizer has one).
@@ -378,8 +427,14 @@ def prepare_dataset(
         raise ValueError(f"chunk_bytes must be a positive number of bytes or None (one task per file), got {chunk_bytes}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must leave documents for training, got "
+                         f"{val_fraction} + {test_fraction}")
+    fractions = {"val": val_fraction, "test": test_fraction}
+    heldout = [s for s in HELDOUT if fractions[s] > 0]
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; choose another output folder or pass --overwrite to replace it")
     files = _discover(input_dir, domains)
@@ -395,14 +450,15 @@ def prepare_dataset(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     packers = {
-        (d, split): _Packer(tmp / split / d, seq_len, dtype, compression) for d in files for split in ("train", "eval")
+        (d, split): _Packer(tmp / split / d, seq_len, dtype, compression) for d in files for split in SPLITS
     }
     stats = {d: {"documents": 0, "text_tokens": 0, "files": len(fs), "malformed": []} for d, fs in files.items()}
-    # The first training document of each domain is held back and packed last: into training when the
-    # domain drew an evaluation document, else into evaluation (a domain never has an empty eval split).
-    # Holding it whatever comes later keeps the output independent of how the input was chunked.
-    held_first: dict[str, np.ndarray] = {}
-    has_eval = {d: False for d in files}
+    # The first training documents of each domain (one per held-out split) are held back and packed last:
+    # into training when the domain drew held-out documents by hash, else one into each empty held-out split
+    # (a domain never has an empty held-out split while it has documents to spare). Holding them whatever
+    # comes later keeps the output independent of how the input was chunked.
+    held: dict[str, list[np.ndarray]] = {d: [] for d in files}
+    drawn = {(d, s): 0 for d in files for s in HELDOUT}
     budget_hit = {d: False for d in files}
 
     def add_train(d: str, doc: np.ndarray) -> None:
@@ -433,11 +489,11 @@ def prepare_dataset(
                 worker_tok = str(tmp / "_tokenizer")
                 tok.save_pretrained(worker_tok)
         pool = ctx.Pool(workers, initializer=_init_worker,
-                        initargs=(worker_tok, seed, eval_fraction, max_doc_chars, add_bos, dtype))
+                        initargs=(worker_tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype))
         results = _in_order(pool, tasks, window=2 * workers, skip=lambda t: budget_hit[t.domain])
     else:
         pool = None
-        _init_worker(tok, seed, eval_fraction, max_doc_chars, add_bos, dtype)
+        _init_worker(tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype)
         results = (_process(t) for t in tasks if not budget_hit[t.domain])
     try:
         for res in tqdm(results, total=len(tasks), desc="tokenizing", disable=not progress, unit="chunk"):
@@ -453,12 +509,13 @@ def prepare_dataset(
             for line_no, why in res.malformed:
                 st["malformed"].append({"file": relpath, "line": first_line + line_no, "error": why})
                 log.warning("%s/%s line %d skipped: %s", d, relpath, first_line + line_no, why)
-            for doc in res.documents_of("eval"):
-                packers[(d, "eval")].add(doc)
-            has_eval[d] |= len(res.eval_lengths) > 0
+            for split in HELDOUT:
+                for doc in res.documents_of(split):
+                    packers[(d, split)].add(doc)
+                drawn[(d, split)] += len(res.splits[split][1])
             for doc in res.documents_of("train"):
-                if eval_fraction > 0 and d not in held_first:
-                    held_first[d] = doc.copy()  # not a view that keeps the whole chunk alive
+                if len(held[d]) < len(heldout):
+                    held[d].append(doc.copy())  # not a view that keeps the whole chunk alive
                 else:
                     add_train(d, doc)
     finally:
@@ -466,18 +523,26 @@ def prepare_dataset(
             pool.close()
             pool.join()
 
-    for d, first in held_first.items():
-        if has_eval[d]:
-            add_train(d, first)
-        else:  # no document of this domain was drawn for evaluation: hold out its first one
-            packers[(d, "eval")].add(first)
+    lent: dict[str, list[str]] = {d: [] for d in files}
+    for d, docs in held.items():
+        for split in heldout:
+            if drawn[(d, split)] == 0 and docs:  # the hash drew no document of this domain for this split
+                packers[(d, split)].add(docs.pop(0))
+                lent[d].append(split)
+                log.warning("domain %r: no document drew the %s split by hash; one of its first training "
+                            "documents was moved there (raise --%s-fraction for a random choice)", d, split, split)
+        for doc in docs:
+            add_train(d, doc)
     manifest_domains = {}
     for d in files:
         entry = dict(stats[d])
-        for split in ("train", "eval"):
+        for split in SPLITS:
             p = packers[(d, split)]
             dropped = p.finish()
             entry[split] = {"sequences": p.sequences, "tokens": p.tokens, "dropped_tail_tokens": dropped}
+            if split != "train":
+                entry[split]["documents"] = drawn[(d, split)] + (split in lent[d])
+        entry["lent_to_heldout"] = lent[d]
         manifest_domains[d] = entry
         if entry["train"]["sequences"] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -486,10 +551,10 @@ def prepare_dataset(
                 f"({entry['documents']} documents, {entry['text_tokens']} tokens); add text, lower seq_len, "
                 "or leave the domain out"
             )
-        if eval_fraction > 0 and entry["eval"]["sequences"] == 0:
-            log.warning(
-                "domain %r has no full evaluation sequence; raise eval_fraction or set max_doc_chars", d
-            )
+        for split in heldout:
+            if entry[split]["sequences"] == 0:
+                log.warning("domain %r has no full %s sequence (its held-out documents are shorter than seq_len "
+                            "together); raise --%s-fraction", d, split, split)
     manifest = {
         "format": FORMAT,
         "seq_len": seq_len,
@@ -502,7 +567,9 @@ def prepare_dataset(
             "eos_token_id": tok.eos_token_id,
         },
         "seed": seed,
-        "eval_fraction": eval_fraction,
+        "split_unit": "document",  # every piece of a document is in one split
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
         "max_doc_chars": max_doc_chars,
         "domains": manifest_domains,
     }
@@ -526,6 +593,12 @@ def read_manifest(root: str | Path) -> dict:
             "`python data_prep/prepare_data.py --input <jsonl folder> --output <dir> --tokenizer <tok>`"
         )
     manifest = json.loads(path.read_text())
+    if manifest.get("format") == "llmshearing-mds-v1":
+        raise ValueError(
+            f"{root} was prepared by an older llmshearing (format v1: one 'eval' split assigned per piece of a "
+            "document, so pieces of one document could be in both splits; no test split); prepare it again with "
+            "`python data_prep/prepare_data.py` (train/val/test split by whole document)"
+        )
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest

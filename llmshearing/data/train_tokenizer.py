@@ -2,27 +2,28 @@
 
 Small vocabularies keep CPU-scale experiments about the layers rather than the embedding. The
 result is saved as a Hugging Face ``LlamaTokenizerFast`` directory, loadable by ``load_tokenizer``
-and ``AutoTokenizer``.
+and ``AutoTokenizer``. Given the split seed and fractions that data prep will use, it trains on the
+training split only, so no held-out text shapes the vocabulary.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 
-from llmshearing.data.prepare import SUFFIXES, _open_text
+from llmshearing.data.prepare import iter_documents
 
 __all__ = ["train_tokenizer"]
 
 log = logging.getLogger(__name__)
 
 
-def train_tokenizer(input_dir: str | Path, output_dir: str | Path, vocab_size: int = 4096, max_chars: int = 20_000_000) -> Path:
+def train_tokenizer(input_dir: str | Path, output_dir: str | Path, vocab_size: int = 4096, max_chars: int = 20_000_000,
+                    split_seed: int = 0, val_fraction: float = 0.0, test_fraction: float = 0.0) -> Path:
     """Train a BPE SentencePiece model on the ``text`` of every JSON line under ``input_dir``.
 
     Args:
@@ -30,20 +31,19 @@ def train_tokenizer(input_dir: str | Path, output_dir: str | Path, vocab_size: i
         output_dir: Hugging Face tokenizer directory to write.
         vocab_size: vocabulary size (including ``<unk>``, ``<s>``, ``</s>``).
         max_chars: stop reading text after this many characters (spread over domains in order).
+        split_seed, val_fraction, test_fraction: the split that ``prepare_dataset`` will make (its ``seed`` and
+            fractions); documents it will hold out are skipped.
     """
     from transformers import LlamaTokenizerFast
 
-    texts, total = [], 0
-    for path in sorted(p for p in Path(input_dir).rglob("*") if p.is_file() and p.name.endswith(SUFFIXES)):
-        with _open_text(path) as fh:
-            for line in fh:
-                try:
-                    text = json.loads(line).get("text")
-                except (json.JSONDecodeError, AttributeError):
-                    continue
-                if isinstance(text, str) and text.strip():
-                    texts.append(text)
-                    total += len(text)
+    texts, total, skipped = [], 0, 0
+    for _, split, text in iter_documents(input_dir, split_seed, val_fraction, test_fraction):
+        if split != "train":
+            skipped += 1
+            continue
+        if text.strip():
+            texts.append(text)
+            total += len(text)
         if total >= max_chars:
             break
     if not texts:
@@ -77,5 +77,6 @@ def train_tokenizer(input_dir: str | Path, output_dir: str | Path, vocab_size: i
         sp_path.write_bytes(model.getvalue())
         tok = LlamaTokenizerFast(vocab_file=str(sp_path), from_slow=True, legacy=True, add_prefix_space=True)
         tok.save_pretrained(out)
-    log.info("trained a %d-token tokenizer on %d characters -> %s", vocab_size, total, out)
+    log.info("trained a %d-token tokenizer on %d characters of training documents (%d held-out documents "
+             "skipped) -> %s", vocab_size, total, skipped, out)
     return out
