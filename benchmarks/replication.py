@@ -1,22 +1,39 @@
-"""The paper's claims at small scale on CPU (issue #5), from the cached trained source of
-``benchmarks/small_scale.py`` (1.33M parameters, 8.2M tokens) to the half-size target of
-``yamls/prune/small_cpu.yaml`` (0.70M parameters):
+"""The paper's claims at small scale on CPU, under the evidence protocol (issue #18).
 
-1. sheared (learned-mask pruning + continued pre-training, dynamic loading) against the same
-   architecture trained from scratch: loss at equal tokens, and the tokens scratch needs to reach the
-   sheared model's final loss (linear interpolation between scratch evaluations);
-2. dynamic batch loading against constant proportions for the continued pre-training of the same
-   pruned model: mean loss and the worst domain's loss above its reference;
-3. learned masks against one-shot weight-magnitude selection at the same shape, each followed by the
-   same continued pre-training (so both get the same total tokens after the source).
+From the cached trained source of ``benchmarks/small_scale.py`` (1.33M parameters) to the half-size target of
+``yamls/prune/small_cpu.yaml`` (0.70M parameters), at equal tokens after the source (``T`` = pruning steps +
+continued-training steps, counted by the trainer):
 
-Reference losses are the source's own per-domain eval losses (the paper's alternative to a scaling
-law fit; ``python -m llmshearing.reference_losses``). Every model is evaluated by
-``llmshearing.evaluate.domain_losses`` on the same held-out sequences.
+| arm | what it is |
+| --- | --- |
+| ``sheared`` | learned-mask pruning (dynamic loading) + continued pre-training with dynamic loading |
+| ``sheared_constant`` | the same pruned model, continued pre-training with constant proportions |
+| ``random`` / ``magnitude`` | one-shot selection at the target shape + ``T`` steps of the same continued training |
+| ``scratch`` | the target architecture trained from random init, one fully decayed run per budget |
 
-    python -m benchmarks.replication --out runs/benchmarks/replication.json     # ~25 min on 2 cores
+Protocol:
+- data split by document into train / val / test (``benchmarks/small_scale.py``); the tokenizer saw only
+  train. Dynamic loading's reference losses are the source's *validation* losses; every number reported
+  here is on *test* (at most ``TEST_SEQUENCES`` sequences per domain, fixed before any run).
+- every arm is a run (or two, for ``sheared``) whose cosine schedule ends at its own budget: no mid-run
+  evaluation stands in for a budget. Scratch is run at ``T`` (every seed) and at 2T and 3T (seed 0); the
+  tokens scratch needs to match ``sheared`` are interpolated between those final losses (log tokens).
+- learning rates: one small sweep (``--lrs``) on the validation split, at budget ``T`` and seed 0, for each
+  of the two kinds of training: from random init (scratch) and from a selected model (continued
+  training: tuned on the ``random`` arm, then used by every continued-training arm, ``sheared`` included).
+  The pruning stage keeps its config (model lr 1e-4, mask/lambda lr 0.1).
+- seeds 0..n-1: the seed sets the trainer's data order and domain draws, the masks' gate noise, and the
+  random selection; the magnitude selection is deterministic.
+- tokens and passes over the training data come from the trainer's timestamps and the batch sampler.
+- a difference is reported as mean over seeds +- a standard error that adds the between-seed error and the
+  test-set sampling error of the seed-averaged paired per-sequence differences (batch means over blocks of
+  consecutive sequences); within 2 standard errors it is called "none".
 
-Writes JSON and a markdown table next to it.
+    python -m benchmarks.replication --out runs/benchmarks/replication.json       # ~80 min on 2 cores
+    python -m benchmarks.replication --report-only                                 # tables from finished runs
+
+Every run is cached under the output's folder, so an interrupted benchmark continues where it stopped.
+Writes JSON and a markdown report next to it.
 """
 
 from __future__ import annotations
@@ -24,168 +41,352 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
-from collections.abc import Sequence
+import statistics
 from pathlib import Path
+from typing import Any, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
+
 from benchmarks.common import REPO, write_json  # noqa: E402
-from benchmarks.small_scale import common_overrides, ensure_data, ensure_source, eval_losses  # noqa: E402
+from benchmarks.small_scale import TEST_SEQUENCES, common_overrides, ensure_data, ensure_source  # noqa: E402
+
+log = logging.getLogger("replication")
 
 BATCH, SEQ = 32, 128
 TARGET = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=3, intermediate_size=224)
+SE_BOUND = 0.005  # nats: the paired per-domain standard error the test set is meant to resolve
+SE_BLOCK = 16  # consecutive test sequences per block in the batch-means standard error
 
 
-def _train(yaml: str, overrides: list[str]):
+def _train(yaml: str, overrides: list[str]) -> dict[str, Any]:
+    """Train; return what the trainer counted: batches, samples, tokens, and samples per domain."""
     from llmshearing.trainer import train_from_yaml
 
     trainer = train_from_yaml(str(REPO / yaml), overrides)
+    ts = trainer.state.timestamp
+    sampler = trainer.state.train_dataloader.dataset.batch_sampler
+    st = sampler.state_dict(int(ts.sample))
+    per_domain = {d: int(e * n + p) for d, e, n, p in zip(sampler.domains, st["epochs"], st["sizes"], st["positions"])}
+    out = {"batches": int(ts.batch), "samples": int(ts.sample), "tokens": int(ts.token),
+           "samples_per_domain": per_domain, "train_sequences_per_domain": dict(zip(sampler.domains, st["sizes"]))}
     trainer.close()
+    return out
 
 
-def _export(run: Path, out: Path) -> Path:
-    from llmshearing.export import export_checkpoint
+class Bench:
+    """Runs (cached), their exports, and their test-set per-sequence losses."""
 
-    return export_checkpoint(run / "checkpoints" / "latest-rank0.pt", out, overwrite=True)
+    def __init__(self, cache: Path, work: Path, data: Path, source: Path) -> None:
+        self.cache, self.work, self.data, self.source = cache, work, data, source
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.domains = list(json.loads((data / "manifest.json").read_text())["domains"])
+
+    def model_dir(self, name: str) -> Path:
+        return self.work / f"{name}_hf"
+
+    def stats(self, name: str) -> Optional[dict]:
+        p = self.work / f"{name}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def done(self, name: str) -> bool:
+        return self.stats(name) is not None and (self.model_dir(name) / "config.json").is_file()
+
+    def run(self, name: str, yaml: str, overrides: list[str], after: Optional[str] = None) -> Path:
+        """Train ``name`` (unless cached) and export it. ``after``: the run whose tokens precede it (for totals)."""
+        from llmshearing.export import export_checkpoint
+
+        if self.done(name):
+            return self.model_dir(name)
+        run = self.work / name
+        shutil.rmtree(run, ignore_errors=True)
+        log.info("run %s", name)
+        counted = _train(yaml, common_overrides(self.cache) + [f"variables.run_dir={run}", "autoresume=false",
+                                                               f"global_train_batch_size={BATCH}",
+                                                               f"device_train_microbatch_size={BATCH}", *overrides])
+        export_checkpoint(run / "checkpoints" / "latest-rank0.pt", self.model_dir(name), overwrite=True)
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the optimizer state
+        counted["after"] = after
+        (self.work / f"{name}.json").write_text(json.dumps(counted, indent=1))
+        return self.model_dir(name)
+
+    def save_oneshot(self, name: str, method: str, seed: int) -> Path:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from llmshearing.pruning import materialize
+        from llmshearing.pruning.baselines import select_masks
+
+        out = self.model_dir(name)
+        if not (out / "config.json").is_file():
+            src = AutoModelForCausalLM.from_pretrained(self.source, dtype=torch.float32)
+            materialize(src, select_masks(src, TARGET, method, seed=seed)).save_pretrained(out)
+            (self.work / f"{name}.json").write_text(json.dumps({"batches": 0, "samples": 0, "tokens": 0}))
+        return out
+
+    def total_tokens(self, name: str) -> int:
+        st = self.stats(name) or {}
+        return int(st.get("tokens", 0)) + (self.total_tokens(st["after"]) if st.get("after") else 0)
+
+    def test_losses(self, name: str, path: Optional[Path] = None) -> dict[str, np.ndarray]:
+        """Per-sequence test losses per domain (cached), in the same order for every model."""
+        from llmshearing.evaluate import load_model, sequence_losses
+
+        cached = self.work / f"{name}_test.npz"
+        if cached.is_file():
+            with np.load(cached) as z:
+                return {d: z[d] for d in self.domains}
+        res = sequence_losses(load_model(path or self.model_dir(name)), self.data, "test", batch_size=64,
+                              max_sequences_per_domain=TEST_SEQUENCES)
+        np.savez(cached, **res)
+        return res
+
+    def val_loss(self, name: str) -> float:
+        from llmshearing.evaluate import domain_losses, load_model
+
+        return domain_losses(load_model(self.model_dir(name)), self.data, batch_size=64,
+                             max_sequences_per_domain=TEST_SEQUENCES, split="val")["all"]
 
 
-def _cpt(cache: Path, work: Path, name: str, model: Path, steps: int, ref: str, dynamic: bool,
-         extra: Sequence[str] = ()) -> Path:
-    run = work / name
-    _train("yamls/continue_pretrain/tiny_cpu.yaml", common_overrides(cache) + [
-        f"variables.run_dir={run}", f"variables.source={model}", ref, f"global_train_batch_size={BATCH}",
-        f"device_train_microbatch_size={BATCH}", f"max_duration={steps}ba", f"eval_interval={steps // 6}ba",
-        f"save_interval={steps}ba", "autoresume=false", *([] if dynamic else ["dynamic_loading.update=constant"]), *extra])
-    return _export(run, work / f"{name}_hf")
+def _mean_all(per: dict[str, np.ndarray]) -> float:
+    return float(np.concatenate(list(per.values())).mean())
 
 
-def _excess(losses: dict[str, float], ref: dict[str, float]) -> dict[str, float]:
-    return {d: losses[d] - ref[d] for d in ref}
+def _fmt(m: float, se: float) -> str:
+    return f"{m:.3f} ± {se:.3f}" if np.isfinite(se) else f"{m:.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, top to bottom
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/replication.json")
-    p.add_argument("--cache", default="runs/benchmarks/cache")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v3")
     p.add_argument("--prune-steps", type=int, default=400)
     p.add_argument("--cpt-steps", type=int, default=600)
-    p.add_argument("--scratch-factor", type=float, default=3.0, help="scratch trains this many times the sheared tokens")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="swept on validation, seed 0, budget T")
+    p.add_argument("--scratch-budgets", type=float, nargs="+", default=[2.0, 3.0],
+                   help="extra scratch budgets (multiples of T), seed 0, each its own fully decayed run")
+    p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from llmshearing.callbacks.metrics_file import read_metrics
-    from llmshearing.pruning import materialize
-    from llmshearing.pruning.baselines import select_masks
+    from llmshearing.evaluate import domain_losses, load_model, paired_difference
 
     cache = Path(args.cache).resolve()
     data, source = ensure_data(cache), ensure_source(cache)
-    work = Path(args.out).resolve().with_suffix("")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    domains = list(json.loads((data / "manifest.json").read_text())["domains"])
-    ref_losses = eval_losses(source, data)
-    reference = {d: ref_losses[d] for d in domains}
-    ref = "variables.reference_losses=[" + ",".join(f"{reference[d]:.4f}" for d in domains) + "]"
-    tok_per_step = BATCH * SEQ
-    sheared_tokens = (args.prune_steps + args.cpt_steps) * tok_per_step
-    models: dict[str, dict] = {"source": {"path": source, "tokens": 0}}
+    b = Bench(cache, Path(args.out).resolve().with_suffix(""), data, source)
+    domains = b.domains
+    T = args.prune_steps + args.cpt_steps
+    src_val = domain_losses(load_model(source), data, batch_size=64, max_sequences_per_domain=TEST_SEQUENCES,
+                            split="val")
+    ref = "[" + ",".join(f"{src_val[d]:.4f}" for d in domains) + "]"  # dynamic loading's references: validation
+    sched = ["scheduler.t_warmup=0.03dur", "scheduler.alpha_f=0.1"]  # every run decays fully by its own end
+    target_cfg = [f"model.config.{k}={v}" for k, v in TARGET.items()] + [
+        f"model.config.num_key_value_heads={TARGET['num_attention_heads']}"]
 
-    # learned-mask pruning with dynamic loading, then continued pre-training (dynamic / constant)
-    prune_run = work / "prune"
-    _train("yamls/prune/small_cpu.yaml", common_overrides(cache) + [
-        f"variables.run_dir={prune_run}", f"variables.source={source}", f"max_duration={args.prune_steps}ba",
-        f"eval_interval={args.prune_steps // 4}ba", f"save_interval={args.prune_steps}ba", "autoresume=false",
-        "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref.split('=', 1)[1]}"])
-    pruned = _export(prune_run, work / "pruned_hf")
-    models["pruned (learned masks)"] = {"path": pruned, "tokens": args.prune_steps * tok_per_step}
-    models["sheared: pruned + continued, dynamic"] = {
-        "path": _cpt(cache, work, "cpt_dynamic", pruned, args.cpt_steps, ref, True), "tokens": sheared_tokens}
-    models["pruned + continued, constant"] = {
-        "path": _cpt(cache, work, "cpt_constant", pruned, args.cpt_steps, ref, False), "tokens": sheared_tokens}
+    def scratch(steps: int, lr: float, seed: int) -> str:
+        name = f"scratch_{steps}_lr{lr:g}_s{seed}"
+        if not args.report_only:
+            b.run(name, "yamls/pretrain/small_cpu.yaml", [f"max_duration={steps}ba", f"eval_interval={steps}ba",
+                  f"save_interval={steps}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched, *target_cfg])
+        return name
 
-    # one-shot magnitude selection, then continued pre-training for the same total tokens
-    src_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    mag = materialize(src_model, select_masks(src_model, TARGET, "magnitude"))
-    mag.save_pretrained(work / "magnitude_hf")
-    models["magnitude one-shot"] = {"path": work / "magnitude_hf", "tokens": 0}
-    models["magnitude + continued, dynamic"] = {
-        "path": _cpt(cache, work, "mag_cpt", work / "magnitude_hf", args.prune_steps + args.cpt_steps, ref, True),
-        "tokens": sheared_tokens}
+    def oneshot_ft(method: str, seed: int, lr: float) -> str:
+        base = f"{method}_s{seed}" if method == "random" else "magnitude"
+        name = f"{base}_ft_lr{lr:g}_s{seed}"
+        if not args.report_only:
+            start = b.save_oneshot(base, method, seed)
+            b.run(name, "yamls/continue_pretrain/tiny_cpu.yaml", [
+                f"variables.source={start}", f"variables.reference_losses={ref}", f"max_duration={T}ba",
+                f"eval_interval={T // 10}ba", f"save_interval={T}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched])
+        return name
 
-    # the target architecture from scratch, evaluated along the way
-    scratch_steps = int(round(args.scratch_factor * (args.prune_steps + args.cpt_steps) / 100)) * 100
-    scratch_run = work / "scratch"
-    _train("yamls/pretrain/small_cpu.yaml", common_overrides(cache) + [
-        f"variables.run_dir={scratch_run}", f"max_duration={scratch_steps}ba", "eval_interval=100ba",
-        f"save_interval={scratch_steps}ba", "autoresume=false",
-        *[f"model.config.{k}={v}" for k, v in TARGET.items()], f"model.config.num_key_value_heads={TARGET['num_attention_heads']}"])
-    scratch_final = _export(scratch_run, work / "scratch_hf")
-    models[f"scratch ({args.scratch_factor:g}x tokens)"] = {"path": scratch_final, "tokens": scratch_steps * tok_per_step}
+    def sheared(seed: int, lr: float, dynamic: bool) -> tuple[str, str]:
+        prune = f"prune_s{seed}"
+        name = f"cpt_{'dynamic' if dynamic else 'constant'}_lr{lr:g}_s{seed}"
+        if not args.report_only:
+            b.run(prune, "yamls/prune/small_cpu.yaml", [
+                f"variables.source={source}", f"max_duration={args.prune_steps}ba",
+                f"eval_interval={args.prune_steps // 4}ba", f"save_interval={args.prune_steps}ba",
+                "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref}", f"seed={seed}"])
+            b.run(name, "yamls/continue_pretrain/tiny_cpu.yaml", [
+                f"variables.source={b.model_dir(prune)}", f"variables.reference_losses={ref}",
+                f"max_duration={args.cpt_steps}ba", f"eval_interval={args.cpt_steps // 6}ba",
+                f"save_interval={args.cpt_steps}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched,
+                *([] if dynamic else ["dynamic_loading.update=constant"])], after=prune)
+        return prune, name
 
-    rows = {}
-    for name, m in models.items():
-        losses = ref_losses if name == "source" else eval_losses(Path(m["path"]), data)
-        params = AutoModelForCausalLM.from_pretrained(m["path"]).num_parameters()
-        ex = _excess(losses, reference)
-        rows[name] = {"params": params, "tokens": m["tokens"], "losses": losses, "excess": ex,
-                      "worst_excess": max(ex.values()), "worst_domain": max(ex, key=ex.get)}
+    # 1. learning rates, on validation (seed 0, budget T)
+    sweep: dict[str, dict[str, float]] = {"scratch": {}, "continued": {}}
+    for lr in args.lrs:
+        for kind, name in (("scratch", scratch(T, lr, 0)), ("continued", oneshot_ft("random", 0, lr))):
+            if b.done(name):
+                sweep[kind][f"{lr:g}"] = b.val_loss(name)
+    lr_of = {k: float(min(v, key=v.get)) if v else args.lrs[0] for k, v in sweep.items()}
+    log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)
 
-    # scratch curve (trainer eval on the same sequences, data.eval_sequences_per_domain=128)
-    curve = read_metrics(scratch_run / "metrics.jsonl")["metrics/eval/LanguageCrossEntropy"]
-    curve = sorted((s * tok_per_step, v) for s, v in curve.items())
-    sheared_loss = rows["sheared: pruned + continued, dynamic"]["losses"]["all"]
-    at_equal = min(curve, key=lambda tv: abs(tv[0] - sheared_tokens))
-    needed = None
-    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
-        if l0 > sheared_loss >= l1:
-            needed = t0 + (t1 - t0) * (l0 - sheared_loss) / (l0 - l1)
-            break
-    claims = {
-        "sheared_tokens": sheared_tokens,
-        "sheared_loss": sheared_loss,
-        "scratch_loss_at_equal_tokens": at_equal[1],
-        "scratch_tokens_at_that_eval": at_equal[0],
-        "scratch_tokens_to_match_sheared": needed,
-        "scratch_tokens_ratio": None if needed is None else needed / sheared_tokens,
-        "sheared_beats_scratch_at_equal_tokens": sheared_loss < at_equal[1],
-        "dynamic_mean_loss": rows["sheared: pruned + continued, dynamic"]["losses"]["all"],
-        "constant_mean_loss": rows["pruned + continued, constant"]["losses"]["all"],
-        "dynamic_worst_excess": rows["sheared: pruned + continued, dynamic"]["worst_excess"],
-        "constant_worst_excess": rows["pruned + continued, constant"]["worst_excess"],
-        "dynamic_lowers_worst_excess": rows["sheared: pruned + continued, dynamic"]["worst_excess"]
-        < rows["pruned + continued, constant"]["worst_excess"],
-        "learned_vs_magnitude_after_continued": (rows["sheared: pruned + continued, dynamic"]["losses"]["all"],
-                                                 rows["magnitude + continued, dynamic"]["losses"]["all"]),
-    }
-    weights = {}
-    for name in ("prune", "cpt_dynamic"):
-        m = read_metrics(work / name / "metrics.jsonl")
-        weights[name] = {d: m.get(f"dynamic_loading/weight_{d}", {}) for d in domains}
+    # 2. every arm, seed by seed (seed 0 first, with the extra scratch budgets right after it)
+    arms: dict[str, list[str]] = {k: [] for k in ("learned (after pruning)", "sheared", "sheared_constant", "random",
+                                                  "magnitude", "scratch")}
+    oneshot: dict[str, list[str]] = {"random one-shot": [], "magnitude one-shot": []}
+    extra_scratch: dict[int, str] = {}
+    for seed in range(args.seeds):
+        prune, dyn = sheared(seed, lr_of["continued"], True)
+        _, const = sheared(seed, lr_of["continued"], False)
+        arms["learned (after pruning)"].append(prune)
+        arms["sheared"].append(dyn)
+        arms["sheared_constant"].append(const)
+        arms["random"].append(oneshot_ft("random", seed, lr_of["continued"]))
+        arms["magnitude"].append(oneshot_ft("magnitude", seed, lr_of["continued"]))
+        arms["scratch"].append(scratch(T, lr_of["scratch"], seed))
+        oneshot["random one-shot"].append(f"random_s{seed}")
+        oneshot["magnitude one-shot"].append("magnitude")
+        if seed == 0:
+            for f in args.scratch_budgets:
+                extra_scratch[int(round(f * T))] = scratch(int(round(f * T)), lr_of["scratch"], 0)
 
-    lines = [f"| model | params | tokens after source | eval loss | {' | '.join(domains)} | worst excess over reference |",
-             "|---|---|---|---|" + "---|" * len(domains) + "---|"]
-    for name, r in rows.items():
-        l = r["losses"]
-        lines.append(f"| {name} | {r['params'] / 1e6:.3f}M | {r['tokens'] / 1e6:.2f}M | {l['all']:.3f} | "
-                     + " | ".join(f"{l[d]:.3f}" for d in domains) + f" | {r['worst_excess']:+.3f} ({r['worst_domain']}) |")
-    lines.append("")
-    lines.append(f"- scratch at {at_equal[0] / 1e6:.2f}M tokens: {at_equal[1]:.3f}; sheared at {sheared_tokens / 1e6:.2f}M: "
-                 f"{sheared_loss:.3f}; scratch needs "
-                 + (f"{needed / 1e6:.2f}M tokens ({needed / sheared_tokens:.2f}x)" if needed else
-                    f"more than {curve[-1][0] / 1e6:.2f}M tokens (not reached)") + " to match")
-    lines.append(f"- dynamic vs constant loading: mean {claims['dynamic_mean_loss']:.3f} vs {claims['constant_mean_loss']:.3f}; "
-                 f"worst excess {claims['dynamic_worst_excess']:+.3f} vs {claims['constant_worst_excess']:+.3f}")
-    table = "\n".join(lines)
-    write_json(args.out, {"target": TARGET, "reference_losses": reference, "rows": rows, "claims": claims,
-                          "scratch_curve": curve, "domain_weights": weights, "table": table,
-                          "args": vars(args)})
-    Path(args.out).with_suffix(".md").write_text(table + "\n")
-    print(table)
+    # 3. report: test losses of the finished runs
+    source_test = b.test_losses("source", source)
+    src_mean = {d: float(source_test[d].mean()) for d in domains}
+
+    def summary(names: list[str]) -> Optional[dict]:
+        names = [n for n in names if b.done(n)]
+        if not names:
+            return None
+        per = [b.test_losses(n) for n in names]
+        means = [_mean_all(x) for x in per]
+        worst = [max(float(x[d].mean()) - src_mean[d] for d in domains) for x in per]
+        sem = lambda v: statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan")  # noqa: E731
+        stats = [b.stats(n) or {} for n in names]
+        tokens = [b.total_tokens(n) for n in names]
+        passes = []
+        for n in names:  # passes over each domain's training sequences, summed over the arm's runs
+            total: dict[str, float] = {}
+            while n:
+                st = b.stats(n) or {}
+                for d, k in (st.get("samples_per_domain") or {}).items():
+                    total[d] = total.get(d, 0.0) + k / st["train_sequences_per_domain"][d]
+                n = st.get("after")
+            passes.append(total)
+        return {"runs": names, "seeds": len(names), "loss": statistics.mean(means), "loss_se": sem(means),
+                "per_seed_loss": means, "domains": {d: statistics.mean(float(x[d].mean()) for x in per) for d in domains},
+                "worst_excess": statistics.mean(worst), "worst_excess_se": sem(worst),
+                "tokens_after_source": tokens, "batches": [s.get("batches") for s in stats],
+                "passes_per_domain": passes}
+
+    rows = {"source": {"runs": ["source"], "seeds": 1, "loss": _mean_all(source_test), "loss_se": float("nan"),
+                       "per_seed_loss": [_mean_all(source_test)], "domains": src_mean, "worst_excess": 0.0,
+                       "worst_excess_se": float("nan"), "tokens_after_source": [0], "batches": [0]}}
+    for k, v in {**oneshot, **arms}.items():
+        s = summary(v)
+        if s:
+            rows[k] = s
+    for steps, n in extra_scratch.items():
+        s = summary([n])
+        if s:
+            rows[f"scratch, {steps / T:g}T"] = s
+
+    def compare(a: str, c: str, metric: str = "loss") -> Optional[dict]:
+        pairs = [(x, y) for x, y in zip(arms.get(a, []), arms.get(c, [])) if b.done(x) and b.done(y)]
+        if not pairs:
+            return None
+        la = [b.test_losses(x) for x, _ in pairs]
+        lc = [b.test_losses(y) for _, y in pairs]
+        if metric == "loss":
+            per_seed = [_mean_all(x) - _mean_all(y) for x, y in zip(la, lc)]
+            seq_diff = np.mean([np.concatenate([x[d] - y[d] for d in domains]) for x, y in zip(la, lc)], axis=0)
+            _, se_test = paired_difference(seq_diff, np.zeros_like(seq_diff), SE_BLOCK)
+        else:  # worst domain's excess over the source
+            per_seed = [max(x[d].mean() - src_mean[d] for d in domains) - max(y[d].mean() - src_mean[d] for d in domains)
+                        for x, y in zip(la, lc)]
+            se_test = float("nan")
+        per_domain = {}
+        for d in domains:
+            dd = np.mean([x[d] - y[d] for x, y in zip(la, lc)], axis=0)
+            per_domain[d] = dict(zip(("diff", "se_test"), paired_difference(dd, np.zeros_like(dd), SE_BLOCK)))
+        m = statistics.mean(per_seed)
+        se_seed = statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else float("nan")
+        parts = [x for x in (se_seed, se_test) if np.isfinite(x)]
+        se = math.sqrt(sum(x * x for x in parts)) if parts else float("nan")
+        verdict = ("none (within 2 SE)" if not np.isfinite(se) or abs(m) <= 2 * se
+                   else f"{a} {'lower' if m < 0 else 'higher'}")
+        if len(per_seed) < 2:
+            verdict += "; one seed only"
+        return {"a": a, "b": c, "metric": metric, "seeds": len(per_seed), "per_seed": per_seed, "mean": m,
+                "se_seed": se_seed, "se_test": se_test, "se": se, "verdict": verdict, "per_domain": per_domain}
+
+    comparisons = [c for c in (
+        compare("sheared", "scratch"), compare("sheared", "random"), compare("sheared", "magnitude"),
+        compare("sheared", "sheared_constant"), compare("sheared", "sheared_constant", "worst_excess"),
+        compare("random", "magnitude")) if c]
+
+    # tokens scratch needs to reach sheared's final test loss, between fully decayed scratch runs
+    crossover = None
+    if "sheared" in rows and "scratch" in rows:
+        curve = sorted([(T * BATCH * SEQ, rows["scratch"]["loss"])] + [
+            (steps * BATCH * SEQ, rows[f"scratch, {steps / T:g}T"]["loss"]) for steps in extra_scratch
+            if f"scratch, {steps / T:g}T" in rows])
+        target_loss, tok = rows["sheared"]["loss"], T * BATCH * SEQ
+        needed = None
+        for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+            if l0 > target_loss >= l1:
+                frac = (l0 - target_loss) / (l0 - l1)
+                needed = math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0)))
+                break
+        crossover = {"curve_tokens_loss": curve, "sheared_loss": target_loss, "sheared_tokens": tok,
+                     "scratch_tokens_to_match": needed, "ratio": None if needed is None else needed / tok,
+                     "note": None if needed else ("scratch at T is already below sheared" if curve[0][1] <= target_loss
+                                                  else f"not reached by {curve[-1][0] / tok:g}T")}
+
+    # the test set's resolution: paired per-domain SE achieved, and the sequences needed for SE_BOUND
+    resolution = {}
+    for c in comparisons:
+        if c["metric"] != "loss":
+            continue
+        for d, v in c["per_domain"].items():
+            n = min(TEST_SEQUENCES, len(source_test[d]))
+            need = int(math.ceil(n * (v["se_test"] / SE_BOUND) ** 2)) if np.isfinite(v["se_test"]) else None
+            resolution[f"{c['a']} - {c['b']}: {d}"] = {"se_test": v["se_test"], "sequences": n, "needed_for_bound": need}
+
+    lines = [f"Test split: {', '.join(f'{d} {len(source_test[d])}' for d in domains)} sequences of {SEQ} tokens. "
+             f"T = {T} steps x {BATCH} x {SEQ} = {T * BATCH * SEQ / 1e6:.2f}M tokens after the source. "
+             f"Learning rates chosen on validation: scratch {lr_of['scratch']:g}, continued training "
+             f"{lr_of['continued']:g} (sweep: {json.dumps(sweep)}).", "",
+             f"| arm | seeds | tokens after source (trainer) | passes over train (code/docstrings/reference) | test loss | "
+             + " | ".join(domains) + " | worst excess over source |",
+             "|---|---|---|---|---|" + "---|" * len(domains) + "---|"]
+    for k, r in rows.items():
+        passes = r.get("passes_per_domain") or []
+        ps = "/".join(f"{statistics.mean(p.get(d, 0.0) for p in passes):.2f}" for d in domains) if passes else "-"
+        lines.append(f"| {k} | {r['seeds']} | {statistics.mean(r['tokens_after_source']) / 1e6:.2f}M | {ps} | "
+                     f"{_fmt(r['loss'], r['loss_se'])} | " + " | ".join(f"{r['domains'][d]:.3f}" for d in domains)
+                     + f" | {_fmt(r['worst_excess'], r['worst_excess_se'])} |")
+    lines += ["", "| comparison (a - b) | metric | seeds | mean difference | SE (seeds, test) | verdict |",
+              "|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {c['seeds']} | {c['mean']:+.4f} | "
+                     f"{c['se']:.4f} ({c['se_seed']:.4f}, {c['se_test']:.4f}) | {c['verdict']} |")
+    if crossover:
+        lines += ["", "Scratch, final test loss of each fully decayed run: " + ", ".join(
+            f"{t / 1e6:.2f}M tokens {l:.3f}" for t, l in crossover["curve_tokens_loss"]) +
+            f"; sheared {crossover['sheared_loss']:.3f} at {crossover['sheared_tokens'] / 1e6:.2f}M: scratch needs "
+            + (f"{crossover['scratch_tokens_to_match'] / 1e6:.2f}M tokens ({crossover['ratio']:.2f}x)"
+               if crossover["scratch_tokens_to_match"] else crossover["note"]) + "."]
+    worst_res = max(resolution.items(), key=lambda kv: kv[1]["se_test"] if np.isfinite(kv[1]["se_test"]) else 0,
+                    default=None)
+    if worst_res:
+        lines += ["", f"Largest paired per-domain test-set SE: {worst_res[1]['se_test']:.4f} ({worst_res[0]}; bound "
+                  f"{SE_BOUND}; {worst_res[1]['sequences']} sequences, {worst_res[1]['needed_for_bound']} needed)."]
+    report = "\n".join(lines)
+    write_json(args.out, {"target": TARGET, "T_steps": T, "batch": BATCH, "seq_len": SEQ,
+                          "reference_losses_val": src_val, "learning_rates": lr_of, "lr_sweep_val": sweep,
+                          "rows": rows, "comparisons": comparisons, "crossover": crossover, "resolution": resolution,
+                          "se_bound": SE_BOUND, "report": report, "args": vars(args)})
+    Path(args.out).with_suffix(".md").write_text(report + "\n")
+    print(report)
     return 0
 
 

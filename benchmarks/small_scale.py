@@ -1,10 +1,13 @@
 """The small-scale setting shared by the CPU method benchmarks, with its expensive artefacts cached.
 
-Data: the embedded corpus (Python's code, docstrings and language reference; present on any machine)
-with a 2048-token SentencePiece tokenizer, sequences of 128. Source: ``yamls/pretrain/small_cpu.yaml``
-(1.33M parameters) trained for 2000 batches of 32 x 128 tokens (8.2M tokens, ~6 tokens per parameter,
-~10 minutes on 2 cores) and exported. Everything lands in ``--cache`` and is reused by later runs,
-so the source is trained once (METHOD.md: shearing can only pay off from a well-trained source).
+Data: the embedded corpus (Python's code, docstrings and language reference; present on any machine;
+code and docstrings from disjoint source files), split by document into train / val / test (10% / 15%
+held out), with a 2048-token SentencePiece tokenizer trained on the training split only, sequences of 128.
+Training evaluates, and dynamic loading and any tuning read, ``val``; results are reported on ``test``.
+Source: ``yamls/pretrain/small_cpu.yaml`` (1.33M parameters) trained for 2000 batches of 32 x 128 tokens
+(8.2M tokens, ~6 tokens per parameter, ~10 minutes on 2 cores) and exported. Everything lands in ``--cache``
+and is reused by later runs, so the source is trained once (METHOD.md: shearing can only pay off from a
+well-trained source).
 
     python -m benchmarks.small_scale --cache runs/benchmarks/cache     # builds the cache only
 """
@@ -25,6 +28,8 @@ VOCAB = 2048
 SEQ_LEN = 128
 SOURCE_STEPS = 2000
 CORPUS_CHARS = 6_000_000
+SPLIT = dict(split_seed=0, val_fraction=0.10, test_fraction=0.15)
+TEST_SEQUENCES = 1024  # per domain, at most: the reported test set (fixed before any run; see replication.py)
 
 
 def common_overrides(cache: Path) -> list[str]:
@@ -32,11 +37,13 @@ def common_overrides(cache: Path) -> list[str]:
             "console_log_interval=250ba", "progress_bar=false", "data.eval_sequences_per_domain=128"]
 
 
-def eval_losses(model_dir: Path, data: Path) -> dict[str, float]:
-    """Per-domain (and ``all``) eval loss of an exported model on the same 128 held-out sequences per domain."""
+def eval_losses(model_dir: Path, data: Path, split: str = "test") -> dict[str, float]:
+    """Per-domain (and ``all``) loss of an exported model on the same held-out sequences (``TEST_SEQUENCES`` per
+    domain at most) of ``split``: ``test`` for reported results, ``val`` for tuning."""
     from llmshearing.evaluate import domain_losses, load_model
 
-    return domain_losses(load_model(model_dir), data, batch_size=32, max_sequences_per_domain=128)
+    return domain_losses(load_model(model_dir), data, batch_size=64, max_sequences_per_domain=TEST_SEQUENCES,
+                         split=split)
 
 
 def ensure_data(cache: Path) -> Path:
@@ -48,10 +55,11 @@ def ensure_data(cache: Path) -> Path:
     if not corpus.exists():
         build_embedded_corpus(corpus, max_chars_per_domain=CORPUS_CHARS)
     if not (tok / "tokenizer.json").exists():
-        train_tokenizer(corpus, tok, vocab_size=VOCAB)
+        train_tokenizer(corpus, tok, vocab_size=VOCAB, **SPLIT)  # training documents only
     if not (data / MANIFEST).exists():
-        prepare_dataset(corpus, data, str(tok), SEQ_LEN, eval_fraction=0.05, max_doc_chars=4000, workers=2,
-                        overwrite=True, progress=False)
+        prepare_dataset(corpus, data, str(tok), SEQ_LEN, seed=SPLIT["split_seed"], val_fraction=SPLIT["val_fraction"],
+                        test_fraction=SPLIT["test_fraction"], max_doc_chars=4000, workers=2, overwrite=True,
+                        progress=False)
     return data
 
 
@@ -76,7 +84,7 @@ def ensure_source(cache: Path) -> Path:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default="runs/benchmarks/cache")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v3")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(ensure_source(Path(args.cache).resolve()))
