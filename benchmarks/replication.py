@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     if crossover:
         lines += ["", "Scratch, final test loss of each fully decayed run: " + ", ".join(
             f"{t / 1e6:.2f}M tokens {l:.3f}" for t, l in crossover["curve_tokens_loss"]) +
-            f"; sheared {crossover['sheared_loss']:.3f} at {crossover['sheared_tokens'] / 1e6:.2f}M: scratch needs "
-            + (f"{crossover['scratch_tokens_to_match'] / 1e6:.2f}M tokens ({crossover['ratio']:.2f}x)"
+            f"; sheared {crossover['sheared_loss']:.3f} at {crossover['sheared_tokens'] / 1e6:.2f}M: "
+            + (f"scratch needs {crossover['scratch_tokens_to_match'] / 1e6:.2f}M tokens ({crossover['ratio']:.2f}x)"
                if crossover["scratch_tokens_to_match"] else crossover["note"]) + "."]
     worst_res = max(resolution.items(), key=lambda kv: kv[1]["se_test"] if np.isfinite(kv[1]["se_test"]) else 0,
                     default=None)
