@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/fault_injection.json")
-    p.add_argument("--cache", default="runs/benchmarks/cache")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v3")
     args = p.parse_args(argv)
     data = ensure_data(Path(args.cache).resolve())
     rows = []

@@ -76,9 +76,17 @@ def synthetic_dataset(root: Path, vocab: int, seq_len: int, n_train: int, n_eval
 
 
 def flops_per_token(shape: dict, vocab: int, seq_len: int) -> float:
+    """Training FLOPs per token of a LLaMA-style decoder: 6 x the matmul parameters (q and o: d x H hd;
+    k and v: d x G hd, smaller under GQA; gate/up/down: d x m; LM head: V x d; the embedding lookup is free),
+    plus causal attention: scores and weighted values, 2 x 2 x T x H hd per layer forward, halved by the causal
+    mask, x 3 for the backward: 6 L T H hd."""
     d, L, m = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"]
-    n = L * (4 * d * d + 3 * d * m) + vocab * d  # layers + LM head (the embedding lookup is free)
-    return 6 * n + 6 * L * d * seq_len  # H * hd = d
+    H = shape["num_attention_heads"]
+    G = shape.get("num_key_value_heads") or H
+    hd = shape.get("head_dim") or d // H
+    per_layer = 2 * d * H * hd + 2 * d * G * hd + 3 * d * m  # q, o; k, v; gate, up, down
+    n = L * per_layer + vocab * d
+    return 6 * n + 6 * L * H * hd * seq_len
 
 
 def _overrides(name: str, case: dict, data: Path, work: Path, args, steps: int) -> list[str]:

@@ -9,14 +9,19 @@
 - project step / bare PyTorch step: the Trainer's continued-pre-training step vs a hand-written loop over
   the same transformers model, batch, DecoupledAdamW and norm clipping.
 
-Each variant runs ``--steps`` steps per repetition (the first ``--warmup`` discarded); variants are
-interleaved within each of ``--reps`` repetitions; figures are medians of per-repetition medians.
+Each variant runs ``--steps`` steps per repetition (the first ``--warmup`` discarded) and gives the median
+of its steps. Within each of ``--reps`` repetitions the variants run in a random order (seeded), so drift of
+the machine does not favour a variant that always runs first. A ratio is taken within each repetition (paired),
+and reported as the geometric mean over repetitions with a 95% bootstrap confidence interval (and the median).
+A goal counts as met only when the interval's upper end is below it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -97,7 +102,7 @@ def bare_step(data: Path, shape: str, steps: int, batch: int) -> float:
     return statistics.median(times[WARMUP:])
 
 
-def eval_forward(shape: str, batch: int, iters: int) -> tuple[float, float]:
+def eval_forward(shape: str, batch: int, iters: int, masked_first: bool = False) -> tuple[float, float]:
     """(plain forward, forward with deterministic masks attached), seconds, medians over ``iters``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -117,8 +122,8 @@ def eval_forward(shape: str, batch: int, iters: int) -> tuple[float, float]:
     attach_masks(masked, masks)
     masks.eval()
     ids = torch.randint(0, 2048, (batch, 128), generator=torch.Generator().manual_seed(0))
-    out = []
-    for m in (plain, masked):
+    out = {}
+    for m in ((masked, plain) if masked_first else (plain, masked)):
         with torch.no_grad():
             for _ in range(WARMUP):
                 m(input_ids=ids)
@@ -127,8 +132,23 @@ def eval_forward(shape: str, batch: int, iters: int) -> tuple[float, float]:
                 t0 = time.perf_counter()
                 m(input_ids=ids)
                 ts.append(time.perf_counter() - t0)
-        out.append(statistics.median(ts))
-    return out[0], out[1]
+        out[m is masked] = statistics.median(ts)
+    return out[False], out[True]
+
+
+GOALS = {"ratio_prune_vs_plain_step": 1.15, "ratio_masked_eval_vs_plain_forward": 1.05,
+         "ratio_project_vs_bare_step": 1.05}
+
+
+def ratio_summary(num: list[float], den: list[float], goal: float, seed: int = 0) -> dict:
+    """Paired per-repetition ratios: geometric mean, median, 95% bootstrap interval, and whether the goal holds."""
+    logs = [math.log(a / b) for a, b in zip(num, den)]
+    rng = random.Random(seed)
+    boots = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(10000))
+    lo, hi = math.exp(boots[249]), math.exp(boots[9749])
+    return {"geomean": math.exp(statistics.fmean(logs)), "median": statistics.median(a / b for a, b in zip(num, den)),
+            "ci95": [lo, hi], "per_rep": [a / b for a, b in zip(num, den)], "goal": goal,
+            "verdict": "met" if hi <= goal else "not met" if lo > goal else "not resolved (interval contains the goal)"}
 
 
 WARMUP = 3
@@ -138,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     global WARMUP
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/overhead.json")
-    p.add_argument("--cache", default="runs/benchmarks/cache")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v3")
     p.add_argument("--shapes", nargs="*", default=["small", "medium"], choices=sorted(SHAPES))
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="order of the variants, bootstrap")
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args(argv)
     WARMUP = args.warmup
@@ -151,26 +172,38 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     data = ensure_data(Path(args.cache).resolve())
     result = {"steps": args.steps, "warmup": args.warmup, "reps": args.reps, "batch": args.batch, "seq_len": 128,
+              "seed": args.seed,
               "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
             raw: dict[str, list[float]] = {k: [] for k in ("plain_step", "prune_step", "bare_step", "eval_plain",
                                                            "eval_masked")}
+            order_rng = random.Random(args.seed)
+            variants = ["plain", "prune", "bare", "eval"]
             for _ in range(args.reps):
-                raw["plain_step"].append(trainer_step(data, Path(tmp), shape, args.steps, args.batch, prune=False))
-                raw["prune_step"].append(trainer_step(data, Path(tmp), shape, args.steps, args.batch, prune=True))
-                raw["bare_step"].append(bare_step(data, shape, args.steps, args.batch))
-                e_plain, e_masked = eval_forward(shape, args.batch, args.steps)
-                raw["eval_plain"].append(e_plain)
-                raw["eval_masked"].append(e_masked)
+                order_rng.shuffle(variants)
+                for v in variants:
+                    if v == "plain":
+                        raw["plain_step"].append(trainer_step(data, Path(tmp), shape, args.steps, args.batch, prune=False))
+                    elif v == "prune":
+                        raw["prune_step"].append(trainer_step(data, Path(tmp), shape, args.steps, args.batch, prune=True))
+                    elif v == "bare":
+                        raw["bare_step"].append(bare_step(data, shape, args.steps, args.batch))
+                    else:
+                        e_plain, e_masked = eval_forward(shape, args.batch, args.steps, order_rng.random() < 0.5)
+                        raw["eval_plain"].append(e_plain)
+                        raw["eval_masked"].append(e_masked)
             med = {k: median(v) for k, v in raw.items()}
-            result["shapes"][shape] = {
-                "model": SHAPES[shape], "target": TARGETS[shape], "seconds": med, "raw": raw,
-                "ratio_prune_vs_plain_step": med["prune_step"] / med["plain_step"],
-                "ratio_masked_eval_vs_plain_forward": med["eval_masked"] / med["eval_plain"],
-                "ratio_project_vs_bare_step": med["plain_step"] / med["bare_step"],
-            }
-            print(shape, {k: round(v, 3) for k, v in result["shapes"][shape].items() if k.startswith("ratio")}, med)
+            pairs = {"ratio_prune_vs_plain_step": ("prune_step", "plain_step"),
+                     "ratio_masked_eval_vs_plain_forward": ("eval_masked", "eval_plain"),
+                     "ratio_project_vs_bare_step": ("plain_step", "bare_step")}
+            result["shapes"][shape] = {"model": SHAPES[shape], "target": TARGETS[shape], "seconds": med, "raw": raw}
+            for name, (num, den) in pairs.items():
+                result["shapes"][shape][name] = ratio_summary(raw[num], raw[den], GOALS[name], args.seed)
+            for k, v in result["shapes"][shape].items():
+                if k.startswith("ratio"):
+                    print(f"{shape} {k}: {v['geomean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] "
+                          f"(median {v['median']:.3f}; goal <= {v['goal']}: {v['verdict']})", flush=True)
     write_json(args.out, result)
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.gpu_throughput import flops_per_token
 from benchmarks.gpu_throughput import main as gpu_main
 
@@ -58,3 +60,53 @@ def test_memory_plan_separates_per_token_activations_from_the_scaled_weights():
     per_token = res["layer_bytes_per_token_per_hidden"] * d
     assert abs(per_token - (24 * d + 8 * m)) < 0.1 * per_token
     assert 4 < res["outside_bytes_per_token_per_vocab"] < 8  # the fp32 log-softmax kept by the loss, and more
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_flops_per_token_matches_the_matmuls_of_the_model(kv_heads):
+    """Counted with torch's FLOP counter on a real transformers model (eager attention: the score and value
+    matmuls are bmm, the projections mm): 3 x the forward's linear FLOPs, plus 3 x half the attention's
+    (the formula counts the causal half the kernels skip; eager attention computes the full square)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=kv_heads,
+                 intermediate_size=96)
+    vocab, T, B = 256, 32, 2
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, attn_implementation="eager", **shape))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, vocab, (B, T)))
+    counts = {name: {str(op): n for op, n in ops.items()} for name, ops in counter.get_flop_counts().items()}
+    linear = counts["Global"].get("aten.mm", 0) + counts["Global"].get("aten.addmm", 0)
+    # the layers' attention only (the rotary frequency table is a bmm too, outside the layers)
+    attention = sum(ops.get("aten.bmm", 0) for name, ops in counts.items() if name.endswith("self_attn"))
+    assert attention > 0 and linear > 0
+    counted = 3 * (linear + attention / 2) / (B * T)
+    assert flops_per_token(shape, vocab, T) == pytest.approx(counted, rel=1e-9)
+
+
+def test_ratio_summary_calls_a_goal_met_only_when_the_interval_clears_it():
+    from benchmarks.overhead import ratio_summary
+
+    clear = ratio_summary([1.00, 1.01, 0.99, 1.00, 1.02], [1.0] * 5, goal=1.05)
+    assert clear["verdict"] == "met" and clear["ci95"][0] <= clear["geomean"] <= clear["ci95"][1] < 1.05
+    close = ratio_summary([1.00, 1.10, 0.98, 1.08, 1.04], [1.0] * 5, goal=1.05)
+    assert close["verdict"].startswith("not resolved")
+    assert ratio_summary([1.3, 1.31, 1.29], [1.0] * 3, goal=1.05)["verdict"] == "not met"
+
+
+def test_paired_difference_standard_error():
+    import numpy as np
+
+    from llmshearing.evaluate import paired_difference
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(3.0, 1.0, 4000)
+    b = a - 0.01 + rng.normal(0, 0.1, 4000)  # b is 0.01 lower; paired noise 0.1 per sequence
+    m, se = paired_difference(a, b, block=8)
+    assert abs(m - 0.01) < 4 * se and abs(se - 0.1 / np.sqrt(4000)) < 0.3 * se
+    # correlated neighbours (each value repeated 8 times): the block estimate sees 500 values, not 4000
+    noise = np.repeat(rng.normal(0, 0.1, 500), 8)
+    _, se_blocked = paired_difference(noise, np.zeros(4000), block=8)
+    assert abs(se_blocked - 0.1 / np.sqrt(500)) < 0.2 * se_blocked
