@@ -87,7 +87,8 @@ class DataConfig:
     """Prepared (tokenized, MDS) data, as written by ``data_prep/prepare_data.py``.
 
     Args:
-        local: the prepared dataset root (holds ``manifest.json``, ``train/<domain>``, ``eval/<domain>``).
+        local: the prepared dataset root (holds ``manifest.json``, ``train/<domain>``, ``val/<domain>``,
+            ``test/<domain>``); training evaluates ``val`` only.
         remote: optional object-store URI of the same layout; ``local`` is then the cache directory.
         domains: domains to train on (default: all in the manifest, in manifest order).
         proportions: initial domain sampling proportions (default: each domain's share of tokens).
@@ -95,7 +96,7 @@ class DataConfig:
         num_workers: dataloader worker processes.
         prefetch_factor: batches prefetched per worker (ignored with 0 workers).
         on_exhausted: what to do when a domain runs out of unseen samples: ``repeat`` (reshuffle, warn) or ``stop``.
-        eval_sequences_per_domain: evaluate on at most this many held-out sequences per domain (default: all).
+        eval_sequences_per_domain: evaluate on at most this many validation sequences per domain (default: all).
     """
 
     local: str = "???"

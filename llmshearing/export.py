@@ -19,7 +19,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_utils import no_init_weights
 
-from llmshearing.models.families import FAMILIES, describe_shape
+from llmshearing.models.adapters import adapter_for
+from llmshearing.models.families import describe_shape
 from llmshearing.pruning.masks import ShearingMasks
 from llmshearing.pruning.materialize import prune_state_dict, pruned_config
 
@@ -90,7 +91,8 @@ def export_checkpoint(
     state = load_composer_checkpoint(checkpoint)
     meta = _metadata(state)
     family = meta["hf_config"]["model_type"]
-    config_cls, model_cls = FAMILIES[family]
+    adapter = adapter_for(family)
+    config_cls, model_cls = adapter.config_cls, adapter.model_cls
     src_cfg_dict = {k: v for k, v in meta["hf_config"].items() if k not in ("model_type", "transformers_version")}
     src_config = config_cls(**src_cfg_dict)
     weights: dict[str, torch.Tensor] = state["model"]
@@ -115,7 +117,8 @@ def export_checkpoint(
         det = masks.deterministic()
         config = pruned_config(src_config, det)
         tensors = prune_state_dict(get, src_config, det, tied=bool(src_config.tie_word_embeddings))
-        used = _used_source_keys(src_config)
+        adapter.check(src_config)
+        used = adapter.tensor_names(src_config)
     else:
         config = src_config
         tensors = {k: get(k) for k in hf_keys}
@@ -157,19 +160,3 @@ def export_checkpoint(
     log.info("exported %s (%s) to %s", family, describe_shape(config), output)
     return output
 
-
-def _used_source_keys(config) -> set[str]:
-    """Every source tensor name the pruning export reads (all of them, for a LLaMA-family model)."""
-    names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names.add(p + f"self_attn.{proj}.weight")
-        if bias:
-            names.update(p + f"self_attn.{proj}.bias" for proj in ("q_proj", "k_proj", "v_proj"))
-        if getattr(config, "attention_bias", False):
-            names.add(p + "self_attn.o_proj.bias")
-        names.update(p + f"mlp.{x}.weight" for x in ("gate_proj", "up_proj", "down_proj"))
-        names.update(p + f"{n}.weight" for n in ("input_layernorm", "post_attention_layernorm"))
-    return names

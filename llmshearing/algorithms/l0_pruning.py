@@ -30,7 +30,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers import PretrainedConfig
 
-from llmshearing.config import PruningConfig
+from llmshearing.config import ConfigError, PruningConfig
+from llmshearing.models.adapters import UnsupportedModel, adapter_for
 from llmshearing.models.families import describe_shape
 from llmshearing.pruning import ShearingMasks, attach_masks, resolve_target
 
@@ -86,7 +87,12 @@ class L0Pruning(Algorithm):
     def from_config(
         cls, cfg: PruningConfig, model_config: PretrainedConfig, seed: int = 0, save_folder: Optional[str] = None
     ) -> L0Pruning:
-        """Validate the target against the source config (before any training) and build the algorithm."""
+        """Validate the family, its features and the target against the source config (before any training)
+        and build the algorithm."""
+        try:
+            adapter = adapter_for(model_config)
+        except UnsupportedModel as e:
+            raise ConfigError(str(e)) from None
         source = describe_shape(model_config)
         target = resolve_target(source, cfg.target, cfg.prune)
         return cls(
@@ -101,7 +107,7 @@ class L0Pruning(Algorithm):
             seed=seed,
             save_folder=save_folder if cfg.save_masks else None,
             tie_word_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
-            qkv_bias=model_config.model_type == "qwen2" or bool(getattr(model_config, "attention_bias", False)),
+            qkv_bias=any(p.bias(model_config) for p in adapter.projections if p.rows in ("q", "kv")),
         )
 
     def match(self, event: Event, state: State) -> bool:

@@ -1,10 +1,9 @@
 """Supported model families and how to build or load them.
 
 Every family is the transformers implementation itself (no re-implementation), so parity with the
-Hub and export to Hugging Face format hold by construction. A family is one row of ``FAMILIES``;
-adding a LLaMA-like family costs one line when its module layout matches (``model.embed_tokens``,
-``model.layers[i].self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``*_layernorm``,
-``model.norm``, ``lm_head``), which is what the pruning hooks and materialisation rely on.
+Hub and export to Hugging Face format hold by construction. A family is one
+:class:`~llmshearing.models.adapters.FamilyAdapter` (where each structure lives and how it is cut), which
+the pruning hooks, materialisation and export read; ``FAMILIES`` is the (config class, model class) view.
 """
 
 from __future__ import annotations
@@ -14,17 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from llmshearing.models.adapters import ADAPTERS, adapter_for, supported_families
 
 if TYPE_CHECKING:
     from llmshearing.config import ModelConfig
@@ -33,9 +24,7 @@ log = logging.getLogger(__name__)
 
 # model_type -> (config class, model class)
 FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    k: (a.config_cls, a.model_cls) for k, a in ADAPTERS.items()
 }
 
 # Config fields that define the shape; pruning changes exactly these.
@@ -83,7 +72,7 @@ def build_hf_model(cfg: ModelConfig) -> PreTrainedModel:
     Raises:
         ValueError: the checkpoint is of another family, or disagrees with ``cfg.config``.
     """
-    _, model_cls = FAMILIES[cfg.family]
+    model_cls = adapter_for(cfg.family).model_cls
     if cfg.pretrained is None:
         config = build_config(cfg.family, dict(cfg.config))
         config._attn_implementation = cfg.attn_implementation
@@ -97,9 +86,10 @@ def build_hf_model(cfg: ModelConfig) -> PreTrainedModel:
             )
         config = AutoConfig.from_pretrained(path)
         if config.model_type != cfg.family:
+            fix = (f"set model.family={config.model_type}" if config.model_type in ADAPTERS
+                   else f"its family is not supported (supported: {supported_families()})")
             raise ValueError(
-                f"model.pretrained holds a {config.model_type!r} model but model.family={cfg.family!r}; "
-                f"set model.family={config.model_type}"
+                f"model.pretrained holds a {config.model_type!r} model but model.family={cfg.family!r}; {fix}"
             )
         for key, want in cfg.config.items():
             have = getattr(config, key, None)

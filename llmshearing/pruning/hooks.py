@@ -1,14 +1,15 @@
 """Apply :class:`~llmshearing.pruning.masks.ShearingMasks` to an unmodified transformers model.
 
-The model's code is untouched. A pre-forward hook on the ``*ForCausalLM`` computes this forward's
-masks once; then, for each layer ``i``:
+The model's code is untouched; where things are comes from the family's
+:class:`~llmshearing.models.adapters.FamilyAdapter`. A pre-forward hook on the ``*ForCausalLM`` computes this
+forward's masks once; then, for each layer ``i`` (LLaMA names):
 
 | where | how | effect |
 | --- | --- | --- |
-| output of ``embed_tokens`` | forward hook | ``* z_hidden`` |
-| ``self_attn.o_proj`` | forward replaced: ``x @ (W * z_head[i] * (z_layer[i] * z_hidden))^T`` | each head's output ``* z_head[i]``, the write into the residual ``* z_layer[i] * z_hidden`` |
-| ``mlp.down_proj`` | forward replaced: ``x @ (W * z_int[i] * (z_layer[i] * z_hidden))^T`` | each channel ``* z_int[i]``, the residual write likewise |
-| every RMSNorm | forward replaced | RMS over the kept hidden dims only |
+| output of the embedding | forward hook | ``* z_hidden`` |
+| each residual writer (``self_attn.o_proj``, input unit ``q``) | forward replaced: ``x @ (W * z_head[i] * (z_layer[i] * z_hidden))^T`` | each head's output ``* z_head[i]``, the write into the residual ``* z_layer[i] * z_hidden`` |
+| each residual writer (``mlp.down_proj``, input unit ``ffn``) | forward replaced: ``x @ (W * z_int[i] * (z_layer[i] * z_hidden))^T`` | each channel ``* z_int[i]``, the residual write likewise |
+| every RMSNorm of the layer and the final norm | forward replaced | RMS over the kept hidden dims only |
 
 The masks scale the *weights* of ``o_proj`` and ``down_proj`` (d x k elements per matrix) rather than
 their activations (tokens x d): the same function and gradients, with far less elementwise work for
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from llmshearing.models.adapters import adapter_for
 from llmshearing.models.families import head_dim
 from llmshearing.pruning.masks import ShearingMasks
 
@@ -84,8 +86,9 @@ def _masked_linear(module: nn.Linear, masks: ShearingMasks, layer: int, in_key: 
     return forward
 
 
-def _masked_rmsnorm(module: nn.Module, masks: ShearingMasks):
+def _masked_rmsnorm(module: nn.Module, masks: ShearingMasks, eps_attr: str):
     original = module.forward
+    eps = getattr(module, eps_attr)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         z = masks.z
@@ -93,7 +96,7 @@ def _masked_rmsnorm(module: nn.Module, masks: ShearingMasks):
             return original(x)
         xf = x.to(torch.float32)
         var = xf.pow(2).sum(-1, keepdim=True) / z["hidden_count"]  # mean over kept dims (pruned ones are 0)
-        return module.weight * (xf * torch.rsqrt(var + module.variance_epsilon)).to(x.dtype)
+        return module.weight * (xf * torch.rsqrt(var + eps)).to(x.dtype)
 
     return forward
 
@@ -103,8 +106,17 @@ def _replace_forward(hooks: MaskHooks, name: str, module: nn.Module, forward: An
     hooks.patched[name] = module
 
 
+# the mask that scales each input unit of a residual writer
+_INPUT_MASK = {"q": "head", "ffn": "intermediate"}
+
+
 def attach_masks(model: nn.Module, masks: ShearingMasks) -> MaskHooks:
-    """Hook the masks into a LLaMA-family ``*ForCausalLM`` (see the module docstring)."""
+    """Hook the masks into a supported ``*ForCausalLM`` (see the module docstring).
+
+    Raises:
+        UnsupportedModel: the family or one of its features cannot be pruned (names what is supported).
+    """
+    adapter = adapter_for(model.config)
     hooks = MaskHooks()
     h = hooks.handles
 
@@ -112,15 +124,17 @@ def attach_masks(model: nn.Module, masks: ShearingMasks) -> MaskHooks:
         masks.refresh(training=module.training)  # sampled when the model trains, top-k when it evaluates
 
     h["refresh"] = model.register_forward_pre_hook(refresh)
-    base = model.model
-    h["embed"] = base.embed_tokens.register_forward_hook(_scale_output(masks))
-    hd = head_dim(model.config)
-    for i, layer in enumerate(base.layers):
-        o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
-        _replace_forward(hooks, f"o_proj[{i}]", o_proj, _masked_linear(o_proj, masks, i, "head", hd))
-        _replace_forward(hooks, f"down_proj[{i}]", down, _masked_linear(down, masks, i, "intermediate", 1))
-        for norm_name in ("input_layernorm", "post_attention_layernorm"):
-            norm = getattr(layer, norm_name)
-            _replace_forward(hooks, f"{norm_name}[{i}]", norm, _masked_rmsnorm(norm, masks))
-    _replace_forward(hooks, "final_norm", base.norm, _masked_rmsnorm(base.norm, masks))
+    h["embed"] = adapter.get(model, adapter.embed).register_forward_hook(_scale_output(masks))
+    repeat = {"q": head_dim(model.config), "ffn": 1}
+    for i, layer in adapter.decoder_layers(model):
+        for proj in adapter.projections:
+            if proj.writes_residual:
+                module = adapter.get(layer, proj.path)
+                forward = _masked_linear(module, masks, i, _INPUT_MASK[proj.cols], repeat[proj.cols])
+                _replace_forward(hooks, f"{proj.path}[{i}]", module, forward)
+        for norm_name in adapter.norms:
+            norm = adapter.get(layer, norm_name)
+            _replace_forward(hooks, f"{norm_name}[{i}]", norm, _masked_rmsnorm(norm, masks, adapter.norm_eps))
+    final = adapter.get(model, adapter.final_norm)
+    _replace_forward(hooks, "final_norm", final, _masked_rmsnorm(final, masks, adapter.norm_eps))
     return hooks

@@ -1,12 +1,13 @@
 """Physical pruning: (source weights, deterministic masks) -> a dense model of exactly the target shape.
 
-A pure function of its inputs. Kept units are selected, and the surviving mask values are folded
-into the adjacent weights, so the result computes what the masked model computes:
+A pure function of its inputs. Kept units are selected along each weight's rows and columns by the units
+the family's adapter gives them, and the surviving mask values are folded into the adjacent weights, so the
+result computes what the masked model computes (LLaMA names):
 
 | mask | folded into |
 | --- | --- |
-| z_hidden (d) | columns of ``embed_tokens``; rows of every ``o_proj`` and ``down_proj`` |
-| z_layer (L) | rows of the layer's ``o_proj`` and ``down_proj`` |
+| z_hidden (d) | columns of the embedding; rows (and bias) of every residual writer (``o_proj``, ``down_proj``) |
+| z_layer (L) | rows of the layer's residual writers |
 | z_head (L, H) | the head's input columns of ``o_proj`` |
 | z_int (L, m) | input columns of ``down_proj`` |
 
@@ -23,7 +24,8 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_utils import no_init_weights
 
-from llmshearing.models.families import FAMILIES, head_dim
+from llmshearing.models.adapters import adapter_for
+from llmshearing.models.families import head_dim
 from llmshearing.pruning.masks import DeterministicMasks
 
 __all__ = ["pruned_config", "prune_state_dict", "materialize"]
@@ -58,7 +60,7 @@ def pruned_config(config: PretrainedConfig, masks: DeterministicMasks) -> Pretra
         d["tie_word_embeddings"] = False
     for k in ("_name_or_path", "transformers_version", "architectures"):
         d.pop(k, None)
-    config_cls, _ = FAMILIES[config.model_type]
+    config_cls = adapter_for(config).config_cls
     d.pop("model_type", None)
     return config_cls(**d)
 
@@ -74,6 +76,7 @@ def prune_state_dict(
         masks: deterministic masks of the source shape.
         tied: whether the source ties ``lm_head`` to ``embed_tokens``.
     """
+    adapter = adapter_for(config)
     hd = head_dim(config)
     H, G = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     hid = _idx(masks.hidden_keep)
@@ -83,40 +86,43 @@ def prune_state_dict(
     def rows_of(units: torch.Tensor, size: int) -> torch.Tensor:  # head/group indices -> weight rows
         return (units[:, None] * size + torch.arange(size)[None, :]).flatten()
 
-    out["model.embed_tokens.weight"] = get("model.embed_tokens.weight")[:, hid] * z_hid  # (V, d_t)
-    out["model.norm.weight"] = get("model.norm.weight")[hid]
+    embed, lm_head = f"{adapter.embed}.weight", f"{adapter.lm_head}.weight"
+    out[embed] = get(embed)[:, hid] * z_hid  # (V, d_t)
+    out[f"{adapter.final_norm}.weight"] = get(f"{adapter.final_norm}.weight")[hid]
     if not tied or not config.tie_word_embeddings:
-        out["lm_head.weight"] = get("lm_head.weight")[:, hid]
+        out[lm_head] = get(lm_head)[:, hid]
     elif not torch.all(z_hid == 1):
-        out["lm_head.weight"] = get("model.embed_tokens.weight")[:, hid]
+        out[lm_head] = get(embed)[:, hid]
 
-    for new, old in enumerate(_idx(masks.layer_keep).tolist()):
-        src, dst = f"model.layers.{old}.", f"model.layers.{new}."
+    layers = _idx(masks.layer_keep).tolist()
+    for new, old in enumerate(layers):
+        src, dst = adapter.layer_prefix(old), adapter.layer_prefix(new)
         z_layer = masks.layer.cpu()[old].float()
         heads = _idx(masks.head_keep[old])  # (H_t,) in group order
         groups = _idx(masks.kv_keep[old])  # (G_t,)
-        z_head = masks.head.cpu()[old][heads].float()
-        q_rows, kv_rows = rows_of(heads, hd), rows_of(groups, hd)
-        for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            out[dst + f"self_attn.{name}.weight"] = get(src + f"self_attn.{name}.weight")[rows][:, hid]
-            if getattr(config, "attention_bias", False) or config.model_type == "qwen2":
-                out[dst + f"self_attn.{name}.bias"] = get(src + f"self_attn.{name}.bias")[rows]
-        o = get(src + "self_attn.o_proj.weight")[hid][:, q_rows]  # (d_t, H_t * hd)
-        out[dst + "self_attn.o_proj.weight"] = o * z_head.repeat_interleave(hd)[None, :] * (z_hid * z_layer)[:, None]
-        if getattr(config, "attention_bias", False):
-            out[dst + "self_attn.o_proj.bias"] = get(src + "self_attn.o_proj.bias")[hid] * z_hid * z_layer
-        ch = _idx(masks.intermediate_keep[old])
-        z_ch = masks.intermediate.cpu()[old][ch].float()
-        out[dst + "mlp.gate_proj.weight"] = get(src + "mlp.gate_proj.weight")[ch][:, hid]
-        out[dst + "mlp.up_proj.weight"] = get(src + "mlp.up_proj.weight")[ch][:, hid]
-        down = get(src + "mlp.down_proj.weight")[hid][:, ch]  # (d_t, m_t)
-        out[dst + "mlp.down_proj.weight"] = down * z_ch[None, :] * (z_hid * z_layer)[:, None]
-        out[dst + "input_layernorm.weight"] = get(src + "input_layernorm.weight")[hid]
-        out[dst + "post_attention_layernorm.weight"] = get(src + "post_attention_layernorm.weight")[hid]
-        if len(heads) != int(masks.head_keep[_idx(masks.layer_keep)[0]].sum()):
+        ch = _idx(masks.intermediate_keep[old])  # (m_t,)
+        if len(heads) != int(masks.head_keep[layers[0]].sum()):
             raise ValueError("masks keep a different number of heads in different layers; the target must be uniform")
         if H != G and len(heads) % max(len(groups), 1):
             raise ValueError(f"layer {old}: {len(heads)} query heads do not split evenly over {len(groups)} KV groups")
+        index = {"hidden": hid, "q": rows_of(heads, hd), "kv": rows_of(groups, hd), "ffn": ch}
+        # a residual writer's inputs carry their unit's mask, its outputs the layer and hidden masks
+        in_scale = {"q": masks.head.cpu()[old][heads].float().repeat_interleave(hd),
+                    "ffn": masks.intermediate.cpu()[old][ch].float()}
+        out_scale = z_hid * z_layer
+        for proj in adapter.projections:
+            name = proj.path
+            w = get(f"{src}{name}.weight")[index[proj.rows]][:, index[proj.cols]]  # (rows_t, cols_t)
+            if proj.writes_residual:
+                if proj.cols in in_scale:
+                    w = w * in_scale[proj.cols][None, :]
+                w = w * out_scale[:, None]
+            out[f"{dst}{name}.weight"] = w
+            if proj.bias(config):
+                b = get(f"{src}{name}.bias")[index[proj.rows]]
+                out[f"{dst}{name}.bias"] = b * out_scale if proj.writes_residual else b
+        for norm in adapter.norms:
+            out[f"{dst}{norm}.weight"] = get(f"{src}{norm}.weight")[hid]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -125,7 +131,7 @@ def materialize(model: PreTrainedModel, masks: DeterministicMasks) -> PreTrained
     config = pruned_config(model.config, masks)
     sd = model.state_dict()
     pruned = prune_state_dict(lambda k: sd[k].detach().cpu().float(), model.config, masks, tied=True)
-    _, model_cls = FAMILIES[model.config.model_type]
+    model_cls = adapter_for(model.config).model_cls
     with no_init_weights():
         small = model_cls(config)
     missing, unexpected = small.load_state_dict(pruned, strict=False)
