@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     lr_of = {k: float(min(v, key=v.get)) if v else args.lrs[0] for k, v in sweep.items()}
     log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)
 
-    # 2. every arm, seed by seed, then the extra scratch budgets
+    # 2. every arm, seed by seed; then, least needed last (an interrupted benchmark still reports the rest):
+    #    magnitude seed 0, the extra scratch budgets, magnitude's other seeds (only its data order differs)
     arms: dict[str, list[str]] = {k: [] for k in ("learned (after pruning)", "sheared", "sheared_constant", "random",
                                                   "magnitude", "scratch")}
     oneshot: dict[str, list[str]] = {"random one-shot": [], "magnitude one-shot": []}
@@ -240,12 +241,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         arms["sheared"].append(dyn)
         arms["sheared_constant"].append(const)
         arms["random"].append(oneshot_ft("random", seed, lr_of["continued"]))
-        arms["magnitude"].append(oneshot_ft("magnitude", seed, lr_of["continued"]))
         arms["scratch"].append(scratch(T, lr_of["scratch"], seed))
         oneshot["random one-shot"].append(f"random_s{seed}")
-        oneshot["magnitude one-shot"].append("magnitude")
-    for f in args.scratch_budgets:  # last: the crossover degrades gracefully if the largest budget is cut short
+    oneshot["magnitude one-shot"].append("magnitude")
+    arms["magnitude"].append(oneshot_ft("magnitude", 0, lr_of["continued"]))
+    for f in args.scratch_budgets:
         extra_scratch[int(round(f * T))] = scratch(int(round(f * T)), lr_of["scratch"], 0)
+    for seed in range(1, args.seeds):
+        arms["magnitude"].append(oneshot_ft("magnitude", seed, lr_of["continued"]))
 
     # 3. report: test losses of the finished runs
     source_test = b.test_losses("source", source)
