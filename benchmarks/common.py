@@ -22,6 +22,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def raise_open_file_limit(want: int = 65536) -> None:
+    """Every StreamingDataset keeps shared-memory handles open for the process's life: a benchmark that builds
+    dozens of trainers and evaluations in one process exceeds a 1024 soft limit. Raise it up to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, want)), hard))
+
+
+raise_open_file_limit()
+
+
 def machine() -> dict[str, Any]:
     import torch
 

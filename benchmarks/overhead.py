@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             result["shapes"][shape] = {"model": SHAPES[shape], "target": TARGETS[shape], "seconds": med, "raw": raw}
             for name, (num, den) in pairs.items():
                 result["shapes"][shape][name] = ratio_summary(raw[num], raw[den], GOALS[name], args.seed)
+            write_json(args.out, result)  # after every shape: a later failure keeps what was measured
             for k, v in result["shapes"][shape].items():
                 if k.startswith("ratio"):
                     print(f"{shape} {k}: {v['geomean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] "

@@ -173,12 +173,6 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import resource
-
-    # every StreamingDataset keeps shared-memory handles open for the process's life; ~30 trainings and ~40
-    # evaluations in one process exceed a 1024 soft limit
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     from llmshearing.evaluate import domain_losses, load_model, paired_difference
 
     cache = Path(args.cache).resolve()
