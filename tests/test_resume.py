@@ -27,6 +27,7 @@ def _source(tmp_path):
     return tmp_path / "src"
 
 
+@pytest.mark.slow  # ~48 s each on 2 cores: seven SIGKILLed and resumed runs
 @pytest.mark.parametrize("stage", ["prune", "continue_pretrain"])
 def test_killed_runs_resume_to_exactly_the_uninterrupted_result(stage, mds_data, tmp_path):
     if stage == "prune":
