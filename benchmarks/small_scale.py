@@ -28,7 +28,7 @@ VOCAB = 2048
 SEQ_LEN = 128
 SOURCE_STEPS = 2000
 CORPUS_CHARS = 6_000_000
-SPLIT = dict(split_seed=0, val_fraction=0.10, test_fraction=0.15)
+SPLIT = dict(seed=0, val_fraction=0.10, test_fraction=0.15)
 TEST_SEQUENCES = 1024  # per domain, at most: the reported test set (fixed before any run; see replication.py)
 
 
@@ -57,8 +57,7 @@ def ensure_data(cache: Path) -> Path:
     if not (tok / "tokenizer.json").exists():
         train_tokenizer(corpus, tok, vocab_size=VOCAB, **SPLIT)  # training documents only
     if not (data / MANIFEST).exists():
-        prepare_dataset(corpus, data, str(tok), SEQ_LEN, seed=SPLIT["split_seed"], val_fraction=SPLIT["val_fraction"],
-                        test_fraction=SPLIT["test_fraction"], max_doc_chars=4000, workers=2, overwrite=True,
+        prepare_dataset(corpus, data, str(tok), SEQ_LEN, **SPLIT, max_doc_chars=4000, workers=2, overwrite=True,
                         progress=False)
     return data
 

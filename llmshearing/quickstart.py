@@ -31,7 +31,7 @@ from llmshearing.export import export_checkpoint
 log = logging.getLogger("llmshearing.quickstart")
 REPO = Path(__file__).resolve().parents[1]
 # Document-level split of the embedded corpus: validation feeds dynamic loading, test is what the table reports.
-SPLIT = dict(split_seed=0, val_fraction=0.05, test_fraction=0.05)
+SPLIT = dict(seed=0, val_fraction=0.05, test_fraction=0.05)
 TINY_TARGET = dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=2, intermediate_size=86)
 
 
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             train_tokenizer(corpus, tok, vocab_size=args.vocab_size, **SPLIT)  # on the training split only
     data = out / "data"
     if not (data / MANIFEST).exists():
-        prepare_dataset(corpus, data, str(tok), args.seq_len, seed=SPLIT["split_seed"], val_fraction=SPLIT["val_fraction"],
-                        test_fraction=SPLIT["test_fraction"], max_doc_chars=4000, workers=2)
+        prepare_dataset(corpus, data, str(tok), args.seq_len, **SPLIT, max_doc_chars=4000, workers=2)
     domains = list(json.loads((data / MANIFEST).read_text())["domains"])
     common = [f"variables.data={data}", f"tokenizer={tok}", "console_log_interval=100ba", "progress_bar=false",
               "data.eval_sequences_per_domain=64", f"data.max_seq_len={args.seq_len}"]

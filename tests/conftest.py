@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-SPLIT = dict(split_seed=0, val_fraction=0.1, test_fraction=0.1)  # shared by the tokenizer and data prep
+SPLIT = dict(seed=0, val_fraction=0.1, test_fraction=0.1)  # shared by the tokenizer and data prep
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +42,5 @@ def mds_data(corpus_dir, small_tokenizer, tmp_path_factory):
     from llmshearing.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("mds") / "data"
-    prepare_dataset(corpus_dir, out, small_tokenizer, 64, seed=SPLIT["split_seed"], val_fraction=SPLIT["val_fraction"],
-                    test_fraction=SPLIT["test_fraction"], max_doc_chars=4000, progress=False)
+    prepare_dataset(corpus_dir, out, small_tokenizer, 64, **SPLIT, max_doc_chars=4000, progress=False)
     return str(out)

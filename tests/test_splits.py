@@ -100,7 +100,7 @@ def test_tokenizer_trains_on_the_training_split_only(tmp_path):
         return set(load_tokenizer(str(out)).get_vocab())
 
     assert any("zyx" in v for v in vocab())
-    assert not any("zyx" in v for v in vocab(split_seed=3, val_fraction=0.25, test_fraction=0.25))
+    assert not any("zyx" in v for v in vocab(seed=3, val_fraction=0.25, test_fraction=0.25))
 
 
 def test_embedded_corpus_domains_share_no_source_file(corpus_dir):

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def train_tokenizer(input_dir: str | Path, output_dir: str | Path, vocab_size: int = 4096, max_chars: int = 20_000_000,
-                    split_seed: int = 0, val_fraction: float = 0.0, test_fraction: float = 0.0) -> Path:
+                    seed: int = 0, val_fraction: float = 0.0, test_fraction: float = 0.0) -> Path:
     """Train a BPE SentencePiece model on the ``text`` of every JSON line under ``input_dir``.
 
     Args:
@@ -31,13 +31,13 @@ def train_tokenizer(input_dir: str | Path, output_dir: str | Path, vocab_size: i
         output_dir: Hugging Face tokenizer directory to write.
         vocab_size: vocabulary size (including ``<unk>``, ``<s>``, ``</s>``).
         max_chars: stop reading text after this many characters (spread over domains in order).
-        split_seed, val_fraction, test_fraction: the split that ``prepare_dataset`` will make (its ``seed`` and
-            fractions); documents it will hold out are skipped.
+        seed, val_fraction, test_fraction: the split that ``prepare_dataset`` will make (the same keyword
+            arguments); documents it will hold out are skipped.
     """
     from transformers import LlamaTokenizerFast
 
     texts, total, skipped = [], 0, 0
-    for _, split, text in iter_documents(input_dir, split_seed, val_fraction, test_fraction):
+    for _, split, text in iter_documents(input_dir, seed, val_fraction, test_fraction):
         if split != "train":
             skipped += 1
             continue
