@@ -128,9 +128,25 @@ class Bench:
             (self.work / f"{name}.json").write_text(json.dumps({"batches": 0, "samples": 0, "tokens": 0}))
         return out
 
+    def chain(self, name: str) -> list[dict]:
+        """The counts of ``name`` and of every run before it (``after``): an arm's runs, newest first."""
+        out = []
+        while name:
+            st = self.stats(name) or {}
+            out.append(st)
+            name = st.get("after")
+        return out
+
     def total_tokens(self, name: str) -> int:
-        st = self.stats(name) or {}
-        return int(st.get("tokens", 0)) + (self.total_tokens(st["after"]) if st.get("after") else 0)
+        return sum(int(st.get("tokens", 0)) for st in self.chain(name))
+
+    def passes(self, name: str) -> dict[str, float]:
+        """Passes over each domain's training sequences, summed over the arm's runs."""
+        total: dict[str, float] = {}
+        for st in self.chain(name):
+            for d, k in (st.get("samples_per_domain") or {}).items():
+                total[d] = total.get(d, 0.0) + k / st["train_sequences_per_domain"][d]
+        return total
 
     def test_losses(self, name: str, path: Optional[Path] = None) -> dict[str, np.ndarray]:
         """Per-sequence test losses per domain (cached), in the same order for every model."""
@@ -154,6 +170,11 @@ class Bench:
 
 def _mean_all(per: dict[str, np.ndarray]) -> float:
     return float(np.concatenate(list(per.values())).mean())
+
+
+def _sem(values: list[float]) -> float:
+    """Standard error of the mean over seeds (nan with one seed)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
 def _fmt(m: float, se: float) -> str:
@@ -254,30 +275,22 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     source_test = b.test_losses("source", source)
     src_mean = {d: float(source_test[d].mean()) for d in domains}
 
+    def worst_excess(per: dict[str, np.ndarray]) -> float:  # the worst domain's loss above the source's
+        return max(float(per[d].mean()) - src_mean[d] for d in domains)
+
     def summary(names: list[str]) -> Optional[dict]:
         names = [n for n in names if b.done(n)]
         if not names:
             return None
         per = [b.test_losses(n) for n in names]
         means = [_mean_all(x) for x in per]
-        worst = [max(float(x[d].mean()) - src_mean[d] for d in domains) for x in per]
-        sem = lambda v: statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan")  # noqa: E731
-        stats = [b.stats(n) or {} for n in names]
-        tokens = [b.total_tokens(n) for n in names]
-        passes = []
-        for n in names:  # passes over each domain's training sequences, summed over the arm's runs
-            total: dict[str, float] = {}
-            while n:
-                st = b.stats(n) or {}
-                for d, k in (st.get("samples_per_domain") or {}).items():
-                    total[d] = total.get(d, 0.0) + k / st["train_sequences_per_domain"][d]
-                n = st.get("after")
-            passes.append(total)
-        return {"runs": names, "seeds": len(names), "loss": statistics.mean(means), "loss_se": sem(means),
+        worst = [worst_excess(x) for x in per]
+        return {"runs": names, "seeds": len(names), "loss": statistics.mean(means), "loss_se": _sem(means),
                 "per_seed_loss": means, "domains": {d: statistics.mean(float(x[d].mean()) for x in per) for d in domains},
-                "worst_excess": statistics.mean(worst), "worst_excess_se": sem(worst),
-                "tokens_after_source": tokens, "batches": [s.get("batches") for s in stats],
-                "passes_per_domain": passes}
+                "worst_excess": statistics.mean(worst), "worst_excess_se": _sem(worst),
+                "tokens_after_source": [b.total_tokens(n) for n in names],
+                "batches": [(b.stats(n) or {}).get("batches") for n in names],
+                "passes_per_domain": [b.passes(n) for n in names]}
 
     rows = {"source": {"runs": ["source"], "seeds": 1, "loss": _mean_all(source_test), "loss_se": float("nan"),
                        "per_seed_loss": [_mean_all(source_test)], "domains": src_mean, "worst_excess": 0.0,
@@ -302,15 +315,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             seq_diff = np.mean([np.concatenate([x[d] - y[d] for d in domains]) for x, y in zip(la, lc)], axis=0)
             _, se_test = paired_difference(seq_diff, np.zeros_like(seq_diff), SE_BLOCK)
         else:  # worst domain's excess over the source
-            per_seed = [max(x[d].mean() - src_mean[d] for d in domains) - max(y[d].mean() - src_mean[d] for d in domains)
-                        for x, y in zip(la, lc)]
+            per_seed = [worst_excess(x) - worst_excess(y) for x, y in zip(la, lc)]
             se_test = float("nan")
         per_domain = {}
         for d in domains:
             dd = np.mean([x[d] - y[d] for x, y in zip(la, lc)], axis=0)
             per_domain[d] = dict(zip(("diff", "se_test"), paired_difference(dd, np.zeros_like(dd), SE_BLOCK)))
         m = statistics.mean(per_seed)
-        se_seed = statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else float("nan")
+        se_seed = _sem(per_seed)
         parts = [x for x in (se_seed, se_test) if np.isfinite(x)]
         se = math.sqrt(sum(x * x for x in parts)) if parts else float("nan")
         verdict = ("none (within 2 SE)" if not np.isfinite(se) or abs(m) <= 2 * se
