@@ -6,9 +6,11 @@ continued-training steps, counted by the trainer):
 
 | arm | what it is |
 | --- | --- |
-| ``sheared`` | learned-mask pruning (dynamic loading) + continued pre-training with dynamic loading |
-| ``sheared_constant`` | the same pruned model, continued pre-training with constant proportions |
-| ``random`` / ``magnitude`` | one-shot selection at the target shape + ``T`` steps of the same continued training |
+| ``sheared`` | learned-mask pruning (reference init, dynamic loading) + continued pre-training with dynamic loading |
+| ``sheared (importance init)`` | the same, the masks seeded from the source's activation importance |
+| ``sheared_constant`` | the ``sheared`` pruned model, continued pre-training with constant proportions |
+| ``random`` / ``magnitude`` / ``activation`` | one-shot selection at the target shape + ``T`` steps of continued training |
+| ``learned masks on source`` | ``sheared``'s final masks applied to the *original* source weights + ``T`` steps |
 | ``scratch`` | the target architecture trained from random init, one fully decayed run per budget |
 
 Protocol:
@@ -21,7 +23,8 @@ Protocol:
 - learning rates: one small sweep (``--lrs``) on the validation split, at budget ``T`` and seed 0, for each
   of the two kinds of training: from random init (scratch) and from a selected model (continued
   training: tuned on the ``random`` arm, then used by every continued-training arm, ``sheared`` included).
-  The pruning stage keeps its config (model lr 1e-4, mask/lambda lr 0.1).
+  The pruning stage keeps its config's mask dynamics (mask/lambda lr 1.0, 10% warmup, reference init and clamp)
+  and trains the weights at the continued-training rate (the paper uses one model rate for both stages).
 - seeds 0..n-1: the seed sets the trainer's data order and domain draws, the masks' gate noise, and the
   random selection; the magnitude selection is deterministic.
 - tokens and passes over the training data come from the trainer's timestamps and the batch sampler.
@@ -29,7 +32,7 @@ Protocol:
   test-set sampling error of the seed-averaged paired per-sequence differences (batch means over blocks of
   consecutive sequences); within 2 standard errors it is called "none".
 
-    python -m benchmarks.replication --out runs/benchmarks/replication.json       # ~80 min on 2 cores
+    python -m benchmarks.replication --out runs/benchmarks/replication.json       # ~2.5 h on 2 cores
     python -m benchmarks.replication --report-only                                 # tables from finished runs
 
 Every run is cached under the output's folder, so an interrupted benchmark continues where it stopped.
@@ -61,6 +64,7 @@ BATCH, SEQ = 32, 128
 TARGET = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=3, intermediate_size=224)
 SE_BOUND = 0.005  # nats: the paired per-domain standard error the test set is meant to resolve
 SE_BLOCK = 16  # consecutive test sequences per block in the batch-means standard error
+CALIBRATION = 64  # training sequences scored for activation importance (one-shot and importance init)
 
 
 def _train(yaml: str, overrides: list[str]) -> dict[str, Any]:
@@ -109,23 +113,52 @@ class Bench:
                                                                f"global_train_batch_size={BATCH}",
                                                                f"device_train_microbatch_size={BATCH}", *overrides])
         export_checkpoint(run / "checkpoints" / "latest-rank0.pt", self.model_dir(name), overwrite=True)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # keep metrics.jsonl, drop the optimizer state
+        if (run / "checkpoints" / "masks").is_dir():
+            shutil.move(str(run / "checkpoints" / "masks"), str(run / "masks"))
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # keep metrics.jsonl and masks, drop the optimizer
         counted["after"] = after
         (self.work / f"{name}.json").write_text(json.dumps(counted, indent=1))
         return self.model_dir(name)
 
-    def save_oneshot(self, name: str, method: str, seed: int) -> Path:
+    def save_oneshot(self, name: str, method: str, seed: int, masks_of: Optional[str] = None) -> Path:
+        """The source pruned to ``TARGET`` by a one-shot ``method``, or (``method="learned"``) by the final masks of
+        the pruning run ``masks_of`` with every kept unit at 1 (the selection alone, without co-trained weights)."""
         import torch
         from transformers import AutoModelForCausalLM
 
+        from llmshearing.data import calibration_batch
         from llmshearing.pruning import materialize
         from llmshearing.pruning.baselines import select_masks
+        from llmshearing.pruning.masks import DeterministicMasks
 
         out = self.model_dir(name)
         if not (out / "config.json").is_file():
             src = AutoModelForCausalLM.from_pretrained(self.source, dtype=torch.float32)
-            materialize(src, select_masks(src, TARGET, method, seed=seed)).save_pretrained(out)
+            if method == "learned":
+                final = max((self.work / masks_of / "masks").glob("ba*.pt"), key=lambda p: int(p.stem[2:]))
+                det = torch.load(final, weights_only=False)["deterministic"]
+                det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
+                masks = DeterministicMasks(**det)
+            else:
+                calib = calibration_batch(str(self.data), CALIBRATION, SEQ) if method == "activation" else None
+                masks = select_masks(src, TARGET, method, seed=seed, calibration=calib)
+            materialize(src, masks).save_pretrained(out)
             (self.work / f"{name}.json").write_text(json.dumps({"batches": 0, "samples": 0, "tokens": 0}))
+        return out
+
+    def expected_shape_error(self, name: str) -> Optional[dict[str, float]]:
+        """Relative gap between a pruning run's last logged expected sizes and the target, per structure."""
+        from llmshearing.callbacks.metrics_file import read_metrics
+
+        path = self.work / name / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        logged = read_metrics(path)
+        out = {}
+        for k, want in TARGET.items():
+            series = logged.get(f"pruning/expected_{k}")
+            if series:
+                out[k] = series[max(series)] / want - 1
         return out
 
     def chain(self, name: str) -> list[dict]:
@@ -191,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="swept on validation, seed 0, budget T")
     p.add_argument("--scratch-budgets", type=float, nargs="+", default=[2.0, 3.0],
                    help="extra scratch budgets (multiples of T), seed 0, each its own fully decayed run")
+    p.add_argument("--prune-lr", type=float, default=None,
+                   help="model lr of the pruning stage (default: the continued-training lr chosen on validation)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -216,23 +251,25 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         return name
 
     def oneshot_ft(method: str, seed: int, lr: float) -> str:
-        base = f"{method}_s{seed}" if method == "random" else "magnitude"
+        base = {"random": f"random_s{seed}", "learned": f"learned_on_source_s{seed}"}.get(method, method)
         name = f"{base}_ft_lr{lr:g}_s{seed}"
         if not args.report_only:
-            start = b.save_oneshot(base, method, seed)
+            start = b.save_oneshot(base, method, seed, masks_of=f"prune_ref_s{seed}")
             b.run(name, "yamls/continue_pretrain/tiny_cpu.yaml", [
                 f"variables.source={start}", f"variables.reference_losses={ref}", f"max_duration={T}ba",
                 f"eval_interval={T // 10}ba", f"save_interval={T}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched])
         return name
 
-    def sheared(seed: int, lr: float, dynamic: bool) -> tuple[str, str]:
-        prune = f"prune_s{seed}"
-        name = f"cpt_{'dynamic' if dynamic else 'constant'}_lr{lr:g}_s{seed}"
+    def sheared(seed: int, lr: float, dynamic: bool, init: str = "reference") -> tuple[str, str]:
+        tag = {"reference": "ref", "importance": "imp"}[init]
+        prune = f"prune_{tag}_s{seed}"
+        name = f"cpt_{tag}_{'dynamic' if dynamic else 'constant'}_lr{lr:g}_s{seed}"
         if not args.report_only:
             b.run(prune, "yamls/prune/small_cpu.yaml", [
                 f"variables.source={source}", f"max_duration={args.prune_steps}ba",
                 f"eval_interval={args.prune_steps // 4}ba", f"save_interval={args.prune_steps}ba",
-                "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref}", f"seed={seed}"])
+                "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref}", f"seed={seed}",
+                f"optimizer.lr={prune_lr}", f"pruning.init={init}", f"pruning.calibration_sequences={CALIBRATION}"])
             b.run(name, "yamls/continue_pretrain/tiny_cpu.yaml", [
                 f"variables.source={b.model_dir(prune)}", f"variables.reference_losses={ref}",
                 f"max_duration={args.cpt_steps}ba", f"eval_interval={args.cpt_steps // 6}ba",
@@ -247,29 +284,40 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             if b.done(name):
                 sweep[kind][f"{lr:g}"] = b.val_loss(name)
     lr_of = {k: float(min(v, key=v.get)) if v else args.lrs[0] for k, v in sweep.items()}
-    log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)
+    prune_lr = args.prune_lr if args.prune_lr is not None else lr_of["continued"]
+    log.info("learning rates chosen on validation: %s (%s); pruning model lr %g", lr_of, sweep, prune_lr)
 
-    # 2. every arm, seed by seed; then, least needed last (an interrupted benchmark still reports the rest):
-    #    magnitude seed 0, the extra scratch budgets, magnitude's other seeds (only its data order differs)
-    arms: dict[str, list[str]] = {k: [] for k in ("learned (after pruning)", "sheared", "sheared_constant", "random",
-                                                  "magnitude", "scratch")}
-    oneshot: dict[str, list[str]] = {"random one-shot": [], "magnitude one-shot": []}
+    # 2. every arm, seed by seed, most needed first (an interrupted benchmark still reports what finished)
+    arms: dict[str, list[str]] = {k: [] for k in (
+        "learned (after pruning)", "learned, importance init (after pruning)", "sheared", "sheared (importance init)",
+        "sheared_constant", "random", "magnitude", "activation", "learned masks on source", "scratch")}
+    oneshot: dict[str, list[str]] = {"random one-shot": [], "magnitude one-shot": ["magnitude"],
+                                     "activation one-shot": ["activation"], "learned masks on source, one-shot": []}
     extra_scratch: dict[int, str] = {}
+    cl = lr_of["continued"]
     for seed in range(args.seeds):
-        prune, dyn = sheared(seed, lr_of["continued"], True)
-        _, const = sheared(seed, lr_of["continued"], False)
+        prune, dyn = sheared(seed, cl, True)
         arms["learned (after pruning)"].append(prune)
         arms["sheared"].append(dyn)
-        arms["sheared_constant"].append(const)
-        arms["random"].append(oneshot_ft("random", seed, lr_of["continued"]))
+        prune_imp, dyn_imp = sheared(seed, cl, True, "importance")
+        arms["learned, importance init (after pruning)"].append(prune_imp)
+        arms["sheared (importance init)"].append(dyn_imp)
+        arms["random"].append(oneshot_ft("random", seed, cl))
+        arms["magnitude"].append(oneshot_ft("magnitude", seed, cl))
+        arms["activation"].append(oneshot_ft("activation", seed, cl))
         arms["scratch"].append(scratch(T, lr_of["scratch"], seed))
         oneshot["random one-shot"].append(f"random_s{seed}")
-    oneshot["magnitude one-shot"].append("magnitude")
-    arms["magnitude"].append(oneshot_ft("magnitude", 0, lr_of["continued"]))
+    for seed in range(args.seeds):
+        arms["learned masks on source"].append(oneshot_ft("learned", seed, cl))
+        oneshot["learned masks on source, one-shot"].append(f"learned_on_source_s{seed}")
+    for seed in range(args.seeds):
+        arms["sheared_constant"].append(sheared(seed, cl, False)[1])
     for f in args.scratch_budgets:
         extra_scratch[int(round(f * T))] = scratch(int(round(f * T)), lr_of["scratch"], 0)
-    for seed in range(1, args.seeds):
-        arms["magnitude"].append(oneshot_ft("magnitude", seed, lr_of["continued"]))
+    # the previous mask defaults (log_alpha from 0, no clamp, mean-gap penalty, mask lr 0.1, model lr 1e-4), as
+    # cached by earlier versions of this benchmark: reported when present, never run
+    legacy = {"learned, old defaults (after pruning)": [f"prune_s{s}" for s in range(args.seeds)],
+              "sheared, old defaults": [f"cpt_dynamic_lr{cl:g}_s{s}" for s in range(args.seeds)]}
 
     # 3. report: test losses of the finished runs
     source_test = b.test_losses("source", source)
@@ -295,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     rows = {"source": {"runs": ["source"], "seeds": 1, "loss": _mean_all(source_test), "loss_se": float("nan"),
                        "per_seed_loss": [_mean_all(source_test)], "domains": src_mean, "worst_excess": 0.0,
                        "worst_excess_se": float("nan"), "tokens_after_source": [0], "batches": [0]}}
-    for k, v in {**oneshot, **arms}.items():
+    for k, v in {**oneshot, **arms, **legacy}.items():
         s = summary(v)
         if s:
             rows[k] = s
@@ -305,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             rows[f"scratch, {steps / T:g}T"] = s
 
     def compare(a: str, c: str, metric: str = "loss") -> Optional[dict]:
-        pairs = [(x, y) for x, y in zip(arms.get(a, []), arms.get(c, [])) if b.done(x) and b.done(y)]
+        every = {**arms, **legacy}
+        pairs = [(x, y) for x, y in zip(every.get(a, []), every.get(c, [])) if b.done(x) and b.done(y)]
         if not pairs:
             return None
         la = [b.test_losses(x) for x, _ in pairs]
@@ -333,9 +382,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 "se_seed": se_seed, "se_test": se_test, "se": se, "verdict": verdict, "per_domain": per_domain}
 
     comparisons = [c for c in (
-        compare("sheared", "scratch"), compare("sheared", "random"), compare("sheared", "magnitude"),
+        compare("sheared", "scratch"),
+        *(compare(a, o) for a in ("sheared", "sheared (importance init)") for o in ("random", "magnitude", "activation")),
+        compare("sheared", "sheared (importance init)"),
+        compare("learned masks on source", "sheared"),
+        *(compare("learned masks on source", o) for o in ("random", "magnitude", "activation")),
+        compare("sheared", "sheared, old defaults"),
         compare("sheared", "sheared_constant"), compare("sheared", "sheared_constant", "worst_excess"),
-        compare("random", "magnitude")) if c]
+        compare("activation", "magnitude"), compare("random", "magnitude")) if c]
 
     # tokens scratch needs to reach sheared's final test loss, between fully decayed scratch runs
     crossover = None
@@ -394,10 +448,19 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     if worst_res:
         lines += ["", f"Largest paired per-domain test-set SE: {worst_res[1]['se_test']:.4f} ({worst_res[0]}; bound "
                   f"{SE_BOUND}; {worst_res[1]['sequences']} sequences, {worst_res[1]['needed_for_bound']} needed)."]
+    # do the pruning runs land on the target? (expected sizes at the last step; top-k always matches it)
+    convergence = {n: b.expected_shape_error(n) for k in ("learned (after pruning)", "learned, importance init (after pruning)")
+                   for n in arms[k] if b.done(n)}
+    convergence = {k: v for k, v in convergence.items() if v}
+    if convergence:
+        worst = max(abs(x) for v in convergence.values() for x in v.values())
+        lines += ["", "Expected sizes at the end of pruning, relative to the target (" + ", ".join(TARGET) + "): "
+                  + "; ".join(f"{n} " + "/".join(f"{x:+.1%}" for x in v.values()) for n, v in convergence.items())
+                  + f". Largest: {worst:.1%}."]
     report = "\n".join(lines)
     write_json(args.out, {"target": TARGET, "T_steps": T, "batch": BATCH, "seq_len": SEQ,
                           "reference_losses_val": src_val, "learning_rates": lr_of, "lr_sweep_val": sweep,
-                          "rows": rows, "comparisons": comparisons, "crossover": crossover, "resolution": resolution,
+                          "rows": rows, "comparisons": comparisons, "prune_lr": prune_lr, "expected_shape_error": convergence, "crossover": crossover, "resolution": resolution,
                           "se_bound": SE_BOUND, "report": report, "args": vars(args)})
     Path(args.out).with_suffix(".md").write_text(report + "\n")
     print(report)

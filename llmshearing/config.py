@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -194,9 +195,19 @@ class PruningConfig:
             A structure not listed keeps its source size, so the target must equal the source there.
         lagrangian_warmup: duration over which the target is ramped from the source shape (Composer time
             string, e.g. ``"640ba"`` or ``"0.2dur"``).
-        mask_lr: learning rate of the mask log-alphas.
+        mask_lr: learning rate of the mask log-alphas (scheduled with the model's: warmup and decay).
         lambda_lr: learning rate of the Lagrange multipliers (applied as gradient *ascent*).
-        droprate_init: initial drop probability of every mask entry (sets the initial log-alpha).
+        init: how the masks start. ``reference``: every ``log_alpha`` at ``init_log_alpha`` (the intact source,
+            as the reference implementation); ``importance``: spread below ``init_log_alpha`` by the source's
+            activation importance on ``calibration_sequences`` training sequences, so mask learning starts from
+            Minitron's selection rather than a tie.
+        init_log_alpha: initial ``log_alpha`` (``ln 100`` = 4.6, the upper clamp: P(z = 1) ~ 0.95).
+        importance_spread: with ``init: importance``, how far below ``init_log_alpha`` the least important unit
+            of a row starts (linear in rank).
+        calibration_sequences: sequences of the training split scored for ``init: importance``.
+        eval_target: also evaluate, under the label ``eval_target``, the model top-k'd to the target (what
+            materialisation will produce); the ``eval`` evaluation, which dynamic loading reads, uses the
+            current expected masks as the reference does.
         temperature: hard-concrete temperature beta.
         save_masks: write the deterministic masks to ``<save_folder>/masks/`` at every evaluation.
     """
@@ -206,7 +217,11 @@ class PruningConfig:
     lagrangian_warmup: str = "0.2dur"
     mask_lr: float = 1.0
     lambda_lr: float = 1.0
-    droprate_init: float = 0.5
+    init: str = "reference"
+    init_log_alpha: float = math.log(100.0)
+    importance_spread: float = 3.0
+    calibration_sequences: int = 64
+    eval_target: bool = True
     temperature: float = 2.0 / 3.0
     save_masks: bool = True
 
@@ -215,7 +230,12 @@ class PruningConfig:
         bad = [p for p in self.prune if p not in allowed]
         _require(not bad, f"pruning.prune has unknown structures {bad}; choose from {list(allowed)}")
         _require(len(self.prune) > 0, "pruning.prune is empty: list at least one structure to prune")
-        _require(0.0 < self.droprate_init < 1.0, f"pruning.droprate_init must be in (0, 1), got {self.droprate_init}")
+        _require(self.init in ("reference", "importance"), f"pruning.init={self.init!r}: use 'reference' or 'importance'")
+        lo, hi = math.log(0.01), math.log(100.0)
+        _require(lo <= self.init_log_alpha <= hi,
+                 f"pruning.init_log_alpha={self.init_log_alpha} is outside the clamp [ln 0.01, ln 100] = [{lo:.3f}, {hi:.3f}]")
+        _require(self.importance_spread >= 0, "pruning.importance_spread must be >= 0")
+        _require(self.calibration_sequences > 0, "pruning.calibration_sequences must be > 0")
         _require(self.mask_lr > 0 and self.lambda_lr > 0, "pruning.mask_lr and pruning.lambda_lr must be > 0")
 
 
@@ -363,6 +383,12 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunCo
     return build_dataclass(RunConfig, om.to_container(cfg), where="")
 
 
+_REPLACED = {
+    "droprate_init": "masks start at pruning.init_log_alpha (default ln 100, the reference's intact source); "
+    "delete the key, or set pruning.init_log_alpha = logit(1 - droprate_init) for the old start",
+}
+
+
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys by their dotted name."""
     if not isinstance(data, dict):
@@ -370,6 +396,8 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
+        if key in _REPLACED and key not in names:
+            raise ConfigError(f"config key '{where}{key}' was replaced: {_REPLACED[key]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{where}{close[0]}'?" if close else ""

@@ -25,7 +25,13 @@ from llmshearing.checkpointing import (
 )
 from llmshearing.callbacks import CheckpointMetadata, DomainLossMonitor, DynamicLoading, LossGuard, MetricsFile
 from llmshearing.config import ConfigError, RunConfig, load_config, to_plain
-from llmshearing.data import build_eval_dataloader, build_train_dataloader, load_manifest, resolve_domains
+from llmshearing.data import (
+    build_eval_dataloader,
+    build_train_dataloader,
+    calibration_batch,
+    load_manifest,
+    resolve_domains,
+)
 from llmshearing.models import ComposerCausalLM, build_hf_model
 
 __all__ = ["build_trainer", "train_from_yaml"]
@@ -130,7 +136,12 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         cfg.data, manifest, domains, proportions, cfg.global_train_batch_size, seed=cfg.seed
     )
     eval_loader = build_eval_dataloader(cfg.data, manifest, domains, cfg.device_eval_batch_size)
-    evaluator = Evaluator(label="eval", dataloader=eval_loader, metric_names=list(model.get_metrics(is_train=False)))
+    metric_names = list(model.get_metrics(is_train=False))
+    evaluators = [Evaluator(label="eval", dataloader=eval_loader, metric_names=metric_names)]
+    if cfg.pruning is not None and cfg.pruning.eval_target:
+        # the top-k-to-target model (what materialisation produces), beside the expected-mask one dynamic loading reads
+        target_loader = build_eval_dataloader(cfg.data, manifest, domains, cfg.device_eval_batch_size)
+        evaluators.append(Evaluator(label="eval_target", dataloader=target_loader, metric_names=metric_names))
 
     optimizer = DecoupledAdamW(
         model.parameters(),
@@ -154,8 +165,13 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     if cfg.pruning is not None:
         from llmshearing.algorithms.l0_pruning import L0Pruning
 
+        def calibration() -> torch.Tensor:
+            return calibration_batch(cfg.data.local, cfg.pruning.calibration_sequences, cfg.data.max_seq_len, domains,
+                                     remote=cfg.data.remote)
+
         algorithms.append(
-            L0Pruning.from_config(cfg.pruning, hf_model.config, seed=cfg.seed, save_folder=cfg.save_folder)
+            L0Pruning.from_config(cfg.pruning, hf_model.config, seed=cfg.seed, save_folder=cfg.save_folder,
+                                  calibration=calibration)
         )
     if cfg.dynamic_loading is not None:
         callbacks.append(
@@ -190,7 +206,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         seed=cfg.seed,
         model=model,
         train_dataloader=train_loader,
-        eval_dataloader=evaluator,
+        eval_dataloader=evaluators,
         max_duration=cfg.max_duration,
         eval_interval=cfg.eval_interval,
         eval_subset_num_batches=cfg.eval_subset_num_batches,

@@ -25,7 +25,7 @@ CASES = {
 def _masked(name, target, seed=0):
     model = make_tiny_model(name)
     src = describe_shape(model.config)
-    masks = ShearingMasks(src, resolve_target(src, target, ALL), ALL, droprate_init=0.3)
+    masks = ShearingMasks(src, resolve_target(src, target, ALL), ALL)
     with torch.no_grad():  # spread the gates so that soft values (not just 0/1) are folded
         for g in masks.gates.values():
             g.log_alpha.copy_(torch.randn(g.shape, generator=torch.Generator().manual_seed(seed)) * 2 + 1.5)
@@ -90,7 +90,7 @@ def test_sampled_masks_train_every_gate():
 
 
 def test_hard_concrete_sampling_matches_its_nonzero_probability():
-    gate = HardConcrete((20000,), keep=5, droprate_init=0.5, temperature=2 / 3)
+    gate = HardConcrete((20000,), keep=5, init_log_alpha=0.0, temperature=2 / 3)
     with torch.no_grad():
         gate.log_alpha.fill_(-1.0)
     z = gate.sample(torch.rand(20000, generator=torch.Generator().manual_seed(0)).clamp(1e-6, 1 - 1e-6))

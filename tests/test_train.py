@@ -70,6 +70,11 @@ def test_tiny_pruning_reaches_the_target_and_exports(mds_data, tmp_path):
     logged = read_metrics(tmp_path / "metrics.jsonl")  # the run's JSON-lines log, and the figures made from it
     assert abs(logged["pruning/expected_hidden"][200] - expected["hidden_size"]) < 0.05  # logged before the last step
     assert set(logged["metrics/eval/LanguageCrossEntropy_code"]) == {100, 200}
+    # the expected-mask model (what dynamic loading reads) and the top-k-to-target model are both evaluated
+    assert set(logged["metrics/eval_target/LanguageCrossEntropy_code"]) == {100, 200}
+    assert "pruning/weak_kept_intermediate" in logged
+    for g in algo.masks.gates.values():  # clamped after every step
+        assert -4.6052 - 1e-5 <= float(g.log_alpha.min()) and float(g.log_alpha.max()) <= 4.6052 + 1e-5
     figures = {p.name for p in plot_run(tmp_path, tmp_path / "plots")}
     assert figures == {"domain_losses.png", "domain_weights.png", "sparsity.png", "kept_units.png"}
     assert all((tmp_path / "plots" / f).stat().st_size > 10_000 for f in figures)
@@ -94,3 +99,22 @@ def test_tiny_pruning_reaches_the_target_and_exports(mds_data, tmp_path):
     # the export carries the run's tokenizer: plain transformers generates text from the directory alone
     text = generate(out, "def ", max_new_tokens=8)
     assert text.startswith("def") and len(text) > len("def ")
+
+
+def test_importance_init_seeds_the_masks_from_the_sources_activations(mds_data, tmp_path):
+    from llmshearing.data import calibration_batch
+    from llmshearing.pruning.importance import activation_scores, gate_scores
+
+    yaml = REPO / "yamls" / "prune" / "tiny_cpu.yaml"
+    overrides = _pretrain_overrides(mds_data, tmp_path, 10) + ["pruning.init=importance", "pruning.calibration_sequences=6"]
+    trainer = build_trainer(load_config(yaml, overrides))  # INIT has run: the masks exist, nothing trained
+    algo = next(a for a in trainer.state.algorithms if type(a).__name__ == "L0Pruning")
+    hf = trainer.state.model.model
+    ids = calibration_batch(str(mds_data), 6, 64)
+    assert ids.shape == (6, 64)
+    algo.hooks.remove()  # score the plain source, as INIT did
+    want = gate_scores(activation_scores(hf, ids), {k: g.shape for k, g in algo.masks.gates.items()})
+    for name, g in algo.masks.gates.items():
+        assert torch.equal(g.log_alpha.detach().argsort(-1), want[name].argsort(-1)), name
+        assert float(g.log_alpha.max() - g.log_alpha.min()) == pytest.approx(3.0, abs=1e-4)
+    trainer.close()

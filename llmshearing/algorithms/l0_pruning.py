@@ -4,9 +4,15 @@ The model's code knows nothing about masks. At ``Event.INIT`` this algorithm bui
 :class:`~llmshearing.pruning.ShearingMasks` for the source and target shapes, registers it as the
 ``masks`` submodule of the Composer model (so it is checkpointed, moved and wrapped with the
 model), hooks it into the transformers model and adds two optimizer parameter groups: the mask
-log-alphas (``mask_lr``) and the Lagrange multipliers (``-lambda_lr``). At every batch it tells the
-masks the step (which seeds the gate noise and ramps the target); after the loss it adds the
-Lagrangian. Evaluation uses deterministic top-k masks (the hooks follow ``model.training``).
+log-alphas (``mask_lr``) and the Lagrange multipliers (``-lambda_lr``); the run's scheduler scales both
+with the model's rate (warmup and decay), as the reference does. At every batch it tells the masks the
+step (which seeds the gate noise and ramps the target); after the loss it adds the Lagrangian; after the
+optimizer step it clamps every ``log_alpha`` to ``[ln 0.01, ln 100]``.
+
+Evaluation (the hooks follow ``model.training``): the ``eval`` evaluator -- the one dynamic loading reads --
+sees the model the gates currently describe (``expected`` masks: each row keeps ``n - round(expected
+zeros)`` units, as the reference's ``eval_target_model=false``); an ``eval_target`` evaluator, when the
+trainer adds one, sees the top-k-to-target model that materialisation will produce.
 
 | Key | Logged (every batch) |
 | --- | --- |
@@ -15,6 +21,7 @@ Lagrangian. Evaluation uses deterministic top-k masks (the hooks follow ``model.
 | ``pruning/lambda1_<structure>``, ``pruning/lambda2_<structure>`` | Lagrange multipliers |
 | ``pruning/expected_params`` | parameter count of the expected architecture |
 | ``pruning/expected_<config field>`` | expected target-config sizes (heads, KV heads, ...) |
+| ``pruning/weak_kept_<structure>`` | units the target keeps whose test-time value is < 0.1 (dead capacity) |
 | ``loss/train/lm_loss``, ``loss/train/lagrangian`` | the two parts of ``loss/train/total`` |
 """
 
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
@@ -34,6 +41,8 @@ from llmshearing.config import ConfigError, PruningConfig
 from llmshearing.models.adapters import UnsupportedModel, adapter_for
 from llmshearing.models.families import describe_shape
 from llmshearing.pruning import ShearingMasks, attach_masks, resolve_target
+from llmshearing.pruning.importance import activation_scores, gate_scores
+from llmshearing.pruning.masks import LOG_ALPHA_MAX
 
 __all__ = ["L0Pruning"]
 
@@ -50,11 +59,16 @@ class L0Pruning(Algorithm):
         lagrangian_warmup: duration of the linear target ramp (Composer time string).
         mask_lr: learning rate of the log-alphas.
         lambda_lr: learning rate of the Lagrange multipliers (applied as ascent).
-        droprate_init: initial drop probability.
+        init: ``reference`` (every gate at ``init_log_alpha``) or ``importance`` (spread by activation importance).
+        init_log_alpha: initial ``log_alpha``.
+        importance_spread: with ``importance``: the least important unit of a row starts this far below.
+        calibration: with ``importance``: returns the calibration token ids (N, S).
         temperature: hard-concrete beta.
         seed: seed of the per-step gate noise.
         save_folder: where ``masks/ba<step>.pt`` are written at every evaluation (None: not saved).
     """
+
+    EVAL_LABEL, TARGET_LABEL = "eval", "eval_target"
 
     def __init__(
         self,
@@ -64,19 +78,28 @@ class L0Pruning(Algorithm):
         lagrangian_warmup: str = "0.2dur",
         mask_lr: float = 1.0,
         lambda_lr: float = 1.0,
-        droprate_init: float = 0.5,
+        init: str = "reference",
+        init_log_alpha: float = LOG_ALPHA_MAX,
+        importance_spread: float = 3.0,
+        calibration: Optional[Callable[[], torch.Tensor]] = None,
         temperature: float = 2.0 / 3.0,
         seed: int = 0,
         save_folder: Optional[str] = None,
         tie_word_embeddings: bool = False,
         qkv_bias: bool = False,
     ) -> None:
+        if init not in ("reference", "importance"):
+            raise ValueError(f"init={init!r}: use 'reference' or 'importance'")
+        if init == "importance" and calibration is None:
+            raise ValueError("init='importance' needs calibration sequences")
         self.source, self.target, self.prune = source, target, list(prune)
         self.lagrangian_warmup = Time.from_timestring(lagrangian_warmup)
         if self.lagrangian_warmup.unit not in (TimeUnit.BATCH, TimeUnit.DURATION):
             raise ValueError(f"lagrangian_warmup={lagrangian_warmup!r}: give batches ('640ba') or a fraction ('0.2dur')")
         self.mask_lr, self.lambda_lr = mask_lr, lambda_lr
-        self.droprate_init, self.temperature, self.seed = droprate_init, temperature, seed
+        self.init, self.init_log_alpha, self.importance_spread = init, init_log_alpha, importance_spread
+        self.calibration = calibration
+        self.temperature, self.seed = temperature, seed
         self.save_folder = save_folder
         self.tie_word_embeddings, self.qkv_bias = tie_word_embeddings, qkv_bias
         self.masks: Optional[ShearingMasks] = None
@@ -85,7 +108,8 @@ class L0Pruning(Algorithm):
 
     @classmethod
     def from_config(
-        cls, cfg: PruningConfig, model_config: PretrainedConfig, seed: int = 0, save_folder: Optional[str] = None
+        cls, cfg: PruningConfig, model_config: PretrainedConfig, seed: int = 0, save_folder: Optional[str] = None,
+        calibration: Optional[Callable[[], torch.Tensor]] = None,
     ) -> L0Pruning:
         """Validate the family, its features and the target against the source config (before any training)
         and build the algorithm."""
@@ -102,7 +126,10 @@ class L0Pruning(Algorithm):
             lagrangian_warmup=cfg.lagrangian_warmup,
             mask_lr=cfg.mask_lr,
             lambda_lr=cfg.lambda_lr,
-            droprate_init=cfg.droprate_init,
+            init=cfg.init,
+            init_log_alpha=cfg.init_log_alpha,
+            importance_spread=cfg.importance_spread,
+            calibration=calibration,
             temperature=cfg.temperature,
             seed=seed,
             save_folder=save_folder if cfg.save_masks else None,
@@ -111,21 +138,28 @@ class L0Pruning(Algorithm):
         )
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END, Event.EVAL_END)
+        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END,
+                         Event.EVAL_START, Event.EVAL_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self._init(state)
         elif event == Event.FIT_START:
             self._warmup_batches = self._to_batches(state, self.lagrangian_warmup)
+            self.masks.clamp_()
         elif event == Event.BEFORE_FORWARD:
             self._set_step(state)
         elif event == Event.AFTER_LOSS:
             self._add_lagrangian(state)
-        elif event == Event.BATCH_END:
+        elif event == Event.BATCH_END:  # after the optimizer step
+            self.masks.clamp_()
             self._log(state, logger)
+        elif event == Event.EVAL_START:
+            self.masks.eval_mode = "target" if state.dataloader_label == self.TARGET_LABEL else "expected"
         elif event == Event.EVAL_END:
-            self._save_masks(state)
+            if state.dataloader_label != self.TARGET_LABEL:
+                self._save_masks(state)
+            self.masks.eval_mode = "target"
 
     # -- events --------------------------------------------------------------------------------------
     def _init(self, state: State) -> None:
@@ -133,9 +167,16 @@ class L0Pruning(Algorithm):
         hf_model = model.model
         device = next(hf_model.parameters()).device
         masks = ShearingMasks(
-            self.source, self.target, self.prune, self.droprate_init, self.temperature, self.seed,
+            self.source, self.target, self.prune, self.init_log_alpha, self.temperature, self.seed,
             self.tie_word_embeddings, self.qkv_bias,
         ).to(device)
+        if self.init == "importance":  # scored on the plain source, before any hook is attached
+            ids = self.calibration()
+            scores = activation_scores(hf_model, ids)
+            masks.init_from_scores(gate_scores(scores, {k: g.shape for k, g in masks.gates.items()}),
+                                   self.importance_spread)
+            log.info("masks initialised from activation importance on %d calibration sequences of %d tokens",
+                     ids.shape[0], ids.shape[1])
         model.masks = masks  # a submodule: checkpointed, moved to device and wrapped with the model
         self.masks = masks
         self.hooks = attach_masks(hf_model, masks)
@@ -176,6 +217,7 @@ class L0Pruning(Algorithm):
     def _log(self, state: State, logger: Logger) -> None:
         metrics: dict[str, Any] = {f"pruning/{k}": v for k, v in self._lagrangian_logs.items()}
         metrics["pruning/expected_params"] = self.masks.expected_params()
+        metrics.update({f"pruning/weak_kept_{k}": v for k, v in self.masks.weak_kept().items()})
         for k, v in self.masks.expected_shape().items():
             if k in ("num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size", "num_hidden_layers"):
                 metrics[f"pruning/expected_{k}"] = v

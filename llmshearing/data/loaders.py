@@ -10,10 +10,10 @@ from composer.utils import dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from llmshearing.config import ConfigError, DataConfig
-from llmshearing.data.dataset import DomainTokenDataset
+from llmshearing.data.dataset import DomainTokenDataset, load_manifest
 from llmshearing.data.sampler import DomainBatchSampler
 
-__all__ = ["build_eval_dataloader", "build_train_dataloader", "resolve_domains"]
+__all__ = ["build_eval_dataloader", "build_train_dataloader", "calibration_batch", "resolve_domains"]
 
 
 def resolve_domains(cfg: DataConfig, manifest: dict) -> tuple[list[str], list[float]]:
@@ -83,6 +83,19 @@ def build_eval_dataloader(
     dataset = DomainTokenDataset(cfg.local, "val", domains, cfg.max_seq_len, remote=cfg.remote, manifest=manifest)
     order = _round_robin(dataset.sizes, dataset.offsets, max_samples)
     return DataLoader(dataset, batch_size=batch_size, sampler=EvalSampler(order, len(dataset)), num_workers=0)
+
+
+def calibration_batch(local: str, n: int, seq_len: int, domains: Optional[list[str]] = None, split: str = "train",
+                      remote: Optional[str] = None) -> "torch.Tensor":
+    """``n`` token sequences (n, seq_len) for activation importance: the first sequences of each domain of the
+    ``train`` split, taken in turn (the same on every rank and every run; held-out splits stay unseen)."""
+    import torch
+
+    manifest = load_manifest(local, remote)
+    domains = list(domains or manifest["domains"])
+    dataset = DomainTokenDataset(local, split, domains, seq_len, remote=remote, manifest=manifest)
+    order = _round_robin(dataset.sizes, dataset.offsets, -(-n // len(domains)))[:n]
+    return torch.stack([dataset[i]["input_ids"] for i in order])
 
 
 def _round_robin(sizes: np.ndarray, offsets: np.ndarray, per_domain: Optional[int]) -> list[int]:

@@ -1,4 +1,4 @@
-"""One-shot structure selection baselines for the learned masks: weight magnitude and random.
+"""One-shot structure selection baselines for the learned masks: weight magnitude, activations and random.
 
 Both return :class:`~llmshearing.pruning.masks.DeterministicMasks` of the source shape with value 1
 on every kept unit, so :func:`~llmshearing.pruning.materialize.materialize` builds the same target
@@ -14,6 +14,9 @@ Magnitude importance is the squared L2 norm of every weight a unit owns:
 | query head | its rows of ``q_proj`` and columns of ``o_proj`` |
 | KV group | its rows of ``k_proj``/``v_proj`` plus its query heads |
 | FFN channel | its rows of ``gate_proj``/``up_proj`` and column of ``down_proj`` |
+
+Activation importance (``activation``) is Minitron's, from calibration sequences: see
+:mod:`llmshearing.pruning.importance`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from typing import Optional
+
 from llmshearing.models.families import head_dim
+from llmshearing.pruning.importance import activation_scores
 from llmshearing.pruning.masks import DeterministicMasks
 
 __all__ = ["select_masks"]
@@ -57,18 +63,25 @@ def _importance(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return {"hidden": hidden, "layer": layer, "head": heads, "kv_group": groups, "intermediate": torch.stack(channels)}
 
 
-def select_masks(model: PreTrainedModel, target: dict[str, int], method: str = "magnitude", seed: int = 0) -> DeterministicMasks:
+METHODS = ("magnitude", "activation", "random")
+
+
+def select_masks(model: PreTrainedModel, target: dict[str, int], method: str = "magnitude", seed: int = 0,
+                 calibration: Optional[torch.Tensor] = None) -> DeterministicMasks:
     """Kept units of ``model`` for ``target`` (the ``TargetShape`` fields), chosen by ``method``.
 
     Args:
         model: the source transformers model.
         target: ``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``
             (optional, default: heads for MHA, the source's for GQA), ``intermediate_size``.
-        method: ``magnitude`` or ``random``.
+        method: ``magnitude``, ``activation`` or ``random``.
         seed: seed of ``random``.
+        calibration: token ids (N, S) for ``activation`` (the training split's: see ``calibration_batch``).
     """
-    if method not in ("magnitude", "random"):
-        raise ValueError(f"method={method!r}: use 'magnitude' or 'random'")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: use one of {list(METHODS)}")
+    if method == "activation" and calibration is None:
+        raise ValueError("method='activation' needs calibration token ids (llmshearing.data.calibration_batch)")
     cfg = model.config
     L, d, m, H = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     G = getattr(cfg, "num_key_value_heads", None) or H
@@ -79,6 +92,8 @@ def select_masks(model: PreTrainedModel, target: dict[str, int], method: str = "
         raise ValueError(f"{H_t} query heads do not split evenly over {G_t} KV groups")
     if method == "magnitude":
         imp = _importance(model)
+    elif method == "activation":
+        imp = activation_scores(model, calibration)
     else:
         gen = torch.Generator().manual_seed(seed)
         shapes = {"hidden": (d,), "layer": (L,), "head": (L, H), "kv_group": (L, G), "intermediate": (L, m)}

@@ -6,9 +6,22 @@ Hard-concrete gate (Louizos et al. 2018), per entry with learnable ``log_alpha``
     z = clamp(s * (r - l) + l, 0, 1)                      beta = 2/3, l = -0.1, r = 1.1
     P(z != 0) = sigmoid(log_alpha - beta * log(-l / r))
 
-Deterministic masks (evaluation, materialisation) keep exactly the target number of entries with
-the largest ``log_alpha`` per row (top-k) at value ``clamp(sigmoid(log_alpha) * (r - l) + l, 0, 1)``
-and zero the rest, so every layer keeps the same shape.
+Initialisation and bounds follow the reference implementation (METHOD.md, "What the reference code actually
+does"): ``log_alpha`` starts at ``ln 100 = 4.6`` (P(z = 1) ~ 0.95, P(z = 0) ~ 0.002: pruning starts from the
+intact source, not from a model scaled by noise) and is clamped to ``[ln 0.01, ln 100]`` after every optimizer
+step (with mask lr 1.0 an unbounded ``log_alpha`` and its lambda run away and the run misses the target).
+``pruning.init: importance`` instead spreads the initial values by an importance ranking (``init_from_scores``).
+
+Deterministic masks keep, per row, the units with the largest ``log_alpha`` at their test-time value
+``sigmoid(log_alpha / beta * 0.8)`` (the reference's) and zero the rest. How many are kept:
+
+| mode | kept per row | used for |
+| --- | --- | --- |
+| ``target`` | the target number (top-k) | materialisation, export, the ``eval_target`` evaluation |
+| ``expected`` | ``n - round(expected number of zeros)`` | evaluation during pruning (what dynamic loading sees) |
+
+so every layer of a ``target`` model has the same shape, and an ``expected`` model is the one the gates
+currently describe (the reference's ``eval_target_model=false``).
 
 Grouped-query attention: a source with ``G`` KV groups of ``q = H / G`` query heads each is pruned to
 ``(H_t, G_t)`` with a ``kv_group`` gate (L, G) when ``G_t < G`` and a within-group ``head`` gate
@@ -16,9 +29,11 @@ Grouped-query attention: a source with ``G`` KV groups of ``q = H / G`` query he
 group keeps ``H_t / G_t`` heads, so the result is a standard GQA model. For a multi-head source the
 ``head`` gate is (L, H) and a head's K/V go with it.
 
-Lagrangian (per structure, on the expected *kept fraction* ``s_hat`` against the ramped target ``t``)::
+Lagrangian (per structure, on the expected *kept fraction* ``s_hat_r`` of every row ``r`` -- a layer's FFN
+channels, a KV group's heads -- against the ramped target ``t``; as the reference, the mean over rows of the
+per-row penalty, so no layer can over- or under-keep while the average meets the target)::
 
-    L_c = lambda_1 * (s_hat - t) + lambda_2 * (s_hat - t) ** 2
+    L_c = mean_r [ lambda_1 * (s_hat_r - t) + lambda_2 * (s_hat_r - t) ** 2 ]
 
 maximised over the lambdas (gradient ascent), minimised over the model and ``log_alpha``.
 """
@@ -34,9 +49,14 @@ from torch import nn
 
 from llmshearing.models.families import count_params
 
-__all__ = ["DeterministicMasks", "HardConcrete", "ShearingMasks"]
+__all__ = ["DeterministicMasks", "HardConcrete", "LOG_ALPHA_MAX", "LOG_ALPHA_MIN", "ShearingMasks"]
 
 LIMIT_L, LIMIT_R = -0.1, 1.1
+# The reference's bounds on log_alpha: [ln 0.01, ln 100]. The upper one is also the default start.
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(0.01), math.log(100.0)
+TEST_TIME_SCALE = 0.8  # test-time value sigmoid(log_alpha / beta * 0.8), as the reference
+WEAK_VALUE = 0.1  # a kept unit whose test-time value is below this is (nearly) dead capacity
+MODES = ("target", "expected")
 
 
 class HardConcrete(nn.Module):
@@ -45,23 +65,27 @@ class HardConcrete(nn.Module):
     Args:
         shape: gate tensor shape, e.g. ``(L, m)`` for FFN channels of every layer.
         keep: target number of kept units per row (for top-k).
-        droprate_init: initial probability of dropping a unit.
+        init_log_alpha: initial ``log_alpha`` (plus noise of sd 0.01, then clamped to the bounds).
         temperature: beta.
     """
 
-    def __init__(self, shape: tuple[int, ...], keep: int, droprate_init: float, temperature: float) -> None:
+    def __init__(self, shape: tuple[int, ...], keep: int, init_log_alpha: float = LOG_ALPHA_MAX,
+                 temperature: float = 2.0 / 3.0) -> None:
         super().__init__()
         self.shape = tuple(shape)
         self.keep = keep
         self.temperature = temperature
-        mean = math.log(1 - droprate_init) - math.log(droprate_init)
         # A little noise breaks ties for top-k; a fixed generator keeps initialisation identical on every rank.
         noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(1234 + sum(self.shape))) * 1e-2
-        self.log_alpha = nn.Parameter(mean + noise)
+        self.log_alpha = nn.Parameter((init_log_alpha + noise).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX))
 
     @property
     def n(self) -> int:
         return self.shape[-1]
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def prob_nonzero(self) -> torch.Tensor:
         return torch.sigmoid(self.log_alpha - self.temperature * math.log(-LIMIT_L / LIMIT_R))
@@ -71,12 +95,39 @@ class HardConcrete(nn.Module):
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
         return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
 
-    def deterministic(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values with non-kept entries zeroed, boolean keep mask) using top-``keep`` per row."""
-        values = (torch.sigmoid(self.log_alpha) * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
-        top = torch.topk(self.log_alpha, self.keep, dim=-1).indices
-        keep = torch.zeros_like(self.log_alpha, dtype=torch.bool).scatter_(-1, top, True)
-        return values * keep, keep
+    def test_values(self) -> torch.Tensor:
+        """Test-time value of every unit (kept or not): ``sigmoid(log_alpha / beta * 0.8)``."""
+        return torch.sigmoid(self.log_alpha / self.temperature * TEST_TIME_SCALE)
+
+    def kept_per_row(self, mode: str = "target") -> torch.Tensor:
+        """Units kept in each row (shape ``shape[:-1]``): the target, or ``n - round(expected zeros)``."""
+        rows = self.shape[:-1]
+        if mode == "target":
+            return torch.full(rows, self.keep, dtype=torch.long, device=self.log_alpha.device)
+        if mode != "expected":
+            raise ValueError(f"mode={mode!r}: use one of {MODES}")
+        zeros = torch.round(self.n - self.prob_nonzero().detach().sum(-1)).long()
+        return self.n - zeros
+
+    def deterministic(self, mode: str = "target") -> tuple[torch.Tensor, torch.Tensor]:
+        """(test-time values with non-kept entries zeroed, boolean keep mask): the largest ``log_alpha`` of each
+        row are kept, as many as :meth:`kept_per_row` says."""
+        la = self.log_alpha.detach()
+        order = la.argsort(dim=-1, descending=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(self.n, device=la.device).expand_as(order))
+        keep = rank < self.kept_per_row(mode)[..., None]
+        return self.test_values() * keep, keep
+
+    @torch.no_grad()
+    def init_from_scores(self, scores: torch.Tensor, spread: float) -> None:
+        """Start from an importance ranking: in each row the best unit at ``LOG_ALPHA_MAX``, the worst ``spread``
+        below it, linear in rank between (higher score = more important)."""
+        if tuple(scores.shape) != self.shape:
+            raise ValueError(f"importance scores of shape {tuple(scores.shape)} for gates of shape {self.shape}")
+        order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True)
+        frac = torch.arange(self.n, device=order.device, dtype=torch.float32) / max(self.n - 1, 1)
+        rank_frac = torch.empty_like(frac.expand_as(order)).scatter_(-1, order, frac.expand_as(order).contiguous())
+        self.log_alpha.copy_((LOG_ALPHA_MAX - spread * rank_frac).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX))
 
 
 @dataclass
@@ -100,6 +151,12 @@ class DeterministicMasks:
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.__dict__.items()}
 
+    def weak_kept(self) -> dict[str, int]:
+        """Kept units whose value is below 0.1, per structure: folded into the weights they are (nearly) dead."""
+        pairs = {"layer": (self.layer, self.layer_keep), "hidden": (self.hidden, self.hidden_keep),
+                 "intermediate": (self.intermediate, self.intermediate_keep), "head": (self.head, self.head_keep)}
+        return {k: int((keep & (v < WEAK_VALUE)).sum()) for k, (v, keep) in pairs.items()}
+
 
 class ShearingMasks(nn.Module):
     """All gates and Lagrange multipliers of one pruning run.
@@ -109,7 +166,7 @@ class ShearingMasks(nn.Module):
         target: target shape with ``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``,
             ``num_key_value_heads``, ``intermediate_size``.
         prune: structures with gates (``layer``, ``head``, ``intermediate``, ``hidden``).
-        droprate_init: initial drop probability.
+        init_log_alpha: initial ``log_alpha`` of every gate (default ``ln 100``, the reference's start).
         temperature: hard-concrete beta.
         seed: seed of the per-step gate noise (the noise of step t is a function of (seed, t) only, so
             every rank, and a resumed run, samples the same masks).
@@ -120,7 +177,7 @@ class ShearingMasks(nn.Module):
         source: dict[str, int],
         target: dict[str, int],
         prune: list[str],
-        droprate_init: float = 0.5,
+        init_log_alpha: float = LOG_ALPHA_MAX,
         temperature: float = 2.0 / 3.0,
         seed: int = 0,
         tie_word_embeddings: bool = False,
@@ -138,7 +195,7 @@ class ShearingMasks(nn.Module):
         self.gqa = G != H
 
         def gate(shape: tuple[int, ...], keep: int) -> HardConcrete:
-            return HardConcrete(shape, keep, droprate_init, temperature)
+            return HardConcrete(shape, keep, init_log_alpha, temperature)
 
         gates: dict[str, HardConcrete] = {}
         if "layer" in prune and target["num_hidden_layers"] < L:
@@ -159,12 +216,28 @@ class ShearingMasks(nn.Module):
         # lambdas[name] = (lambda_1, lambda_2); updated by gradient *ascent* (negative lr, see L0Pruning).
         self.lambdas = nn.ParameterDict({name: nn.Parameter(torch.zeros(2)) for name in gates})
         self.register_buffer("target_progress", torch.zeros(()), persistent=False)
+        self._set_start_fraction()
+        self.step = 0
+        self.eval_mode = "target"  # what a forward in eval mode uses (L0Pruning switches it per evaluator)
+        self.z: Optional[dict[str, torch.Tensor]] = None
+
+    def _set_start_fraction(self) -> None:
         # The target ramps from the initial expected kept fraction (not from 1): the constraint then starts
         # satisfied and never pushes the gates *up* into saturation while the ramp begins.
         with torch.no_grad():
             self.start_fraction = {k: float(v) / self._full_and_target(k)[0] for k, v in self.expected_counts().items()}
-        self.step = 0
-        self.z: Optional[dict[str, torch.Tensor]] = None
+
+    def clamp_(self) -> None:
+        """Bound every ``log_alpha`` to ``[ln 0.01, ln 100]`` (after each optimizer step, as the reference)."""
+        for g in self.gates.values():
+            g.clamp_()
+
+    def init_from_scores(self, scores: dict[str, torch.Tensor], spread: float) -> None:
+        """Seed each gate's ``log_alpha`` from importance scores of its shape (see ``HardConcrete.init_from_scores``);
+        the target ramp then starts from the new expected sizes."""
+        for name, g in self.gates.items():
+            g.init_from_scores(scores[name], spread)
+        self._set_start_fraction()
 
     # -- sizes ---------------------------------------------------------------------------------------
     def _full_and_target(self, name: str) -> tuple[int, int]:
@@ -209,22 +282,32 @@ class ShearingMasks(nn.Module):
         return count_params(self.expected_shape(), self.tie_word_embeddings, self.qkv_bias)
 
     def lagrangian(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sum over structures of ``l1 * (s_hat - t) + l2 * (s_hat - t)^2`` on kept fractions; and a log dict."""
+        """Sum over structures of the mean over rows of ``l1 * (s_hat_r - t) + l2 * (s_hat_r - t)^2`` on kept
+        fractions; and a log dict."""
         total = torch.zeros((), device=self.target_progress.device)
         logs: dict[str, float] = {}
         progress = float(self.target_progress)
-        for name, count in self.expected_counts().items():
+        for name, g in self.gates.items():
             full, tgt = self._full_and_target(name)
             start = self.start_fraction[name]
             t = start + progress * (tgt / full - start)  # ramped target fraction: start -> tgt/full
-            gap = count / full - t
+            rows = g.prob_nonzero().sum(-1)  # expected kept units of every row (a scalar for layer / hidden)
+            gap = rows / full - t
             lam = self.lambdas[name]
-            total = total + lam[0] * gap + lam[1] * gap * gap
-            logs[f"expected_{name}"] = float(count)
+            total = total + (lam[0] * gap + lam[1] * gap * gap).mean()
+            logs[f"expected_{name}"] = float(rows.mean())
             logs[f"target_{name}"] = t * full
             logs[f"lambda1_{name}"] = float(lam[0])
             logs[f"lambda2_{name}"] = float(lam[1])
         return total, logs
+
+    def weak_kept(self) -> dict[str, int]:
+        """Per structure: units the target keeps whose test-time value is below 0.1 (nearly dead capacity)."""
+        out = {}
+        for name, g in self.gates.items():
+            values, keep = g.deterministic("target")
+            out[name] = int((keep & (values < WEAK_VALUE)).sum())
+        return out
 
     # -- masks for a forward pass --------------------------------------------------------------------
     def _noise(self, shape: tuple[int, ...], name: str, device: torch.device) -> torch.Tensor:
@@ -233,8 +316,8 @@ class ShearingMasks(nn.Module):
         return u.clamp(1e-6, 1 - 1e-6).to(device)
 
     def refresh(self, training: bool) -> dict[str, torch.Tensor]:
-        """Compute this forward's masks: sampled (training) or deterministic top-k (evaluation)."""
-        self.z = self.sampled() if training else self.deterministic_z()
+        """Compute this forward's masks: sampled (training) or deterministic in ``eval_mode`` (evaluation)."""
+        self.z = self.sampled() if training else self.deterministic_z(self.eval_mode)
         return self.z
 
     def sampled(self) -> dict[str, torch.Tensor]:
@@ -242,10 +325,11 @@ class ShearingMasks(nn.Module):
         n_hidden = int(torch.count_nonzero(z["hidden"])) if "hidden" in z else self.d
         return self._hook_masks(z, n_hidden)
 
-    def deterministic(self) -> DeterministicMasks:
+    def deterministic(self, mode: str = "target") -> DeterministicMasks:
+        """Masks of every structure (see the module docstring for ``mode``)."""
         vals, keeps = {}, {}
         for name, g in self.gates.items():
-            vals[name], keeps[name] = g.deterministic()
+            vals[name], keeps[name] = g.deterministic(mode)
         dev = self.target_progress.device
         L, d, m, H, G = self.L, self.d, self.m, self.H, self.G
         ones = lambda *s: torch.ones(s, device=dev)  # noqa: E731
@@ -272,13 +356,13 @@ class ShearingMasks(nn.Module):
             kv_keep=kv_keep,
         )
 
-    def deterministic_z(self) -> dict[str, torch.Tensor]:
-        dm = self.deterministic()
+    def deterministic_z(self, mode: str = "target") -> dict[str, torch.Tensor]:
+        dm = self.deterministic(mode)
         z = {"layer": dm.layer, "hidden": dm.hidden, "intermediate": dm.intermediate}
         z = {k: v for k, v in z.items() if k in self.gates}
         if "head" in self.gates or "kv_group" in self.gates:
             z["head"] = dm.head
-        return self._hook_masks(z, self.target["hidden_size"] if "hidden" in self.gates else self.d)
+        return self._hook_masks(z, int(dm.hidden_keep.sum()) if "hidden" in self.gates else self.d)
 
     def _hook_masks(self, z: dict[str, torch.Tensor], n_hidden: int) -> dict[str, torch.Tensor]:
         """Masks as the hooks use them: only gated structures; ``head`` as (L, H); the kept hidden count."""

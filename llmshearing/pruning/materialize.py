@@ -77,6 +77,12 @@ def prune_state_dict(
         tied: whether the source ties ``lm_head`` to ``embed_tokens``.
     """
     adapter = adapter_for(config)
+    weak = {k: n for k, n in masks.weak_kept().items() if n}
+    if weak:
+        log.warning(
+            "kept units whose mask value is below 0.1 (nearly dead capacity in the pruned model): %s; the masks had "
+            "not converged to the target -- prune longer or with a larger lambda_lr", weak,
+        )
     hd = head_dim(config)
     H, G = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     hid = _idx(masks.hidden_keep)

@@ -1,0 +1,205 @@
+"""Mask dynamics as the reference implementation: start, clamp, per-row penalty, expected-mask evaluation,
+weak kept units; activation importance (one-shot selection and mask initialisation)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from llmshearing.config import ConfigError, PruningConfig, TargetShape, build_dataclass
+from llmshearing.models.families import describe_shape
+from llmshearing.pruning import HardConcrete, ShearingMasks, materialize, resolve_target
+from llmshearing.pruning.baselines import select_masks
+from llmshearing.pruning.importance import activation_scores, gate_scores
+from llmshearing.pruning.masks import LOG_ALPHA_MAX, LOG_ALPHA_MIN
+from tests.helpers import make_tiny_model
+
+ALL = ["layer", "head", "intermediate", "hidden"]
+
+
+def _masks(name="llama3_gqa", target=TargetShape(2, 40, 4, 1, 50), **kw):
+    src = describe_shape(make_tiny_model(name).config)
+    return ShearingMasks(src, resolve_target(src, target, ALL), ALL, **kw)
+
+
+def test_masks_start_from_the_intact_source():
+    masks = _masks()
+    for name, g in masks.gates.items():
+        u = torch.rand((4000, *g.shape), generator=torch.Generator().manual_seed(0)).clamp(1e-6, 1 - 1e-6)
+        z = g.sample(u)
+        assert abs(float((z == 1).float().mean()) - 0.953) < 0.02, name  # P(z = 1) = sigmoid(4.6 - beta ln 11)
+        assert float((z == 0).float().mean()) < 0.005, name
+        assert float(z.mean()) > 0.98, name
+        assert float(g.log_alpha.max()) <= LOG_ALPHA_MAX + 1e-6
+
+
+def test_clamp_bounds_log_alpha():
+    masks = _masks()
+    with torch.no_grad():
+        for g in masks.gates.values():
+            g.log_alpha.copy_(torch.linspace(-20, 20, g.log_alpha.numel()).view(g.shape))
+    masks.clamp_()
+    for g in masks.gates.values():
+        assert float(g.log_alpha.min()) == pytest.approx(LOG_ALPHA_MIN)
+        assert float(g.log_alpha.max()) == pytest.approx(LOG_ALPHA_MAX)
+
+
+def test_penalty_is_per_row_so_rows_cannot_trade_off():
+    """One layer over-keeps and one under-keeps by the same amount: the mean meets the target, and a penalty on
+    the mean gap would be zero; the per-row penalty is positive and pulls each row toward the target."""
+    src = describe_shape(make_tiny_model("llama2_mha").config)
+    masks = ShearingMasks(src, resolve_target(src, TargetShape(3, 32, 4, None, 24), ["intermediate"]), ["intermediate"])
+    masks.target_progress.fill_(1.0)  # target: 24 of 48 channels per layer
+    g = masks.gates["intermediate"]
+    with torch.no_grad():
+        g.log_alpha.fill_(LOG_ALPHA_MIN)
+        g.log_alpha[0, :36] = LOG_ALPHA_MAX  # layer 0 keeps ~36, layer 1 ~12, layer 2 ~24
+        g.log_alpha[1, :12] = LOG_ALPHA_MAX
+        g.log_alpha[2, :24] = LOG_ALPHA_MAX
+        masks.lambdas["intermediate"].copy_(torch.tensor([0.0, 1.0]))
+    mean_gap = float(g.prob_nonzero().sum(-1).mean()) / 48 - 0.5  # the layers' mean is (nearly) on target
+    loss, _ = masks.lagrangian()
+    assert float(loss) > 0.02 and float(loss) > 20 * mean_gap**2
+    loss.backward()
+    grad = g.log_alpha.grad
+    assert grad[0, :36].sum() > 0 and grad[1, :12].sum() < 0  # descent: layer 0 drops channels, layer 1 regains
+
+
+def test_expected_mode_keeps_what_the_gates_expect_and_target_mode_the_target():
+    gate = HardConcrete((10,), keep=5)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([LOG_ALPHA_MAX] * 7 + [LOG_ALPHA_MIN] * 3))
+    values, keep = gate.deterministic("expected")
+    assert keep.tolist() == [True] * 7 + [False] * 3  # 3 expected zeros
+    assert torch.allclose(values[:7], torch.sigmoid(gate.log_alpha[:7] / gate.temperature * 0.8))
+    _, keep_t = gate.deterministic("target")
+    assert int(keep_t.sum()) == 5 and bool(keep_t[:7].sum() == 5)
+
+
+def test_expected_mode_is_per_row():
+    gate = HardConcrete((2, 8), keep=4)
+    with torch.no_grad():
+        gate.log_alpha.fill_(LOG_ALPHA_MIN)
+        gate.log_alpha[0, :6] = LOG_ALPHA_MAX
+        gate.log_alpha[1, :2] = LOG_ALPHA_MAX
+    assert gate.kept_per_row("expected").tolist() == [6, 2]
+    _, keep = gate.deterministic("expected")
+    assert keep.sum(-1).tolist() == [6, 2]
+
+
+def test_eval_forward_follows_the_eval_mode():
+    model = make_tiny_model("llama2_mha")
+    src = describe_shape(model.config)
+    masks = ShearingMasks(src, resolve_target(src, TargetShape(3, 32, 4, None, 24), ["intermediate"]), ["intermediate"])
+    from llmshearing.pruning import attach_masks
+
+    attach_masks(model, masks)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masks.eval_mode = "expected"  # at the start every channel is expected to stay
+        full = model(input_ids=ids).logits
+        assert int((masks.z["intermediate"] > 0).sum()) >= 47 * 3
+        masks.eval_mode = "target"
+        half = model(input_ids=ids).logits
+        assert int((masks.z["intermediate"] > 0).sum()) == 24 * 3
+    assert (full - half).abs().max() > 1e-3
+
+
+def test_weak_kept_units_are_counted_and_materialisation_warns(caplog):
+    model = make_tiny_model("llama2_mha")
+    src = describe_shape(model.config)
+    masks = ShearingMasks(src, resolve_target(src, TargetShape(3, 32, 4, None, 24), ["intermediate"]), ["intermediate"])
+    with torch.no_grad():
+        masks.gates["intermediate"].log_alpha[1, :30] = -3.0  # 24 of 48 kept: 6 of the kept ones are weak
+    assert masks.weak_kept() == {"intermediate": 6}
+    det = masks.deterministic()
+    assert det.weak_kept()["intermediate"] == 6
+    with caplog.at_level(logging.WARNING):
+        materialize(model, det)
+    assert "below 0.1" in caplog.text and "'intermediate': 6" in caplog.text
+
+
+def test_init_from_scores_follows_the_ranking_within_the_clamp():
+    masks = _masks()
+    gen = torch.Generator().manual_seed(1)
+    scores = {k: torch.rand(g.shape, generator=gen) for k, g in masks.gates.items()}
+    masks.init_from_scores(scores, spread=3.0)
+    for name, g in masks.gates.items():
+        la = g.log_alpha.detach()
+        assert torch.equal(la.argsort(-1), scores[name].argsort(-1)), name
+        assert float(la.max()) == pytest.approx(LOG_ALPHA_MAX) and float(la.min()) == pytest.approx(LOG_ALPHA_MAX - 3.0)
+    # the target ramp starts from the new expected sizes, so the constraint starts satisfied
+    loss, _ = masks.lagrangian()
+    assert abs(float(loss)) < 1e-6
+
+
+def _silenced_model():
+    """A tiny GQA model with known dead units: KV group 1 of layer 0 (its V rows are zero, so are its heads'
+    outputs), FFN channels 0..9 of every layer (zero up_proj rows), hidden dim 5 (zero in every norm) and layer 2
+    (it writes nothing into the residual stream)."""
+    model = make_tiny_model("llama3_gqa")
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[hd : 2 * hd] = 0
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[:10] = 0
+            layer.input_layernorm.weight[5] = 0
+            layer.post_attention_layernorm.weight[5] = 0
+        model.model.norm.weight[5] = 0
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    return model
+
+
+def test_activation_scores_find_dead_units():
+    model = _silenced_model()
+    ids = torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    s = activation_scores(model, ids, batch_size=4)
+    H, G = model.config.num_attention_heads, model.config.num_key_value_heads
+    q = H // G
+    assert s["head"].shape == (3, H) and s["kv_group"].shape == (3, G) and s["intermediate"].shape == (3, 96)
+    assert torch.all(s["head"][0, q : 2 * q] < 1e-6) and torch.all(s["head"][0, :q] > 1e-3)
+    assert float(s["kv_group"][0, 1]) < 1e-6
+    assert torch.all(s["intermediate"][:, :10] < 1e-6) and torch.all(s["intermediate"][:, 10:] > 0)
+    assert float(s["hidden"][5]) < 1e-6 and float(s["hidden"].min(0).values) == float(s["hidden"][5])
+    assert float(s["layer"][2]) < 1e-5 and torch.all(s["layer"][:2] > 1e-3)
+    assert model.training is False
+    # one-shot activation selection drops exactly those units, in a uniform target shape
+    det = select_masks(model, {"num_hidden_layers": 2, "hidden_size": 63, "num_attention_heads": 4,
+                               "num_key_value_heads": 1, "intermediate_size": 86}, "activation", calibration=ids)
+    assert det.layer_keep.tolist() == [True, True, False]
+    assert not det.hidden_keep[5] and int(det.hidden_keep.sum()) == 63
+    assert not det.intermediate_keep[:, :10].any()
+    assert not det.kv_keep[0, 1]
+    small = materialize(model, det)
+    assert small.config.num_key_value_heads == 1 and small.config.num_attention_heads == 4
+
+
+def test_gate_scores_reshape_gqa_heads_into_groups():
+    masks = _masks(target=TargetShape(2, 40, 2, 1, 50))
+    model = make_tiny_model("llama3_gqa")
+    ids = torch.randint(0, 160, (2, 8), generator=torch.Generator().manual_seed(0))
+    s = gate_scores(activation_scores(model, ids), {k: g.shape for k, g in masks.gates.items()})
+    assert s["head"].shape == (3, 2, 4) and s["kv_group"].shape == (3, 2)
+    masks.init_from_scores(s, 2.0)
+
+
+def test_activation_selection_needs_calibration():
+    with pytest.raises(ValueError, match="calibration"):
+        select_masks(make_tiny_model("llama2_mha"), {"num_hidden_layers": 2, "hidden_size": 16,
+                                                     "num_attention_heads": 2, "intermediate_size": 24}, "activation")
+
+
+TARGET = TargetShape(2, 16, 2, None, 24)
+
+
+def test_config_names_the_replaced_droprate_init():
+    with pytest.raises(ConfigError, match="init_log_alpha"):
+        build_dataclass(PruningConfig, {"droprate_init": 0.5}, "pruning.")
+    with pytest.raises(ConfigError, match="'reference' or 'importance'"):
+        PruningConfig(target=TARGET, init="magnitude")
+    with pytest.raises(ConfigError, match="outside the clamp"):
+        PruningConfig(target=TARGET, init_log_alpha=math.log(1000))
