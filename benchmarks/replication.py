@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="swept on validation, seed 0, budget T")
     p.add_argument("--scratch-budgets", type=float, nargs="+", default=[2.0, 3.0],
                    help="extra scratch budgets (multiples of T), seed 0, each its own fully decayed run")
-    p.add_argument("--prune-lr", type=float, default=None,
-                   help="model lr of the pruning stage (default: the continued-training lr chosen on validation)")
+    p.add_argument("--prune-lrs", type=float, nargs="+", default=[1e-4],
+                   help="model lrs of the pruning stage swept on validation, seed 0, with the continued-training lr")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -254,22 +254,25 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         base = {"random": f"random_s{seed}", "learned": f"learned_on_source_s{seed}"}.get(method, method)
         name = f"{base}_ft_lr{lr:g}_s{seed}"
         if not args.report_only:
-            start = b.save_oneshot(base, method, seed, masks_of=f"prune_ref_s{seed}")
+            masks_of = f"prune_ref_plr{lr_of['pruning']:g}_s{seed}" if method == "learned" else None
+            start = b.save_oneshot(base, method, seed, masks_of=masks_of)
             b.run(name, "yamls/continue_pretrain/tiny_cpu.yaml", [
                 f"variables.source={start}", f"variables.reference_losses={ref}", f"max_duration={T}ba",
                 f"eval_interval={T // 10}ba", f"save_interval={T}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched])
         return name
 
-    def sheared(seed: int, lr: float, dynamic: bool, init: str = "reference") -> tuple[str, str]:
+    def sheared(seed: int, lr: float, dynamic: bool, init: str = "reference", plr: Optional[float] = None
+                ) -> tuple[str, str]:
+        plr = prune_lr if plr is None else plr
         tag = {"reference": "ref", "importance": "imp"}[init]
-        prune = f"prune_{tag}_s{seed}"
-        name = f"cpt_{tag}_{'dynamic' if dynamic else 'constant'}_lr{lr:g}_s{seed}"
+        prune = f"prune_{tag}_plr{plr:g}_s{seed}"
+        name = f"cpt_{tag}_plr{plr:g}_{'dynamic' if dynamic else 'constant'}_lr{lr:g}_s{seed}"
         if not args.report_only:
             b.run(prune, "yamls/prune/small_cpu.yaml", [
                 f"variables.source={source}", f"max_duration={args.prune_steps}ba",
                 f"eval_interval={args.prune_steps // 4}ba", f"save_interval={args.prune_steps}ba",
                 "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref}", f"seed={seed}",
-                f"optimizer.lr={prune_lr}", f"pruning.init={init}", f"pruning.calibration_sequences={CALIBRATION}"])
+                f"optimizer.lr={plr}", f"pruning.init={init}", f"pruning.calibration_sequences={CALIBRATION}"])
             b.run(name, "yamls/continue_pretrain/tiny_cpu.yaml", [
                 f"variables.source={b.model_dir(prune)}", f"variables.reference_losses={ref}",
                 f"max_duration={args.cpt_steps}ba", f"eval_interval={args.cpt_steps // 6}ba",
@@ -284,8 +287,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             if b.done(name):
                 sweep[kind][f"{lr:g}"] = b.val_loss(name)
     lr_of = {k: float(min(v, key=v.get)) if v else args.lrs[0] for k, v in sweep.items()}
-    prune_lr = args.prune_lr if args.prune_lr is not None else lr_of["continued"]
-    log.info("learning rates chosen on validation: %s (%s); pruning model lr %g", lr_of, sweep, prune_lr)
+    # the pruning stage's model lr: the paper's 1e-4 or the continued-training rate, chosen on validation after
+    # the whole sheared chain (pruning + continued training, seed 0, budget T)
+    prune_lrs = sorted({*args.prune_lrs, lr_of["continued"]})
+    sweep["pruning"] = {}
+    for plr in prune_lrs:
+        _, name = sheared(0, lr_of["continued"], True, plr=plr)
+        if b.done(name):
+            sweep["pruning"][f"{plr:g}"] = b.val_loss(name)
+    prune_lr = float(min(sweep["pruning"], key=sweep["pruning"].get)) if sweep["pruning"] else lr_of["continued"]
+    lr_of["pruning"] = prune_lr
+    log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)
 
     # 2. every arm, seed by seed, most needed first (an interrupted benchmark still reports what finished)
     arms: dict[str, list[str]] = {k: [] for k in (
@@ -422,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     lines = [f"Test split: {', '.join(f'{d} {len(source_test[d])}' for d in domains)} sequences of {SEQ} tokens. "
              f"T = {T} steps x {BATCH} x {SEQ} = {T * BATCH * SEQ / 1e6:.2f}M tokens after the source. "
              f"Learning rates chosen on validation: scratch {lr_of['scratch']:g}, continued training "
-             f"{lr_of['continued']:g} (sweep: {json.dumps(sweep)}).", "",
+             f"{lr_of['continued']:g}, pruning stage (model weights) {lr_of['pruning']:g} "
+             f"(sweep: {json.dumps(sweep)}).", "",
              f"| arm | seeds | tokens after source (trainer) | passes over train (code/docstrings/reference) | test loss | "
              + " | ".join(domains) + " | worst excess over source |",
              "|---|---|---|---|---|" + "---|" * len(domains) + "---|"]

@@ -34,10 +34,10 @@ class _Logger:
         self.logged.update(metrics)
 
 
-def _eval_state(batch: int) -> SimpleNamespace:
-    values = {f"LanguageCrossEntropy_{d}": v for d, v in zip("abc", EVAL)}
-    return SimpleNamespace(eval_metrics={"eval": {}}, eval_metric_values=values,
-                           timestamp=SimpleNamespace(batch=batch))
+def _eval_state(batch: int, label: str = "eval", losses=EVAL) -> SimpleNamespace:
+    values = {f"LanguageCrossEntropy_{d}": v for d, v in zip("abc", losses)}
+    return SimpleNamespace(eval_metrics={"eval": {}, "eval_target": {}}, eval_metric_values=values,
+                           dataloader_label=label, timestamp=SimpleNamespace(batch=batch))
 
 
 @pytest.mark.parametrize("update", ["doremi", "constant"])
@@ -55,6 +55,9 @@ def test_callback_applies_the_update_or_keeps_the_mixture(update):
     assert logger.logged["dynamic_loading/effective_batch"] == 10
     assert [logger.logged[f"dynamic_loading/weight_{d}"] for d in "abc"] == pytest.approx(expected, abs=1e-8)
     assert logger.logged["dynamic_loading/excess_loss_c"] == pytest.approx(0.5)
+    # another evaluator ending (pruning's eval_target, with its own losses) changes nothing
+    cb.eval_end(_eval_state(batch=8, label="eval_target", losses=[9.0, 1.0, 1.0]), logger)
+    assert sampler.proportions == pytest.approx(expected, abs=1e-8) and len(cb.history) == 1
 
 
 @pytest.mark.parametrize("workers,prefetch", [(0, 2), (1, 2), (2, 2), (2, 3)])

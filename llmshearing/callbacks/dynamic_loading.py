@@ -82,8 +82,7 @@ class DynamicLoading(Callback):
         logger.log_metrics({f"dynamic_loading/weight_{d}": float(w) for d, w in zip(self.domains, self.sampler.proportions)})
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        metrics = state.eval_metrics.get(self.eval_label)
-        if metrics is None:
+        if state.dataloader_label != self.eval_label:  # another evaluator (e.g. pruning's eval_target) just ran
             return
         losses = np.array([float(state.eval_metric_values[f"LanguageCrossEntropy_{d}"]) for d in self.domains])
         if not np.isfinite(losses).all():
