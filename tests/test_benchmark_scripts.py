@@ -110,3 +110,43 @@ def test_paired_difference_standard_error():
     noise = np.repeat(rng.normal(0, 0.1, 500), 8)
     _, se_blocked = paired_difference(noise, np.zeros(4000), block=8)
     assert abs(se_blocked - 0.1 / np.sqrt(500)) < 0.2 * se_blocked
+
+
+def test_inference_benchmark_runs_and_its_flops_count_the_tied_head(tmp_path):
+    from benchmarks.inference import forward_flops_per_token
+    from benchmarks.inference import main as inference_main
+    from tests.helpers import save_tiny_model
+
+    big, small = save_tiny_model("llama3_gqa", tmp_path / "big"), save_tiny_model("mistral_gqa", tmp_path / "small")
+    out = tmp_path / "inf.json"
+    assert inference_main(["--model", f"source={big}", "--model", f"sheared={small}", "--batch", "1", "2",
+                           "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert res["source"]["batch2"]["generation_tokens_per_s"] > 0 and res["sheared"]["batch1"]["prefill_tokens_per_s"] > 0
+    vs = res["sheared"]["vs_source"]
+    assert vs["parameters_ratio"] == pytest.approx(res["source"]["parameters"] / res["sheared"]["parameters"])
+    assert vs["batch2_generation_speedup"]["ci95"][0] <= vs["batch2_generation_speedup"]["median"]
+    # forward FLOPs: 2 x every matmul weight (LM head included, embedding lookup not) + attention
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(big)
+    d, L, m, H, G, V = 64, 3, 96, 8, 2, 160
+    hd = d // H
+    assert forward_flops_per_token(cfg, 10) == 2 * (L * (2 * d * H * hd + 2 * d * G * hd + 3 * d * m) + V * d) + 4 * L * H * hd * 10
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_training_flops_count_the_lm_head_of_a_tied_model(tied):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmshearing.models import ComposerCausalLM
+
+    shape = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                 intermediate_size=96)
+    vocab, T, B = 256, 32, 2
+    model = ComposerCausalLM(LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=tied, **shape)),
+                             domains=["a"])
+    got = model.flops_per_batch({"input_ids": torch.zeros(B, T, dtype=torch.long)})
+    norms = B * T * 6 * 64 * (2 * 2 + 1)  # flops_per_batch also counts the RMSNorm weights as parameters
+    assert got - norms == B * T * flops_per_token(shape, vocab, T)

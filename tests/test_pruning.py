@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmshearing.config import ConfigError, TargetShape
-from llmshearing.models.families import describe_shape
+from llmshearing.models.families import FAMILIES, describe_shape
 from llmshearing.pruning import HardConcrete, ShearingMasks, attach_masks, materialize, resolve_target
-from tests.helpers import make_tiny_model
+from tests.helpers import TINY_CONFIGS, make_tiny_model
 
 ALL = ["layer", "head", "intermediate", "hidden"]
 CASES = {
@@ -179,3 +179,45 @@ def test_magnitude_keeps_the_heaviest_units():
     other = select_masks(model, dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=1, intermediate_size=4),
                          "random", seed=3)
     assert other.intermediate_keep.sum(1).tolist() == [4, 4, 4]
+
+
+def test_tied_source_stays_tied_with_the_hidden_mask_folded_into_the_final_norm(tmp_path):
+    """E' = E * z_hidden and w' = w / z_hidden keep logits exact with one matrix for embedding and head."""
+    from llmshearing.models.families import count_params
+
+    family, fields = TINY_CONFIGS["llama3_gqa"]
+    config_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**fields, tie_word_embeddings=True, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.1 * torch.randn_like(model.model.norm.weight))
+    src = describe_shape(model.config)
+    masks = ShearingMasks(src, resolve_target(src, TargetShape(2, 40, 4, 1, 50), ALL), ALL)
+    with torch.no_grad():
+        for g in masks.gates.values():
+            g.log_alpha.copy_(torch.randn(g.shape, generator=torch.Generator().manual_seed(1)) * 2 + 1.5)
+    det = masks.deterministic()
+    assert det.hidden_keep.sum() == 40 and not torch.all(det.hidden[det.hidden_keep] == 1)
+    attach_masks(model, masks)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        small = materialize(model, det)
+        dense = small(input_ids=ids).logits
+    assert small.config.tie_word_embeddings
+    assert small.lm_head.weight.data_ptr() == small.model.embed_tokens.weight.data_ptr()
+    assert (masked - dense).abs().max().item() <= 1e-4
+    unique = sum(p.numel() for p in small.parameters())  # shared parameters counted once
+    assert unique == count_params(describe_shape(small.config), tie_word_embeddings=True)
+    small.save_pretrained(tmp_path / "hf")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert plain.config.tie_word_embeddings
+    with torch.no_grad():
+        assert (plain(input_ids=ids).logits - masked).abs().max().item() <= 1e-4
+    # a kept channel whose value is exactly 0 (possible in hand-made masks): zero in both, no division by zero
+    kept = int(torch.nonzero(det.hidden_keep)[0])
+    det.hidden[kept] = 0.0
+    with torch.no_grad():
+        zeroed = materialize(model, det)
+    assert all(torch.isfinite(p).all() for p in zeroed.parameters())
+    assert float(zeroed.model.norm.weight[0]) == 0.0 and zeroed.model.embed_tokens.weight[:, 0].abs().max() == 0

@@ -104,6 +104,7 @@ class FamilyAdapter:
         norms: per-layer RMSNorm paths (pre-norms: they read the residual stream).
         embed, layers, final_norm, lm_head: paths from the ``*ForCausalLM``.
         norm_eps: attribute of the norm modules holding epsilon.
+        norm_weight_offset: ``o`` of a norm that scales by ``o + weight`` (0 for LLaMA's ``weight``).
         unsupported: config -> list of features the engine cannot prune (empty: fine).
         notes: what the family is (for messages and docs).
     """
@@ -118,6 +119,7 @@ class FamilyAdapter:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     norm_eps: str = "variance_epsilon"
+    norm_weight_offset: float = 0.0
     unsupported: Callable[[PretrainedConfig], list[str]] = field(default=lambda config: [])
     notes: str = ""
 

@@ -11,8 +11,11 @@ result computes what the masked model computes (LLaMA names):
 | z_head (L, H) | the head's input columns of ``o_proj`` |
 | z_int (L, m) | input columns of ``down_proj`` |
 
-With tied embeddings and hidden-mask values other than 1, the embedding and the LM head differ
-after folding, so the result is untied (and says so).
+Tied embeddings stay tied. The masked model computes ``logits = E (norm(x) * w)`` with the residual stream
+(and so ``x``) scaled by ``z_hidden``; folding ``z_hidden`` into the embedding (``E' = E * z``) and ``1 / z``
+into the final norm's weight (``w' = w / z``; ``(o + w') = (o + w) / z`` for a norm that multiplies by
+``o + w``) gives ``E' (norm(x) * w') = E (norm(x) * w)`` exactly, with one matrix for both. A kept channel with
+``z = 0`` is zero in the embedding and gets a zero norm weight: never a division by zero.
 """
 
 from __future__ import annotations
@@ -55,9 +58,6 @@ def pruned_config(config: PretrainedConfig, masks: DeterministicMasks) -> Pretra
         d["layer_types"] = [d["layer_types"][i] for i in layers]
     if d.get("max_window_layers") is not None and d.get("max_window_layers", 0) > len(layers):
         d["max_window_layers"] = len(layers)
-    if config.tie_word_embeddings and not torch.all(masks.hidden[masks.hidden_keep] == 1):
-        log.warning("untying word embeddings: the hidden mask folded into embed_tokens must not scale lm_head")
-        d["tie_word_embeddings"] = False
     for k in ("_name_or_path", "transformers_version", "architectures"):
         d.pop(k, None)
     config_cls = adapter_for(config).config_cls
@@ -92,13 +92,15 @@ def prune_state_dict(
     def rows_of(units: torch.Tensor, size: int) -> torch.Tensor:  # head/group indices -> weight rows
         return (units[:, None] * size + torch.arange(size)[None, :]).flatten()
 
-    embed, lm_head = f"{adapter.embed}.weight", f"{adapter.lm_head}.weight"
+    embed, lm_head, final = f"{adapter.embed}.weight", f"{adapter.lm_head}.weight", f"{adapter.final_norm}.weight"
     out[embed] = get(embed)[:, hid] * z_hid  # (V, d_t)
-    out[f"{adapter.final_norm}.weight"] = get(f"{adapter.final_norm}.weight")[hid]
-    if not tied or not config.tie_word_embeddings:
+    out[final] = get(final)[hid]
+    if tied and config.tie_word_embeddings:  # the head is E * z too: undo z in the final norm (module docstring)
+        o = adapter.norm_weight_offset
+        alive = z_hid > 0
+        out[final] = torch.where(alive, (o + out[final]) / torch.where(alive, z_hid, 1.0) - o, -o * torch.ones_like(z_hid))
+    else:
         out[lm_head] = get(lm_head)[:, hid]
-    elif not torch.all(z_hid == 1):
-        out[lm_head] = get(embed)[:, hid]
 
     layers = _idx(masks.layer_keep).tolist()
     for new, old in enumerate(layers):
