@@ -23,6 +23,7 @@ setup(
     install_requires=_requirements("requirements.txt"),
     extras_require={
         "dev": ["pytest>=8"],
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],  # .gguf sources (llmshearing.models.gguf)
         "gpu": ["flash-attn>=2.5"],
         "loggers": ["wandb", "mlflow", "tensorboard"],
         "plots": ["matplotlib"],

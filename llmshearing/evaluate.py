@@ -28,9 +28,13 @@ __all__ = ["domain_losses", "generate", "load_model", "paired_difference", "sequ
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A Hugging Face model directory through plain transformers (no project code involved)."""
+    """A Hugging Face model directory through plain transformers (no project code involved); a GGUF source
+    (``.gguf`` file or short name) is converted once into the cache first."""
     from transformers import AutoModelForCausalLM
 
+    from llmshearing.models.gguf import resolve_pretrained
+
+    path = resolve_pretrained(str(path))
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model directory (no config.json); export a checkpoint first with "

@@ -55,7 +55,8 @@ def _train(yaml: str, overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--source", help="your Hugging Face source model directory (default: pre-train a tiny one)")
+    p.add_argument("--source", help="your source model: a Hugging Face directory, a .gguf file or a GGUF short name "
+                                    "such as 'smollm2' (default: pre-train a tiny one)")
     p.add_argument("--data-folder", help="your RedPajama-style folder <dir>/<domain>/*.jsonl (default: embedded corpus)")
     p.add_argument("--target", nargs="*", default=[], metavar="FIELD=N", help="target shape (required with --source)")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer trained for the default source")
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         if not corpus.exists():
             build_embedded_corpus(corpus, max_chars_per_domain=1_500_000)
     if args.source:
+        from llmshearing.models.gguf import resolve_pretrained
+
+        args.source = resolve_pretrained(args.source)  # a GGUF source: a Hugging Face directory, converted once
         tok = Path(args.source).resolve()
     else:
         from llmshearing.data.train_tokenizer import train_tokenizer

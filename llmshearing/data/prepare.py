@@ -16,7 +16,9 @@ is dropped and counted). A document's split is decided by a seeded hash of its k
 is the whole document's, taken before any cutting, so every piece of a document lands in the same split
 (splits share no document), and it is the same for the same seed regardless of the number of workers or
 the chunking. A domain whose hash draws no document for a held-out split gives it one of its first
-training documents instead (packed last, so the output stays independent of chunking). Long documents can
+training documents instead (packed last, so the output stays independent of chunking). A domain with too
+few documents for that (a split would hold no full sequence: one long book, say) holds out the *tail* of its
+token stream instead, and is marked ``document_disjoint: false`` in the manifest. Long documents can
 be cut into pieces of at most ``max_doc_chars`` characters (at line breaks) before tokenizing; the pieces
 stay together. :func:`iter_documents` yields the same keys and splits without tokenizing, so a tokenizer
 can be trained on the training split alone.
@@ -348,6 +350,43 @@ class _Packer:
         return self.buffered
 
 
+def _tail_split(d: str, short: list[str], tasks: list[_Task], packers: dict, tmp: Path, seq_len: int, dtype: str,
+                compression: Optional[str], fractions: dict[str, float], heldout: list[str], add_train,
+                documents: int) -> dict[str, int]:
+    """Re-pack domain ``d`` with its held-out splits cut from the tail of its token stream (see the caller)."""
+    docs: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for task in tasks:  # a small domain: tokenized again, in the parent
+        res = _process(task)
+        for split in SPLITS:
+            docs[split].extend(res.documents_of(split))
+    stream = np.concatenate([x for split in SPLITS for x in docs[split]] or [np.zeros(0, dtype=dtype)])
+    n = len(stream)
+    need = {s: seq_len * max(1, int(np.ceil(fractions[s] * n / seq_len))) for s in heldout}
+    if n - sum(need.values()) < seq_len:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(
+            f"domain {d!r} has {n} tokens in {documents} documents: too few for one {seq_len}-token training "
+            f"sequence plus one per held-out split ({', '.join(heldout)}); add text, lower seq_len, or leave the "
+            "domain out"
+        )
+    log.warning(
+        "domain %r: %s would get no full %d-token sequence from whole documents (%d documents, %d tokens): too few "
+        "documents for document-disjoint splits. Its last %s tokens are held out instead; its held-out losses are "
+        "measured on documents training also reads (manifest: document_disjoint false)",
+        d, "/".join(short), seq_len, documents, n, " + ".join(f"{need[s]} ({s})" for s in heldout),
+    )
+    for split in SPLITS:
+        packers[(d, split)].finish()
+        shutil.rmtree(tmp / split / d, ignore_errors=True)
+        packers[(d, split)] = _Packer(tmp / split / d, seq_len, dtype, compression)
+    end = n
+    for split in reversed(heldout):  # test last, val before it
+        packers[(d, split)].add(stream[end - need[split] : end])
+        end -= need[split]
+    add_train(d, stream[:end])
+    return {f"{s}_tokens": need[s] for s in heldout}
+
+
 @dataclass
 class PrepareResult:
     """What :func:`prepare_dataset` wrote."""
@@ -533,6 +572,19 @@ def prepare_dataset(
                             "documents was moved there (raise --%s-fraction for a random choice)", d, split, split)
         for doc in docs:
             add_train(d, doc)
+    # A domain too small for document-disjoint splits (a split without one full sequence: e.g. one long book, or
+    # held-out documents shorter than seq_len together) holds out the tail of its token stream instead: its
+    # documents in split order (train, then the val and test documents the hash drew), the last tokens to test,
+    # the ones before to val, the rest to training. Marked ``document_disjoint: false`` and reported apart.
+    tail_split: dict[str, dict[str, int]] = {}
+    for d in files:
+        short = [s for s in ("train", *heldout) if packers[(d, s)].sequences == 0]
+        if short:
+            if not _WORKER:  # the tokenizing ran in worker processes
+                _init_worker(tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype)
+            budget_hit[d] = False  # re-packed from the start, under the same budget
+            tail_split[d] = _tail_split(d, short, [t for t in tasks if t.domain == d], packers, tmp, seq_len, dtype,
+                                        compression, fractions, heldout, add_train, stats[d]["documents"])
     manifest_domains = {}
     for d in files:
         entry = dict(stats[d])
@@ -541,8 +593,11 @@ def prepare_dataset(
             dropped = p.finish()
             entry[split] = {"sequences": p.sequences, "tokens": p.tokens, "dropped_tail_tokens": dropped}
             if split != "train":
-                entry[split]["documents"] = drawn[(d, split)] + (split in lent[d])
+                entry[split]["documents"] = None if d in tail_split else drawn[(d, split)] + (split in lent[d])
         entry["lent_to_heldout"] = lent[d]
+        entry["document_disjoint"] = d not in tail_split
+        if d in tail_split:
+            entry["tail_split"] = tail_split[d]
         manifest_domains[d] = entry
         if entry["train"]["sequences"] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -567,7 +622,8 @@ def prepare_dataset(
             "eos_token_id": tok.eos_token_id,
         },
         "seed": seed,
-        "split_unit": "document",  # every piece of a document is in one split
+        "split_unit": "document",  # every piece of a document is in one split (except in not_document_disjoint)
+        "not_document_disjoint": sorted(tail_split),
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "max_doc_chars": max_doc_chars,

@@ -15,13 +15,16 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer.
 
     Args:
-        path: a Hugging Face tokenizer directory (``tokenizer.json`` / ``tokenizer_config.json``), or a
-            SentencePiece ``.model`` file (LLaMA-1/2 style; loaded as ``LlamaTokenizerFast``).
+        path: a Hugging Face tokenizer directory (``tokenizer.json`` / ``tokenizer_config.json``), a
+            SentencePiece ``.model`` file (LLaMA-1/2 style; loaded as ``LlamaTokenizerFast``), or a GGUF source
+            (``.gguf`` file or short name, see :mod:`llmshearing.models.gguf`).
 
     Raises:
         FileNotFoundError: nothing usable at ``path``.
     """
-    p = Path(path)
+    from llmshearing.models.gguf import is_gguf, resolve_pretrained
+
+    p = Path(resolve_pretrained(path) if is_gguf(path) else path)  # a GGUF model's tokenizer: converted once
     if p.is_file() and p.suffix == ".model":
         # legacy=True + add_prefix_space reproduces SentencePiece's own encoding (and the Hub's LLaMA-2
         # tokenizer) exactly; the default fast conversion drops the leading "▁" of every text.

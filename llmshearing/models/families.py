@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from llmshearing.models.adapters import ADAPTERS, adapter_for, supported_families
+from llmshearing.models.gguf import resolve_pretrained
 
 if TYPE_CHECKING:
     from llmshearing.config import ModelConfig
@@ -78,11 +79,11 @@ def build_hf_model(cfg: ModelConfig) -> PreTrainedModel:
         config._attn_implementation = cfg.attn_implementation
         model = model_cls(config)
     else:
-        path = Path(cfg.pretrained)
+        path = Path(resolve_pretrained(cfg.pretrained))  # a .gguf source is converted once into the cache
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model.pretrained={cfg.pretrained!r} is not a Hugging Face checkpoint directory (no config.json); "
-                "point it at a directory written by save_pretrained / downloaded from the Hub"
+                "point it at a directory written by save_pretrained / downloaded from the Hub, or at a .gguf file"
             )
         config = AutoConfig.from_pretrained(path)
         if config.model_type != cfg.family:
