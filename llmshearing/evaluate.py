@@ -154,9 +154,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = load_model(args.model, args.device)
         losses = domain_losses(model, args.data, args.domains, args.seq_len, args.batch_size,
                                args.max_sequences_per_domain, split=args.split)
+        tail = set(load_manifest(str(args.data)).get("not_document_disjoint", []))
         print("| domain | loss | perplexity |\n|---|---|---|")
         for d, v in losses.items():
-            print(f"| {d} | {v:.4f} | {math.exp(v):.2f} |")
+            print(f"| {d}{' *' if d in tail else ''} | {v:.4f} | {math.exp(v):.2f} |")
+        if tail & set(losses):
+            print("* held out as the tail of the domain's documents (too few documents for a document-level split): "
+                  "training read the same documents' earlier text")
         if args.json:
             Path(args.json).write_text(json.dumps(losses, indent=2))
     if args.generate:
