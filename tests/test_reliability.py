@@ -106,3 +106,25 @@ def test_launcher_checks_the_config_before_starting_processes(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "config error: unknown config key 'optimizr'; did you mean 'optimizer'?" in proc.stderr
+
+
+def test_building_datasets_again_does_not_leak_file_descriptors(mds_data):
+    """streaming keeps every StreamingDataset's shared memory for the life of the process and opens a handle on
+    each earlier one when a new one starts: one per evaluation leaked thousands of descriptors in a benchmark."""
+    import os
+
+    from llmshearing.data import DomainTokenDataset, load_manifest
+
+    manifest = load_manifest(mds_data)
+    domains = list(manifest["domains"])
+
+    def build_all() -> None:
+        for split in ("train", "val", "test"):
+            ds = DomainTokenDataset(mds_data, split, domains, 64, manifest=manifest)
+            assert len(ds) > 0 and ds[0]["input_ids"].shape == (64,)
+
+    build_all()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        build_all()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -36,6 +36,29 @@ def load_manifest(local: str, remote: Optional[str] = None) -> dict:
     return read_manifest(local)
 
 
+# One StreamingDataset per (dataset version, split, domains) and process. streaming never frees a dataset's
+# shared memory while the process lives, and every new StreamingDataset opens (and keeps) a handle on every
+# earlier one's while it looks for a free name: building one per evaluation leaked thousands of file
+# descriptors over a benchmark. Reads are by index, so one instance serves every user in the process.
+_STREAMING: dict[tuple, StreamingDataset] = {}
+
+
+def _streaming_dataset(local: str, remote: Optional[str], split: str, domains: tuple[str, ...]) -> StreamingDataset:
+    manifest = Path(local) / MANIFEST
+    st = manifest.stat()  # a dataset prepared again in the same place is a new version
+    key = (str(Path(local).resolve()), remote, split, domains, st.st_mtime_ns, st.st_size)
+    if key not in _STREAMING:
+        streams = [
+            Stream(
+                local=str(Path(local) / split / d),
+                remote=None if remote is None else f"{remote.rstrip('/')}/{split}/{d}",
+            )
+            for d in domains
+        ]
+        _STREAMING[key] = StreamingDataset(streams=streams, shuffle=False, batch_size=1, replication=None)
+    return _STREAMING[key]
+
+
 class DomainTokenDataset(torch.utils.data.Dataset):
     """Fixed-length token sequences of several domains, addressed by one global index.
 
@@ -85,14 +108,7 @@ class DomainTokenDataset(torch.utils.data.Dataset):
                 f"the {split} split of domains {empty} is empty in {local}; re-run data prep with more text, a "
                 "larger --val-fraction / --test-fraction"
             )
-        streams = [
-            Stream(
-                local=str(Path(local) / split / d),
-                remote=None if remote is None else f"{remote.rstrip('/')}/{split}/{d}",
-            )
-            for d in self.domains
-        ]
-        self._streaming = StreamingDataset(streams=streams, shuffle=False, batch_size=1, replication=None)
+        self._streaming = _streaming_dataset(local, remote, split, tuple(self.domains))
         self.sizes = np.asarray(self._streaming.samples_per_stream, dtype=np.int64)
         self.offsets = np.asarray(self._streaming.sample_offset_per_stream, dtype=np.int64)
         if self.sizes.tolist() != counts:
