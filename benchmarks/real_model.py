@@ -14,7 +14,8 @@ Stages, each cached under ``--work`` (an interrupted run continues where it stop
 5. equal recovery training: ``--recovery-steps`` of ``yamls/continue_pretrain/smollm2_cpu.yaml`` from every
    selection (the learned arm read ``--prune-steps`` more batches before it: the table says so);
 6. greedy generations of every exported model for 3 fixed prompts;
-7. a pruning step vs a plain step of the source, in the same run (median step times).
+7. a pruning step vs a plain step of the source, in the same run (median step times);
+8. inference speed of the source vs the sheared model (``benchmarks/inference.py``: prefill and generation).
 
     python -m benchmarks.real_model --out runs/benchmarks/real_model.json
     python -m benchmarks.real_model --heldout <redpajama-style dir> ...      # a second evaluation set
@@ -241,6 +242,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     gens = stage("generations", generations)
 
+    def speed() -> dict:  # inference speed of the source vs the sheared (learned, recovered) model
+        from benchmarks.inference import main as inference_main
+
+        out = work / "inference.json"
+        inference_main(["--model", f"source={source}", "--model", f"sheared={recovered['learned']['dir']}",
+                        "--new-tokens", "32", "--repeats", "5", "--out", str(out)])
+        return json.loads(out.read_text())["report"]
+
+    speed_report = stage("inference", speed)
+
     # report
     src_test = source_eval["test"]
 
@@ -267,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
               f"Pruning step / plain step of the source: {prune_med:.2f} s / {plain_med:.2f} s = {prune_med / plain_med:.2f}x "
               f"(medians, {args.batch} x {args.seq_len} tokens).",
               f"Learned masks' expected sizes at the end of pruning: {selected['learned'].get('expected_shape')}.",
+              "", "Inference speed, source vs sheared (benchmarks/inference.py, CPU, fp32):", "", speed_report, "",
               f"Time: {sum(v['seconds'] for v in state.values() if isinstance(v, dict) and 'seconds' in v) / 60:.1f} min "
               f"of stages (conversion {state['convert_seconds']:.0f} s).", "", "Generations (greedy):"]
     for name, outs in gens.items():
