@@ -8,6 +8,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,6 @@ LLAMA2_TOKENIZER = SHARED / "data" / "llama2_tokenizer" / "tokenizer.model"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-
-def raise_open_file_limit(want: int = 65536) -> None:
-    """Every StreamingDataset keeps shared-memory handles open for the process's life: a benchmark that builds
-    dozens of trainers and evaluations in one process exceeds a 1024 soft limit. Raise it up to the hard one."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, want)), hard))
-
-
-raise_open_file_limit()
 
 
 def machine() -> dict[str, Any]:
@@ -70,6 +59,26 @@ class StepTimer(Callback):
 
     def batch_end(self, state, logger) -> None:
         self.times.append(self._now() - self._t)
+
+
+def train_counted(yaml: str, overrides: list[str], callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train ``yaml`` (relative to the repository) with ``overrides``; return what the trainer counted: batches,
+    samples, tokens, samples drawn per domain and each domain's training sequences, and the wall time of fit."""
+    from llmshearing.config import load_config
+    from llmshearing.trainer import build_trainer
+
+    trainer = build_trainer(load_config(str(REPO / yaml), overrides), extra_callbacks=callbacks)
+    t0 = time.time()
+    trainer.fit()
+    seconds = time.time() - t0
+    ts = trainer.state.timestamp
+    sampler = trainer.state.train_dataloader.dataset.batch_sampler
+    st = sampler.state_dict(int(ts.sample))
+    per_domain = {d: int(e * n + p) for d, e, n, p in zip(sampler.domains, st["epochs"], st["sizes"], st["positions"])}
+    out = {"batches": int(ts.batch), "samples": int(ts.sample), "tokens": int(ts.token), "seconds": seconds,
+           "samples_per_domain": per_domain, "train_sequences_per_domain": dict(zip(sampler.domains, st["sizes"]))}
+    trainer.close()
+    return out
 
 
 def median(values: list[float]) -> float:

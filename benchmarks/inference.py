@@ -74,14 +74,13 @@ def _smollm2_pair() -> list[str]:
     from llmshearing.models.gguf import resolve_pretrained
     from llmshearing.pruning import materialize
     from llmshearing.pruning.baselines import select_masks
+    from llmshearing.quickstart import KNOWN_TARGETS
 
     source = resolve_pretrained("smollm2")
     out = REPO / "runs" / "benchmarks" / "smollm2_half_magnitude_hf"
     if not (out / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        target = dict(num_hidden_layers=30, hidden_size=448, num_attention_heads=6, num_key_value_heads=3,
-                      intermediate_size=1024)
-        materialize(model, select_masks(model, target, "magnitude")).save_pretrained(out)
+        materialize(model, select_masks(model, KNOWN_TARGETS["smollm2"], "magnitude")).save_pretrained(out)
     return [f"source={source}", f"sheared={out}"]
 
 
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 lo, hi = _bootstrap(per)
                 r["vs_" + ref][f"batch{b}_{kind}_speedup"] = {"median": statistics.median(per), "ci95": [lo, hi]}
 
-    lines = [f"| model | params | batch | prefill tok/s | generation tok/s | speed-up prefill | speed-up generation |",
+    lines = ["| model | params | batch | prefill tok/s | generation tok/s | speed-up prefill | speed-up generation |",
              "|---|---|---|---|---|---|---|"]
     for n, r in results.items():
         for b in args.batch:

@@ -33,31 +33,18 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.common import REDPAJAMA, REPO, StepTimer, write_json  # noqa: E402
+from benchmarks.common import REDPAJAMA, StepTimer, train_counted, write_json  # noqa: E402
+from llmshearing.quickstart import KNOWN_TARGETS  # noqa: E402
 
 log = logging.getLogger("real_model")
 
-TARGET = dict(num_hidden_layers=30, hidden_size=448, num_attention_heads=6, num_key_value_heads=3,
-              intermediate_size=1024)
+TARGET = KNOWN_TARGETS["smollm2"]  # half the parameters: yamls/prune_smollm2.yaml says why
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "In 1905, Albert Einstein"]
 SELECTIONS = ("random", "magnitude", "activation")
-
-
-def _train(yaml: str, overrides: list[str], timer: Optional[StepTimer] = None) -> dict[str, Any]:
-    from llmshearing.config import load_config
-    from llmshearing.trainer import build_trainer
-
-    trainer = build_trainer(load_config(str(REPO / yaml), overrides), extra_callbacks=[timer] if timer else [])
-    t0 = time.time()
-    trainer.fit()
-    ts = trainer.state.timestamp
-    out = {"batches": int(ts.batch), "tokens": int(ts.token), "seconds": time.time() - t0}
-    trainer.close()
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, top to bottom
@@ -195,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     def learned() -> dict:
         run = work / "prune_run"
         timer = StepTimer()
-        counted = _train("yamls/prune/smollm2_cpu.yaml", common + [
+        counted = train_counted("yamls/prune/smollm2_cpu.yaml", common + [
             f"variables.run_dir={run}", f"max_duration={args.prune_steps}ba",
             f"eval_interval={max(args.prune_steps // 4, 1)}ba", f"save_interval={args.prune_steps}ba",
-            "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref_arg.split('=', 1)[1]}"], timer)
+            "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref_arg.split('=', 1)[1]}"], [timer])
         out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / "learned_selected",
                                 tokenizer=str(source), overwrite=True)
         from llmshearing.callbacks.metrics_file import read_metrics
@@ -213,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     def plain_steps() -> dict:  # a plain step of the source, for the pruning step's ratio
         timer = StepTimer()
-        counted = _train("yamls/continue_pretrain/smollm2_cpu.yaml", common + [
+        counted = train_counted("yamls/continue_pretrain/smollm2_cpu.yaml", common + [
             f"variables.run_dir={work / 'plain_run'}", "max_duration=12ba", "eval_interval=1000ba",
-            "save_interval=1000ba", "dynamic_loading.update=constant"], timer)
+            "save_interval=1000ba", "dynamic_loading.update=constant"], [timer])
         shutil.rmtree(work / "plain_run", ignore_errors=True)
         return {**counted, "step_seconds": timer.times}
 
@@ -223,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     def recover(method: str) -> dict:
         run = work / f"{method}_recovery"
-        counted = _train("yamls/continue_pretrain/smollm2_cpu.yaml", common + [
+        counted = train_counted("yamls/continue_pretrain/smollm2_cpu.yaml", common + [
             f"variables.run_dir={run}", f"variables.source={selected[method]['dir']}",
             f"max_duration={args.recovery_steps}ba", f"eval_interval={max(args.recovery_steps // 2, 1)}ba",
             f"save_interval={args.recovery_steps}ba"])

@@ -49,13 +49,13 @@ import os
 import shutil
 import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import REPO, write_json  # noqa: E402
+from benchmarks.common import train_counted, write_json  # noqa: E402
 from benchmarks.small_scale import TEST_SEQUENCES, common_overrides, ensure_data, ensure_source  # noqa: E402
 
 log = logging.getLogger("replication")
@@ -65,21 +65,6 @@ TARGET = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=3, interm
 SE_BOUND = 0.005  # nats: the paired per-domain standard error the test set is meant to resolve
 SE_BLOCK = 16  # consecutive test sequences per block in the batch-means standard error
 CALIBRATION = 64  # training sequences scored for activation importance (one-shot and importance init)
-
-
-def _train(yaml: str, overrides: list[str]) -> dict[str, Any]:
-    """Train; return what the trainer counted: batches, samples, tokens, and samples per domain."""
-    from llmshearing.trainer import train_from_yaml
-
-    trainer = train_from_yaml(str(REPO / yaml), overrides)
-    ts = trainer.state.timestamp
-    sampler = trainer.state.train_dataloader.dataset.batch_sampler
-    st = sampler.state_dict(int(ts.sample))
-    per_domain = {d: int(e * n + p) for d, e, n, p in zip(sampler.domains, st["epochs"], st["sizes"], st["positions"])}
-    out = {"batches": int(ts.batch), "samples": int(ts.sample), "tokens": int(ts.token),
-           "samples_per_domain": per_domain, "train_sequences_per_domain": dict(zip(sampler.domains, st["sizes"]))}
-    trainer.close()
-    return out
 
 
 class Bench:
@@ -109,7 +94,7 @@ class Bench:
         run = self.work / name
         shutil.rmtree(run, ignore_errors=True)
         log.info("run %s", name)
-        counted = _train(yaml, common_overrides(self.cache) + [f"variables.run_dir={run}", "autoresume=false",
+        counted = train_counted(yaml, common_overrides(self.cache) + [f"variables.run_dir={run}", "autoresume=false",
                                                                f"global_train_batch_size={BATCH}",
                                                                f"device_train_microbatch_size={BATCH}", *overrides])
         export_checkpoint(run / "checkpoints" / "latest-rank0.pt", self.model_dir(name), overwrite=True)
@@ -436,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
              f"Learning rates chosen on validation: scratch {lr_of['scratch']:g}, continued training "
              f"{lr_of['continued']:g}, pruning stage (model weights) {lr_of['pruning']:g} "
              f"(sweep: {json.dumps(sweep)}).", "",
-             f"| arm | seeds | tokens after source (trainer) | passes over train (code/docstrings/reference) | test loss | "
+             "| arm | seeds | tokens after source (trainer) | passes over train (code/docstrings/reference) | test loss | "
              + " | ".join(domains) + " | worst excess over source |",
              "|---|---|---|---|---|" + "---|" * len(domains) + "---|"]
     for k, r in rows.items():

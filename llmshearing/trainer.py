@@ -141,7 +141,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     if cfg.pruning is not None and cfg.pruning.eval_target:
         # the top-k-to-target model (what materialisation produces), beside the expected-mask one dynamic loading reads
         target_loader = build_eval_dataloader(cfg.data, manifest, domains, cfg.device_eval_batch_size)
-        evaluators.append(Evaluator(label="eval_target", dataloader=target_loader, metric_names=metric_names))
+        from llmshearing.algorithms.l0_pruning import L0Pruning
+
+        evaluators.append(Evaluator(label=L0Pruning.TARGET_LABEL, dataloader=target_loader, metric_names=metric_names))
 
     optimizer = DecoupledAdamW(
         model.parameters(),

@@ -68,7 +68,7 @@ class L0Pruning(Algorithm):
         save_folder: where ``masks/ba<step>.pt`` are written at every evaluation (None: not saved).
     """
 
-    EVAL_LABEL, TARGET_LABEL = "eval", "eval_target"
+    TARGET_LABEL = "eval_target"  # the evaluator that sees the top-k-to-target model (the trainer adds it)
 
     def __init__(
         self,

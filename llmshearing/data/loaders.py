@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Optional
 
 import numpy as np
+import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -86,11 +87,9 @@ def build_eval_dataloader(
 
 
 def calibration_batch(local: str, n: int, seq_len: int, domains: Optional[list[str]] = None, split: str = "train",
-                      remote: Optional[str] = None) -> "torch.Tensor":
+                      remote: Optional[str] = None) -> torch.Tensor:
     """``n`` token sequences (n, seq_len) for activation importance: the first sequences of each domain of the
     ``train`` split, taken in turn (the same on every rank and every run; held-out splits stay unseen)."""
-    import torch
-
     manifest = load_manifest(local, remote)
     domains = list(domains or manifest["domains"])
     dataset = DomainTokenDataset(local, split, domains, seq_len, remote=remote, manifest=manifest)

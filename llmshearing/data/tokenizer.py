@@ -22,9 +22,9 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     Raises:
         FileNotFoundError: nothing usable at ``path``.
     """
-    from llmshearing.models.gguf import is_gguf, resolve_pretrained
+    from llmshearing.models.gguf import resolve_pretrained
 
-    p = Path(resolve_pretrained(path) if is_gguf(path) else path)  # a GGUF model's tokenizer: converted once
+    p = Path(resolve_pretrained(path))  # a GGUF model's tokenizer: converted once; any other path unchanged
     if p.is_file() and p.suffix == ".model":
         # legacy=True + add_prefix_space reproduces SentencePiece's own encoding (and the Hub's LLaMA-2
         # tokenizer) exactly; the default fast conversion drops the leading "▁" of every text.

@@ -21,10 +21,10 @@ Activation importance (``activation``) is Minitron's, from calibration sequences
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from transformers import PreTrainedModel
-
-from typing import Optional
 
 from llmshearing.models.families import head_dim
 from llmshearing.pruning.importance import activation_scores
