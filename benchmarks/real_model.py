@@ -17,7 +17,8 @@ Stages, each cached under ``--work`` (an interrupted run continues where it stop
 7. a pruning step vs a plain step of the source, in the same run (median step times);
 8. inference speed of the source vs the sheared model (``benchmarks/inference.py``: prefill and generation).
 
-    python -m benchmarks.real_model --out runs/benchmarks/real_model.json
+    python -m benchmarks.real_model                                     # 100 pruning + 50 recovery steps, ~35 min
+    python -m benchmarks.real_model --prune-steps 400 --recovery-steps 100   # masks converge; ~1.5 h more
     python -m benchmarks.real_model --heldout <redpajama-style dir> ...      # a second evaluation set
 
 Writes JSON and a markdown report next to it; tokens come from the trainer, times from the wall clock.
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--data", default=str(REDPAJAMA), help="RedPajama-style folder <dir>/<domain>/*.jsonl")
     p.add_argument("--heldout", default=None, help="a second RedPajama-style folder, evaluation only")
     p.add_argument("--work", default="runs/benchmarks/real_model")
-    p.add_argument("--out", default="runs/benchmarks/real_model.json")
+    p.add_argument("--out", default=None, help="default: runs/benchmarks/real_model_p<prune-steps>_r<recovery-steps>.json")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prune-steps", type=int, default=100)
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     work.mkdir(parents=True, exist_ok=True)
     state_file = work / "state.json"
     state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    _key_by_budget(state)
+    budget = f"p{args.prune_steps}_r{args.recovery_steps}"  # stages that depend on the budgets are cached per budget
+    args.out = args.out or f"runs/benchmarks/real_model_{budget}.json"
 
     def save() -> None:
         tmp = state_file.with_suffix(".tmp")
@@ -180,13 +184,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     selected = {m: stage(f"select_{m}", lambda m=m: one_shot(m)) for m in SELECTIONS}
 
     def learned() -> dict:
-        run = work / "prune_run"
+        run = work / f"prune_run_p{args.prune_steps}"
         timer = StepTimer()
         counted = train_counted("yamls/prune/smollm2_cpu.yaml", common + [
             f"variables.run_dir={run}", f"max_duration={args.prune_steps}ba",
             f"eval_interval={max(args.prune_steps // 4, 1)}ba", f"save_interval={args.prune_steps}ba",
             "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref_arg.split('=', 1)[1]}"], [timer])
-        out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / "learned_selected",
+        out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"learned_selected_p{args.prune_steps}",
                                 tokenizer=str(source), overwrite=True)
         from llmshearing.callbacks.metrics_file import read_metrics
 
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
         return {"dir": str(out), **counted, "step_seconds": timer.times, "expected_shape": expected, **evaluate(out)}
 
-    selected["learned"] = stage("select_learned", learned)
+    selected["learned"] = stage(f"select_learned@p{args.prune_steps}", learned)
 
     def plain_steps() -> dict:  # a plain step of the source, for the pruning step's ratio
         timer = StepTimer()
@@ -209,17 +213,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     plain = stage("plain_steps", plain_steps)
 
     def recover(method: str) -> dict:
-        run = work / f"{method}_recovery"
+        run = work / f"{method}_recovery_{budget}"
         counted = train_counted("yamls/continue_pretrain/smollm2_cpu.yaml", common + [
             f"variables.run_dir={run}", f"variables.source={selected[method]['dir']}",
             f"max_duration={args.recovery_steps}ba", f"eval_interval={max(args.recovery_steps // 2, 1)}ba",
             f"save_interval={args.recovery_steps}ba"])
-        out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"{method}_recovered",
+        out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"{method}_recovered_{budget}",
                                 tokenizer=str(source), overwrite=True)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
         return {"dir": str(out), **counted, **evaluate(out)}
 
-    recovered = {m: stage(f"recover_{m}", lambda m=m: recover(m)) for m in (*SELECTIONS, "learned")}
+    recovered = {m: stage(f"recover_{m}@{budget}", lambda m=m: recover(m)) for m in (*SELECTIONS, "learned")}
 
     def generations() -> dict:
         dirs = {"source": source, **{f"{m} (selected)": Path(r["dir"]) for m, r in selected.items()},
@@ -227,17 +231,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         return {name: [generate(d, prompt, max_new_tokens=args.new_tokens) for prompt in PROMPTS]
                 for name, d in dirs.items()}
 
-    gens = stage("generations", generations)
+    gens = stage(f"generations@{budget}", generations)
 
     def speed() -> dict:  # inference speed of the source vs the sheared (learned, recovered) model
         from benchmarks.inference import main as inference_main
 
-        out = work / "inference.json"
+        out = work / f"inference_{budget}.json"
         inference_main(["--model", f"source={source}", "--model", f"sheared={recovered['learned']['dir']}",
                         "--new-tokens", "32", "--repeats", "5", "--out", str(out)])
         return json.loads(out.read_text())["report"]
 
-    speed_report = stage("inference", speed)
+    speed_report = stage(f"inference@{budget}", speed)
 
     # report
     src_test = source_eval["test"]
@@ -260,6 +264,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             t = r["test"]
             lines.append(f"| {m}, {kind} | {toks / 1e6:.2f}M | {t['all']:.3f} | " + " | ".join(f"{t[d]:.3f}" for d in domains)
                          + f" | {worst(t):.3f} |")
+    if args.heldout:
+        rows = [("source", source_eval), *((f"{m}, selected", r) for m, r in selected.items()),
+                *((f"{m}, recovered", r) for m, r in recovered.items())]
+        if any("heldout" not in r for _, r in rows):
+            raise SystemExit(f"stages cached in {work} were evaluated without --heldout: give a fresh --work")
+        held = [d for d in source_eval["heldout"] if d != "all"]
+        lines += ["", f"Held-out set {args.heldout} (evaluation only):", "",
+                  "| model | held-out loss | " + " | ".join(held) + " |", "|---|---|" + "---|" * len(held)]
+        for name, r in rows:
+            h = r["heldout"]
+            lines.append(f"| {name} | {h['all']:.3f} | " + " | ".join(f"{h[d]:.3f}" for d in held) + " |")
     lines += ["", f"Parity at full size (fp32): masked vs materialised {parity_res['masked_vs_materialised']:.2e}, "
               f"vs exported and reloaded {parity_res['masked_vs_exported']:.2e}; exported tied: {parity_res['tied']}.",
               f"Pruning step / plain step of the source: {prune_med:.2f} s / {plain_med:.2f} s = {prune_med / plain_med:.2f}x "
@@ -275,6 +290,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     write_json(args.out, {"args": vars(args), "target": TARGET, "state": state, "report": report})
     Path(args.out).with_suffix(".md").write_text(report + "\n")
     return 0
+
+
+def _key_by_budget(state: dict[str, Any]) -> None:
+    """Rename the stages of a state written before stages were cached per budget (their results say the budget)."""
+    if "select_learned" not in state:
+        return
+    p = state["select_learned"]["result"]["batches"]
+    r = state.get("recover_learned", {}).get("result", {}).get("batches")
+    state[f"select_learned@p{p}"] = state.pop("select_learned")
+    if r is None:
+        return
+    for name in [k for k in state if k.startswith("recover_") and "@" not in k] + ["generations", "inference"]:
+        if name in state:
+            state[f"{name}@p{p}_r{r}"] = state.pop(name)
 
 
 def _copy_tokenizer(source: Path, out: Path) -> None:
