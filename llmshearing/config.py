@@ -51,7 +51,8 @@ class ModelConfig:
     """Which transformers model to train.
 
     Args:
-        family: ``model_type`` of the transformers family: ``llama`` (LLaMA-1/2/3), ``mistral`` or ``qwen2``.
+        family: ``model_type`` of the transformers family: ``llama`` (LLaMA-1/2/3), ``mistral``, ``qwen2``,
+            ``qwen3``, ``phi3``, ``gemma3_text``, ``gemma2``, ``olmo2`` or ``gpt_neox`` (Pythia).
         pretrained: a Hugging Face checkpoint directory to load; ``None`` builds a random model from ``config``.
         config: transformers config fields (``hidden_size``, ``num_attention_heads``, ...). For a random
             model they define the architecture; with ``pretrained`` they must agree with the checkpoint.

@@ -33,6 +33,7 @@ from llmshearing.data import (
     resolve_domains,
 )
 from llmshearing.models import ComposerCausalLM, build_hf_model
+from llmshearing.models.families import resolve_hf_config
 
 __all__ = ["build_trainer", "train_from_yaml"]
 
@@ -128,6 +129,10 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
             cfg.eval_subset_num_batches, dist.get_world_size(), dist.get_world_size(),
         )
 
+    if cfg.pruning is not None:  # family, features and target checked from config.json, before loading weights
+        from llmshearing.algorithms.l0_pruning import L0Pruning
+
+        L0Pruning.from_config(cfg.pruning, resolve_hf_config(cfg.model)[0])
     hf_model = build_hf_model(cfg.model)
     _check_vocab(manifest, hf_model, cfg.data.local)
     model = ComposerCausalLM(hf_model, domains=domains)

@@ -38,15 +38,53 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
         dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
     ),
+    "llama_mlp_bias": (
+        "llama",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, mlp_bias=True, attention_bias=True),
+    ),
+    "qwen3_gqa": (
+        "qwen3",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+             use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    ),
+    "phi3_gqa": (
+        "phi3",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, partial_rotary_factor=0.5),
+    ),
+    "gemma3_tied": (
+        "gemma3_text",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=6,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=16),
+    ),
+    "gemma2_tied": (
+        "gemma2",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=6,
+             final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=16),
+    ),
+    "olmo2": (
+        "olmo2",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64),
+    ),
+    "pythia": (
+        "gpt_neox",
+        dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True),
+    ),
 }
 
 
-def make_tiny_model(name: str, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised tiny transformers model; RMSNorm weights perturbed so they matter."""
+def make_tiny_model(name: str, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A randomly initialised tiny transformers model; norm weights and biases perturbed so they matter."""
     family, fields = TINY_CONFIGS[name]
     config_cls, model_cls = FAMILIES[family]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**fields, attn_implementation="eager")).eval()
+    model = model_cls(config_cls(**{**fields, **overrides}, attn_implementation="eager")).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n or n.endswith("bias"):

@@ -32,10 +32,27 @@ def test_model_description_yamls_build_configs():
     for path in sorted((REPO / "yamls" / "models").glob("*.yaml")):
         model = load_yaml(path, ["variables.source=null"])["model"]
         config = build_config(model["family"], dict(model["config"]))
-        found[path.stem] = count_params(describe_shape(config), config.tie_word_embeddings)
+        found[path.stem] = count_params(describe_shape(config), config=config)
     assert 6.6e9 < found["llama2_7b"] < 6.8e9
     assert 7.9e9 < found["llama3_8b"] < 8.1e9
     assert found["smollm2_135m"] == 134_515_008  # what transformers counts for the GGUF model (tied once)
+    assert found["pythia_410m"] == 405_334_016  # Pythia-410M's published count
+    assert 1.71e9 < found["qwen3_1.7b"] < 1.73e9
+
+
+@pytest.mark.parametrize("name, params", [("prune_pythia_410m", 162_322_944), ("prune_qwen3_1.7b", 596_049_920),
+                                          ("prune_llama3_8b_gqa", None), ("prune_2.7b", None)])
+def test_shipped_pruning_targets_pass_the_family_check_before_training(name, params):
+    """The family's target check (L0Pruning.from_config, run before training) accepts every shipped target;
+    Pythia-410M -> 160M and Qwen3-1.7B -> 0.6B land on the published sizes."""
+    from llmshearing.algorithms import L0Pruning
+    from llmshearing.models.families import build_config, count_params
+
+    cfg = load_config(REPO / "yamls" / f"{name}.yaml", VARS)
+    config = build_config(cfg.model.family, dict(cfg.model.config))
+    algo = L0Pruning.from_config(cfg.pruning, config)
+    n = count_params({**algo.source, **algo.target}, config=config)
+    assert params is None or n == params
 
 
 def _write(tmp_path, text):

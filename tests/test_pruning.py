@@ -19,6 +19,13 @@ CASES = {
     "gqa_both": ("llama3_gqa", TargetShape(2, 40, 2, 1, 50)),
     "qwen2_bias": ("qwen2_bias", TargetShape(1, 24, 2, 1, 20)),
     "mistral": ("mistral_gqa", TargetShape(1, 16, 2, 1, 32)),
+    "llama_mlp_bias": ("llama_mlp_bias", TargetShape(1, 24, 2, 1, 20)),
+    "qwen3": ("qwen3_gqa", TargetShape(2, 24, 2, 1, 20)),
+    "phi3": ("phi3_gqa", TargetShape(1, 24, 2, 1, 20)),
+    "gemma3": ("gemma3_tied", TargetShape(2, 24, 2, 1, 20)),
+    "gemma2": ("gemma2_tied", TargetShape(1, 24, 2, 1, 20)),
+    "olmo2": ("olmo2", TargetShape(1, 24, 2, 1, 20)),
+    "pythia": ("pythia", TargetShape(1, 16, 2, None, 40)),
 }
 
 

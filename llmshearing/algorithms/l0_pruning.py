@@ -87,6 +87,7 @@ class L0Pruning(Algorithm):
         save_folder: Optional[str] = None,
         tie_word_embeddings: bool = False,
         qkv_bias: bool = False,
+        model_config: Optional[PretrainedConfig] = None,
     ) -> None:
         if init not in ("reference", "importance"):
             raise ValueError(f"init={init!r}: use 'reference' or 'importance'")
@@ -102,6 +103,7 @@ class L0Pruning(Algorithm):
         self.temperature, self.seed = temperature, seed
         self.save_folder = save_folder
         self.tie_word_embeddings, self.qkv_bias = tie_word_embeddings, qkv_bias
+        self.model_config = model_config
         self.masks: Optional[ShearingMasks] = None
         self._warmup_batches = 0
         self._lagrangian_logs: dict[str, float] = {}
@@ -119,6 +121,10 @@ class L0Pruning(Algorithm):
             raise ConfigError(str(e)) from None
         source = describe_shape(model_config)
         target = resolve_target(source, cfg.target, cfg.prune)
+        try:
+            adapter.check_target(model_config, source, target, cfg.prune)
+        except UnsupportedModel as e:
+            raise ConfigError(str(e)) from None
         return cls(
             source=source,
             target=target,
@@ -135,6 +141,7 @@ class L0Pruning(Algorithm):
             save_folder=save_folder if cfg.save_masks else None,
             tie_word_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
             qkv_bias=any(p.bias(model_config) for p in adapter.projections if p.rows in ("q", "kv")),
+            model_config=model_config,
         )
 
     def match(self, event: Event, state: State) -> bool:
@@ -168,7 +175,7 @@ class L0Pruning(Algorithm):
         device = next(hf_model.parameters()).device
         masks = ShearingMasks(
             self.source, self.target, self.prune, self.init_log_alpha, self.temperature, self.seed,
-            self.tie_word_embeddings, self.qkv_bias,
+            self.tie_word_embeddings, self.qkv_bias, self.model_config,
         ).to(device)
         if self.init == "importance":  # scored on the plain source, before any hook is attached
             ids = self.calibration()
@@ -188,8 +195,9 @@ class L0Pruning(Algorithm):
             # which Adam-style optimizers do with a negative learning rate (no weight decay: it would
             # grow the lambdas with a negative lr).
             opt.add_param_group({"params": lambda_params, "lr": -self.lambda_lr, "weight_decay": 0.0})
-        n_src = count_params(self.source, self.tie_word_embeddings, self.qkv_bias)
-        n_tgt = count_params({**self.source, **self.target}, self.tie_word_embeddings, self.qkv_bias)
+        n_src = count_params(self.source, self.tie_word_embeddings, self.qkv_bias, config=self.model_config)
+        n_tgt = count_params({**self.source, **self.target}, self.tie_word_embeddings, self.qkv_bias,
+                             config=self.model_config)
         log.info(
             "pruning %s -> %s: %.2fM -> %.2fM parameters (%s), masks over %s (%d mask parameters)",
             self.source, self.target, n_src / 1e6, n_tgt / 1e6,

@@ -157,9 +157,10 @@ class ComposerCausalLM(ComposerModel):
         bsz, seq = batch["input_ids"].shape
         if self._flops_params is None:  # called every batch by SpeedMonitor: count the parameters once
             # every matmul's weights: not the embedding lookup, but the LM head even when it shares the embedding
-            self._flops_params = sum(p.numel() for n, p in self.model.named_parameters() if "embed_tokens" not in n)
+            emb = self.model.get_input_embeddings().weight
+            self._flops_params = sum(p.numel() for p in self.model.parameters() if p is not emb)
             if getattr(cfg, "tie_word_embeddings", False):
-                self._flops_params += self.model.get_input_embeddings().weight.numel()
+                self._flops_params += emb.numel()
         n_params = self._flops_params
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * seq  # QK^T and AV, fwd + bwd, causal/2*2

@@ -47,8 +47,16 @@ def describe_shape(config: PretrainedConfig) -> dict[str, int]:
     return shape
 
 
-def count_params(shape: dict[str, float], tie_word_embeddings: bool = False, qkv_bias: bool = False) -> float:
-    """Parameter count of a LLaMA-like model of ``shape`` (accepts fractional, i.e. expected, sizes)."""
+def count_params(shape: dict[str, float], tie_word_embeddings: bool = False, qkv_bias: bool = False,
+                 config: PretrainedConfig | None = None) -> float:
+    """Parameter count of a model of ``shape`` (accepts fractional, i.e. expected, sizes).
+
+    With ``config``, the count of that config's family and features (its adapter's ``param_count``: fused,
+    biased and norm parameters included, tied embeddings once); without, a LLaMA-like model with the given
+    embedding tying and q/k/v biases.
+    """
+    if config is not None:
+        return adapter_for(config).param_count(shape, config)
     d, L, m = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"]
     hq, hkv, hd, v = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], shape["vocab_size"]
     attn = d * hd * (2 * hq + 2 * hkv) + (hd * (hq + 2 * hkv) if qkv_bias else 0)
@@ -64,6 +72,40 @@ def build_config(family: str, fields: dict[str, Any]) -> PretrainedConfig:
     return config_cls(**fields)
 
 
+def resolve_hf_config(cfg: ModelConfig) -> tuple[PretrainedConfig, Path | None]:
+    """The transformers config ``cfg`` describes (read from the checkpoint's config.json, no weights loaded),
+    checked against ``cfg.family`` and ``cfg.config``; and the checkpoint directory (None: a random model).
+
+    Raises:
+        ValueError: the checkpoint is of another family, or disagrees with ``cfg.config``.
+    """
+    if cfg.pretrained is None:
+        config = build_config(cfg.family, dict(cfg.config))
+        config._attn_implementation = cfg.attn_implementation
+        return config, None
+    path = Path(resolve_pretrained(cfg.pretrained))  # a .gguf source is converted once into the cache
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.pretrained={cfg.pretrained!r} is not a Hugging Face checkpoint directory (no config.json); "
+            "point it at a directory written by save_pretrained / downloaded from the Hub, or at a .gguf file"
+        )
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != cfg.family:
+        fix = (f"set model.family={config.model_type}" if config.model_type in ADAPTERS
+               else f"its family is not supported (supported: {supported_families()})")
+        raise ValueError(
+            f"model.pretrained holds a {config.model_type!r} model but model.family={cfg.family!r}; {fix}"
+        )
+    for key, want in cfg.config.items():
+        have = getattr(config, key, None)
+        if have != want:
+            raise ValueError(
+                f"model.config.{key}={want!r} disagrees with the checkpoint's {key}={have!r} "
+                f"({path / 'config.json'}); remove the override or fix it"
+            )
+    return config, path
+
+
 def build_hf_model(cfg: ModelConfig) -> PreTrainedModel:
     """Load a Hugging Face checkpoint directory or build a randomly initialised model.
 
@@ -74,31 +116,10 @@ def build_hf_model(cfg: ModelConfig) -> PreTrainedModel:
         ValueError: the checkpoint is of another family, or disagrees with ``cfg.config``.
     """
     model_cls = adapter_for(cfg.family).model_cls
-    if cfg.pretrained is None:
-        config = build_config(cfg.family, dict(cfg.config))
-        config._attn_implementation = cfg.attn_implementation
+    config, path = resolve_hf_config(cfg)
+    if path is None:
         model = model_cls(config)
     else:
-        path = Path(resolve_pretrained(cfg.pretrained))  # a .gguf source is converted once into the cache
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model.pretrained={cfg.pretrained!r} is not a Hugging Face checkpoint directory (no config.json); "
-                "point it at a directory written by save_pretrained / downloaded from the Hub, or at a .gguf file"
-            )
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type != cfg.family:
-            fix = (f"set model.family={config.model_type}" if config.model_type in ADAPTERS
-                   else f"its family is not supported (supported: {supported_families()})")
-            raise ValueError(
-                f"model.pretrained holds a {config.model_type!r} model but model.family={cfg.family!r}; {fix}"
-            )
-        for key, want in cfg.config.items():
-            have = getattr(config, key, None)
-            if have != want:
-                raise ValueError(
-                    f"model.config.{key}={want!r} disagrees with the checkpoint's {key}={have!r} "
-                    f"({path / 'config.json'}); remove the override or fix it"
-                )
         model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

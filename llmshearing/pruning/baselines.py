@@ -10,6 +10,7 @@ Magnitude importance is the squared L2 norm of every weight a unit owns:
 | unit | weights |
 | --- | --- |
 | hidden dim j | column j of ``embed_tokens``, ``lm_head`` and every q/k/v/gate/up; row j of every o/down |
+|  | (LLaMA names; other families through their adapter, fused projections split by segment) |
 | layer | every weight of the layer |
 | query head | its rows of ``q_proj`` and columns of ``o_proj`` |
 | KV group | its rows of ``k_proj``/``v_proj`` plus its query heads |
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 from transformers import PreTrainedModel
 
+from llmshearing.models.adapters import adapter_for
 from llmshearing.models.families import head_dim
 from llmshearing.pruning.importance import activation_scores
 from llmshearing.pruning.masks import DeterministicMasks
@@ -41,26 +43,43 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _importance(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Magnitude importance of every unit, from the family's adapter (fused projections split by segment)."""
     cfg = model.config
-    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    adapter = adapter_for(cfg)
+    L, H, d, m = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size, cfg.intermediate_size
     G = getattr(cfg, "num_key_value_heads", None) or H
     hd = head_dim(cfg)
+    size = {"hidden": d, "q": H * hd, "kv": G * hd, "ffn": m, "qkv3": 3 * H * hd}
     sq = lambda w: w.detach().float() ** 2  # noqa: E731
     hidden = sq(model.get_input_embeddings().weight).sum(0)
     out_emb = model.get_output_embeddings()
     if out_emb is not None and out_emb.weight is not model.get_input_embeddings().weight:
         hidden += sq(out_emb.weight).sum(0)
-    layer, heads, groups, channels = torch.zeros(L), torch.zeros(L, H), torch.zeros(L, G), []
-    for i, blk in enumerate(model.model.layers):
-        att, mlp = blk.self_attn, blk.mlp
-        q, k, v, o = (sq(m.weight) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
-        gate, up, down = (sq(m.weight) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        hidden += q.sum(0) + k.sum(0) + v.sum(0) + gate.sum(0) + up.sum(0) + o.sum(1) + down.sum(1)
+    layer, heads, groups, channels = torch.zeros(L), torch.zeros(L, H), torch.zeros(L, G), torch.zeros(L, m)
+
+    def credit(i: int, unit: str, v: torch.Tensor) -> None:  # per-row (or per-column) sums of a unit
+        nonlocal hidden
+        if unit == "hidden":
+            hidden += v
+        elif unit == "q":
+            heads[i] += v.view(H, hd).sum(1)
+        elif unit == "qkv3":
+            heads[i] += v.view(H, 3 * hd).sum(1)
+        elif unit == "kv":
+            groups[i] += v.view(G, hd).sum(1)
+        else:
+            channels[i] += v
+
+    for i, blk in adapter.decoder_layers(model):
+        for proj in adapter.projections:
+            w = sq(adapter.get(blk, proj.path).weight)
+            rows = w.sum(1)
+            for unit, seg in zip(proj.segments, rows.split([size[u] for u in proj.segments])):
+                credit(i, unit, seg)
+            credit(i, proj.cols, w.sum(0))
         layer[i] = sum(float(p.detach().float().pow(2).sum()) for p in blk.parameters())
-        heads[i] = q.sum(1).view(H, hd).sum(1) + o.sum(0).view(H, hd).sum(1)
-        groups[i] = (k.sum(1) + v.sum(1)).view(G, hd).sum(1) + heads[i].view(G, H // G).sum(1)
-        channels.append(gate.sum(1) + up.sum(1) + down.sum(0))
-    return {"hidden": hidden, "layer": layer, "head": heads, "kv_group": groups, "intermediate": torch.stack(channels)}
+        groups[i] += heads[i].view(G, H // G).sum(1)
+    return {"hidden": hidden, "layer": layer, "head": heads, "kv_group": groups, "intermediate": channels}
 
 
 METHODS = ("magnitude", "activation", "random")

@@ -7,7 +7,7 @@ weights are not touched):
 | --- | --- | --- |
 | query head ``h`` of layer ``i`` | its attention output, the input of the layer's ``q``-column residual writer (``o_proj``) | ``||a_h||_2`` per token |
 | FFN channel ``c`` of layer ``i`` | the input of the ``ffn``-column residual writer (``down_proj``) | ``|a_c|`` per token |
-| hidden channel ``j`` | the output of every RMSNorm (each layer's and the final one), summed | ``|a_j|`` per token |
+| hidden channel ``j`` | the output of every norm of the hidden size (each layer's and the final one), summed | ``|a_j|`` per token |
 | layer ``i`` | its input ``x`` and output ``y`` (the residual stream) | ``1 - cos(x, y)`` per token |
 | KV group | the sum of its query heads' scores | |
 
@@ -75,7 +75,7 @@ def activation_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int
                 handles.append(adapter.get(layer, proj.path).register_forward_pre_hook(width("head", i, per_head)))
             elif proj.writes_residual and proj.cols == "ffn":
                 handles.append(adapter.get(layer, proj.path).register_forward_pre_hook(width("intermediate", i, torch.abs)))
-        for n in adapter.norms:
+        for n in adapter.all_norms:
             handles.append(adapter.get(layer, n).register_forward_hook(norm_out))
         handles.append(layer.register_forward_hook(layer_turn(i), with_kwargs=True))
     handles.append(adapter.get(model, adapter.final_norm).register_forward_hook(norm_out))

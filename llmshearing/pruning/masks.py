@@ -46,6 +46,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from llmshearing.models.families import count_params
 
@@ -170,6 +171,8 @@ class ShearingMasks(nn.Module):
         temperature: hard-concrete beta.
         seed: seed of the per-step gate noise (the noise of step t is a function of (seed, t) only, so
             every rank, and a resumed run, samples the same masks).
+        tie_word_embeddings, qkv_bias: features of a LLaMA-like source, for parameter counts.
+        config: the source config: parameter counts of its own family and features (overrides the two above).
     """
 
     def __init__(
@@ -182,8 +185,10 @@ class ShearingMasks(nn.Module):
         seed: int = 0,
         tie_word_embeddings: bool = False,
         qkv_bias: bool = False,
+        config: Optional[PretrainedConfig] = None,
     ) -> None:
         super().__init__()
+        self.config = config  # the source's: parameter counts of its family (None: LLaMA-like)
         self.source, self.target = dict(source), dict(target)
         self.seed = seed
         self.tie_word_embeddings, self.qkv_bias = tie_word_embeddings, qkv_bias
@@ -279,7 +284,7 @@ class ShearingMasks(nn.Module):
         }
 
     def expected_params(self) -> float:
-        return count_params(self.expected_shape(), self.tie_word_embeddings, self.qkv_bias)
+        return count_params(self.expected_shape(), self.tie_word_embeddings, self.qkv_bias, config=self.config)
 
     def lagrangian(self) -> tuple[torch.Tensor, dict[str, float]]:
         """Sum over structures of the mean over rows of ``l1 * (s_hat_r - t) + l2 * (s_hat_r - t)^2`` on kept

@@ -20,6 +20,7 @@ into the final norm's weight (``w' = w / z``; ``(o + w') = (o + w) / z`` for a n
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -40,6 +41,14 @@ def _idx(keep: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(keep.cpu(), as_tuple=False).flatten()
 
 
+def _with(config: PretrainedConfig, **fields) -> PretrainedConfig:
+    """A shallow copy of ``config`` with ``fields`` changed (for constants derived from the shape)."""
+    new = copy.copy(config)
+    for k, v in fields.items():
+        setattr(new, k, v)
+    return new
+
+
 def pruned_config(config: PretrainedConfig, masks: DeterministicMasks) -> PretrainedConfig:
     """The target config: the source config with the kept sizes (and an explicit head_dim)."""
     d = config.to_dict()
@@ -51,13 +60,19 @@ def pruned_config(config: PretrainedConfig, masks: DeterministicMasks) -> Pretra
         hidden_size=int(masks.hidden_keep.sum()),
         intermediate_size=int(masks.intermediate_keep[layers[0]].sum()),
         num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
         head_dim=head_dim(config),
     )
+    if "num_key_value_heads" in d:  # GPT-NeoX has no such field (and no GQA)
+        d["num_key_value_heads"] = n_kv
     if d.get("layer_types") is not None:
         d["layer_types"] = [d["layer_types"][i] for i in layers]
-    if d.get("max_window_layers") is not None and d.get("max_window_layers", 0) > len(layers):
-        d["max_window_layers"] = len(layers)
+    if d.get("max_window_layers") is not None:
+        # Qwen2: the first max_window_layers layers attend fully; keep it true of the kept layers
+        if d.get("layer_types") is not None:
+            types = d["layer_types"]
+            d["max_window_layers"] = next((j for j, t in enumerate(types) if t != "full_attention"), len(types))
+        else:
+            d["max_window_layers"] = sum(1 for i in layers if i < d["max_window_layers"])
     for k in ("_name_or_path", "transformers_version", "architectures"):
         d.pop(k, None)
     config_cls = adapter_for(config).config_cls
@@ -85,20 +100,38 @@ def prune_state_dict(
         )
     hd = head_dim(config)
     H, G = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    d, m = config.hidden_size, config.intermediate_size
+    full = {"hidden": d, "q": H * hd, "kv": G * hd, "ffn": m, "qkv3": 3 * H * hd}  # rows of each unit
     hid = _idx(masks.hidden_keep)
     z_hid = masks.hidden.cpu()[hid].float()
     out: dict[str, torch.Tensor] = {}
+    norm_tensors = adapter.norm_tensors()
+    o = adapter.norm_weight_offset
 
     def rows_of(units: torch.Tensor, size: int) -> torch.Tensor:  # head/group indices -> weight rows
         return (units[:, None] * size + torch.arange(size)[None, :]).flatten()
 
-    embed, lm_head, final = f"{adapter.embed}.weight", f"{adapter.lm_head}.weight", f"{adapter.final_norm}.weight"
-    out[embed] = get(embed)[:, hid] * z_hid  # (V, d_t)
-    out[final] = get(final)[hid]
-    if tied and config.tie_word_embeddings:  # the head is E * z too: undo z in the final norm (module docstring)
-        o = adapter.norm_weight_offset
-        alive = z_hid > 0
-        out[final] = torch.where(alive, (o + out[final]) / torch.where(alive, z_hid, 1.0) - o, -o * torch.ones_like(z_hid))
+    def scaled_norm(name: str, scale: torch.Tensor) -> None:
+        """The norm ``name`` (already cut to the kept dims) followed by a per-dim ``scale``: folded into its
+        weight (``o + w' = (o + w) * scale``) and bias."""
+        out[f"{name}.weight"] = (o + out[f"{name}.weight"]) * scale - o
+        if f"{name}.bias" in out:
+            out[f"{name}.bias"] = out[f"{name}.bias"] * scale
+
+    embed, lm_head, final = f"{adapter.embed}.weight", f"{adapter.lm_head}.weight", adapter.final_norm
+    # an embedding scaled by a function of hidden_size (Gemma: sqrt(d)) is multiplied by the new model's
+    # constant; fold the ratio in so that the output is unchanged
+    c = 1.0
+    if adapter.embed_scale is not None:
+        c = adapter.embed_scale(config) / adapter.embed_scale(_with(config, hidden_size=len(hid)))
+    out[embed] = get(embed)[:, hid] * (z_hid * c)  # (V, d_t)
+    for t in norm_tensors:
+        out[f"{final}.{t}"] = get(f"{final}.{t}")[hid]
+    if tied and config.tie_word_embeddings:  # the head is E * z * c too: undo it in the final norm
+        g = z_hid * c
+        alive = g > 0
+        scaled_norm(final, torch.where(alive, 1.0 / torch.where(alive, g, 1.0), 0.0))
+        out[f"{final}.weight"] = torch.where(alive, out[f"{final}.weight"], -o)  # o + w' = 0: a dead channel
     else:
         out[lm_head] = get(lm_head)[:, hid]
 
@@ -113,24 +146,38 @@ def prune_state_dict(
             raise ValueError("masks keep a different number of heads in different layers; the target must be uniform")
         if H != G and len(heads) % max(len(groups), 1):
             raise ValueError(f"layer {old}: {len(heads)} query heads do not split evenly over {len(groups)} KV groups")
-        index = {"hidden": hid, "q": rows_of(heads, hd), "kv": rows_of(groups, hd), "ffn": ch}
+        index = {"hidden": hid, "q": rows_of(heads, hd), "kv": rows_of(groups, hd), "ffn": ch,
+                 "qkv3": rows_of(heads, 3 * hd)}
         # a residual writer's inputs carry their unit's mask, its outputs the layer and hidden masks
         in_scale = {"q": masks.head.cpu()[old][heads].float().repeat_interleave(hd),
                     "ffn": masks.intermediate.cpu()[old][ch].float()}
         out_scale = z_hid * z_layer
+        for norm in adapter.all_norms:
+            for t in norm_tensors:
+                out[f"{dst}{norm}.{t}"] = get(f"{src}{norm}.{t}")[hid]
         for proj in adapter.projections:
             name = proj.path
-            w = get(f"{src}{name}.weight")[index[proj.rows]][:, index[proj.cols]]  # (rows_t, cols_t)
+            rows, offset = [], 0
+            for unit in proj.segments:  # a fused projection: each segment cut by its unit
+                rows.append(index[unit] + offset)
+                offset += full[unit]
+            rows = torch.cat(rows)
+            w = get(f"{src}{name}.weight")[rows][:, index[proj.cols]]  # (rows_t, cols_t)
+            b = get(f"{src}{name}.bias")[rows] if proj.bias(config) else None
             if proj.writes_residual:
                 if proj.cols in in_scale:
                     w = w * in_scale[proj.cols][None, :]
-                w = w * out_scale[:, None]
+                if proj.post_norm:  # the write's masks come after its norm
+                    scaled_norm(f"{dst}{proj.post_norm}", out_scale)
+                else:
+                    w = w * out_scale[:, None]
+                    b = None if b is None else b * out_scale
             out[f"{dst}{name}.weight"] = w
-            if proj.bias(config):
-                b = get(f"{src}{name}.bias")[index[proj.rows]]
-                out[f"{dst}{name}.bias"] = b * out_scale if proj.writes_residual else b
-        for norm in adapter.norms:
-            out[f"{dst}{norm}.weight"] = get(f"{src}{norm}.weight")[hid]
+            if b is not None:
+                out[f"{dst}{name}.bias"] = b
+        for vec in adapter.vectors:
+            v = get(f"{src}{vec.path}.weight")
+            out[f"{dst}{vec.path}.weight"] = v if vec.unit is None else v[index[vec.unit]]
     return {k: v.contiguous() for k, v in out.items()}
 
 
