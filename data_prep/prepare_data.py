@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmshearing.data.prepare import prepare_dataset  # noqa: E402
+from llmshearing.data.prepare import DataPrepError, prepare_dataset  # noqa: E402
 
 
 def _budgets(items: list[str]) -> dict[str, int]:
@@ -24,7 +24,10 @@ def _budgets(items: list[str]) -> dict[str, int]:
         name, _, value = item.partition("=")
         if not value:
             raise SystemExit(f"--max-tokens expects DOMAIN=N, got {item!r}")
-        out[name] = int(float(value))
+        try:
+            out[name] = int(float(value))
+        except ValueError:
+            raise SystemExit(f"--max-tokens expects DOMAIN=N with a number N, got {item!r}") from None
     return out
 
 
@@ -47,18 +50,30 @@ def main(argv: list[str] | None = None) -> int:
                    help="input per worker task in MiB (plain files are cut at line starts; 0: one task per file)")
     p.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")
     p.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="leave out input files that cannot be read to their end (truncated .gz) and list them in the "
+                        "manifest, instead of stopping")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    res = prepare_dataset(
-        args.input, args.output, args.tokenizer, args.seq_len, domains=args.domains,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, max_doc_chars=args.max_doc_chars, max_tokens=_budgets(args.max_tokens),
-        seed=args.seed, workers=args.workers, chunk_bytes=int(args.chunk_mb * 2**20) or None, add_bos=not args.no_bos, compression=args.compression,
-        overwrite=args.overwrite,
-    )
+    try:
+        res = prepare_dataset(
+            args.input, args.output, args.tokenizer, args.seq_len, domains=args.domains,
+            val_fraction=args.val_fraction, test_fraction=args.test_fraction, max_doc_chars=args.max_doc_chars,
+            max_tokens=_budgets(args.max_tokens), seed=args.seed, workers=args.workers,
+            chunk_bytes=int(args.chunk_mb * 2**20) or None, add_bos=not args.no_bos, compression=args.compression,
+            overwrite=args.overwrite, skip_bad_files=args.skip_bad_files,
+        )
+    except (DataPrepError, FileExistsError) as e:  # the user's input: one line with the fix
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     summary = {d: {"train_seqs": e["train"]["sequences"], "val_seqs": e["val"]["sequences"],
                    "test_seqs": e["test"]["sequences"],
-                   "text_tokens": e["text_tokens"], "malformed": len(e["malformed"])}
+                   "text_tokens": e["text_tokens"], "malformed": len(e["malformed"]),
+                   "skipped_files": len(e["skipped_files"])}
                for d, e in res.manifest["domains"].items()}
     print(json.dumps({"output": str(res.output), "seconds": round(res.seconds, 2), "domains": summary}, indent=2))
     return 0

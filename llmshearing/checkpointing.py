@@ -68,6 +68,26 @@ def repair_save_folder(save_folder: str | Path) -> None:
             latest.symlink_to(name)
 
 
+def earlier_checkpoints(save_folder: str | Path, rank: int) -> list[Path]:
+    """This rank's checkpoint files in ``save_folder``, oldest first (links such as ``latest-rank0.pt`` aside)."""
+    found = []
+    for p in Path(save_folder).iterdir() if Path(save_folder).is_dir() else []:
+        m = _CKPT.match(p.name)
+        if m and int(m.group(3)) == rank and p.is_file() and not p.is_symlink():
+            found.append((int(m.group(2)), int(m.group(1)), p))
+    return [p for _, _, p in sorted(found)]
+
+
+def adopt_earlier_checkpoints(saver: Any, save_folder: str | Path, rank: int) -> int:
+    """Make Composer's ``CheckpointSaver`` count the checkpoints earlier attempts of the run left in
+    ``save_folder``, so that ``save_num_checkpoints_to_keep`` holds across restarts (Composer counts only the
+    checkpoints its own process wrote: three restarts with 2 to keep left 5). Returns how many were adopted."""
+    known = {str(Path(p)) for p in saver.saved_checkpoints}
+    earlier = [str(p) for p in earlier_checkpoints(save_folder, rank) if str(p) not in known]
+    saver.saved_checkpoints[:0] = earlier
+    return len(earlier)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint to resume from is missing or unreadable."""
 

@@ -86,7 +86,7 @@ def plot_run(run: str | Path, out: str | Path, metrics_file: Optional[str | Path
         ax.legend(fontsize=8)
         save(fig, "domain_weights.png")
     else:
-        print("no dynamic-loading weights logged: domain_weights.png skipped")
+        print(f"{run}: no dynamic-loading weights logged (dynamic_loading not configured): domain_weights.png skipped")
 
     structures = sorted(k.split("pruning/target_", 1)[1] for k in metrics if k.startswith("pruning/target_"))
     if structures:
@@ -99,7 +99,8 @@ def plot_run(run: str | Path, out: str | Path, metrics_file: Optional[str | Path
         axes[0][0].legend(fontsize=8)
         save(fig, "sparsity.png")
     else:
-        print("no pruning metrics logged: sparsity.png skipped")
+        print(f"{run}: no pruning metrics (a run without masks, e.g. continued pre-training: expected): "
+              "sparsity.png skipped")
 
     masks_file = _latest_masks(run)
     if masks_file is not None:

@@ -41,8 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 SPLIT = dict(seed=0, val_fraction=0.05, test_fraction=0.05)
 TINY_TARGET = dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=2, intermediate_size=86)
 # default targets of the GGUF short names (llmshearing.models.gguf.KNOWN): about half the parameters
-KNOWN_TARGETS = {"smollm2": dict(num_hidden_layers=30, hidden_size=448, num_attention_heads=6, num_key_value_heads=3,
-                                 intermediate_size=1024)}
+KNOWN_TARGETS = {
+    "smollm2": dict(num_hidden_layers=30, hidden_size=448, num_attention_heads=6, num_key_value_heads=3,
+                    intermediate_size=1024),  # 134.5M -> 78.8M
+    "gemma3-270m": dict(num_hidden_layers=12, hidden_size=448, num_attention_heads=2, num_key_value_heads=1,
+                        intermediate_size=1024),  # 268.1M -> 142M (the 262k x d embedding is most of both)
+}
 
 
 def _target(items: list[str]) -> dict[str, int]:

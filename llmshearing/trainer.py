@@ -20,6 +20,7 @@ from composer.utils import dist, get_device, reproducibility
 from llmshearing.checkpointing import (
     check_checkpoint_file,
     install_atomic_checkpoint_writes,
+    adopt_earlier_checkpoints,
     repair_save_folder,
     resume_checkpoint,
 )
@@ -237,6 +238,11 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         log_to_console=True,
         python_log_level=None,
     )
+    if cfg.autoresume and cfg.save_folder and cfg.save_num_checkpoints_to_keep >= 0 and trainer._checkpoint_saver:
+        n = adopt_earlier_checkpoints(trainer._checkpoint_saver, cfg.save_folder, dist.get_global_rank())
+        if n:
+            log.info("%d checkpoints of earlier attempts count towards save_num_checkpoints_to_keep=%d", n,
+                     cfg.save_num_checkpoints_to_keep)
     trainer.logger.log_hyperparameters({"run_config": to_plain(cfg)})
     return trainer
 
@@ -255,12 +261,30 @@ def train_from_yaml(path: str, overrides: Sequence[str] = (), fit: bool = True) 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``composer train.py <yaml> [key=value ...]``."""
+    """``composer train.py <yaml> [key=value ...] [--debug]``.
+
+    A configuration error (the config, the model family or target, the data's manifest: everything checked
+    before the first step) is one line naming the problem and the fix, exit status 2; ``--debug`` shows the
+    traceback. Errors during training are never shortened.
+    """
     import sys
 
+    from llmshearing.models.adapters import UnsupportedModel
+
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
     if not args or args[0] in ("-h", "--help"):
-        print("usage: composer train.py <config.yaml> [key=value ...]")
+        print("usage: composer train.py <config.yaml> [key=value ...] [--debug]")
         raise SystemExit(0 if args else 2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train_from_yaml(args[0], args[1:])
+    try:
+        trainer = build_trainer(load_config(args[0], args[1:]))
+    except (ConfigError, UnsupportedModel, FileNotFoundError, FileExistsError, ValueError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        print("(configuration checked before training; nothing was trained. --debug shows the traceback)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    trainer.fit()

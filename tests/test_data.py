@@ -9,7 +9,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from llmshearing.data import DomainBatchSampler, DomainExhausted, DomainTokenDataset, load_manifest
-from llmshearing.data.prepare import prepare_dataset
+from llmshearing.data.prepare import DataPrepError, prepare_dataset
 from tests.helpers import LLAMA2_TOKENIZER, REDPAJAMA
 
 needs_shared = pytest.mark.skipif(
@@ -137,7 +137,7 @@ def test_bad_inputs_fail_before_tokenizing(tmp_path, small_tokenizer):
     (tmp_path / "in" / "empty").mkdir(parents=True)
     with pytest.raises(ValueError, match="domain 'empty' is empty"):
         prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, progress=False)
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(DataPrepError, match="missing"):
         prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 16, domains=["nope"], progress=False)
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):

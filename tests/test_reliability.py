@@ -128,3 +128,33 @@ def test_building_datasets_again_does_not_leak_file_descriptors(mds_data):
     for _ in range(5):
         build_all()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_checkpoint_retention_counts_the_checkpoints_of_earlier_attempts(mds_data, tmp_path):
+    """save_num_checkpoints_to_keep=2 over three attempts (each resumed): 2 checkpoints remain, the newest, and
+    the run still resumes from the last one (Composer alone left 6: it counts only its own process's)."""
+    import re
+
+    common = _overrides(mds_data, tmp_path, "save_interval=2ba", "eval_interval=1000ba", "autoresume=true",
+                        "save_num_checkpoints_to_keep=2")
+    for end in (4, 8, 12):
+        trainer = build_trainer(load_config(PRETRAIN, common + [f"max_duration={end}ba"]))
+        trainer.fit()
+        assert int(trainer.state.timestamp.batch) == end
+        trainer.close()
+    left = sorted(int(re.match(r"ep\d+-ba(\d+)-rank0\.pt", p.name).group(1))
+                  for p in (tmp_path / "checkpoints").glob("ep*-ba*-rank0.pt"))
+    assert left == [10, 12]
+    assert (tmp_path / "checkpoints" / "latest-rank0.pt").resolve().name.endswith("ba12-rank0.pt")
+
+
+def test_plots_of_a_run_without_masks_say_why_the_sparsity_figure_is_missing(tmp_path, capsys):
+    import json
+
+    from llmshearing.plots import plot_run
+
+    rows = [{"step": s, "metrics/eval/LanguageCrossEntropy_web": 4.0 - s / 10} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_run(tmp_path, tmp_path / "plots")
+    out = capsys.readouterr().out
+    assert "no pruning metrics (a run without masks, e.g. continued pre-training: expected)" in out

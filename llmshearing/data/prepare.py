@@ -1,7 +1,9 @@
 """RedPajama-style JSON-lines folders -> per-domain MDS datasets of packed, fixed-length token sequences.
 
 Input: ``<input>/<domain>/*.jsonl[.gz|.zst]``, one JSON object per line with a ``text`` field.
-Output (written to ``<output>.tmp`` and renamed when complete)::
+Output (written to a temporary folder of its own, ``<output>.tmp-<random>``, and renamed when complete; an
+existing output is replaced only with ``overwrite``, by renaming it aside, renaming the new one in, then deleting
+the old; the temporary folder is removed on every error, and nothing else is ever deleted)::
 
     <output>/manifest.json          # tokenizer, seq_len, dtype, splits, per-domain counts, malformed lines
     <output>/train/<domain>/        # MDS shards, one column "tokens": ndarray of seq_len ids
@@ -41,7 +43,9 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import tempfile
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,17 +58,34 @@ from tqdm import tqdm
 
 from llmshearing.data.tokenizer import load_tokenizer, token_dtype, vocab_size
 
-__all__ = ["PrepareResult", "prepare_dataset", "read_manifest", "split_of", "iter_documents", "MANIFEST", "FORMAT",
+__all__ = ["DataPrepError", "PrepareResult", "prepare_dataset", "read_manifest", "split_of", "iter_documents", "MANIFEST", "FORMAT",
            "SPLITS", "HELDOUT"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+OWNER_MARK = ".llmshearing-prepare"  # in every temporary folder data prep creates: what it may remove later
 FORMAT = "llmshearing-mds-v2"  # v2: train/val/test split by whole document (v1: train/eval, split by piece)
 SPLITS = ("train", "val", "test")
 HELDOUT = ("val", "test")
 CHUNK_BYTES = 1 << 20  # input per worker task: ~0.3 s of tokenizing, so hand-over costs <1% and work balances
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+
+
+class DataPrepError(ValueError):
+    """Bad input to data prep (a file, a folder, a flag): the message names it and the fix."""
+
+
+class BadInputFile(DataPrepError):
+    """An input file that cannot be read to its end (a truncated or corrupt compressed file)."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(path, why)
+        self.path, self.why = path, why
+
+    def __str__(self) -> str:
+        return (f"{self.path}: cannot be read to its end ({self.why}); replace or remove the file, or pass "
+                "--skip-bad-files to leave it out and list it in the manifest")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -176,6 +197,7 @@ class _ChunkResult:
     documents: int = 0
     malformed: list[tuple[int, str]] = field(default_factory=list)  # (line within the chunk, 1-based; why)
     seconds: float = 0.0
+    bad_file: Optional[str] = None  # the file could not be read to its end (skipped: --skip-bad-files)
 
     def documents_of(self, split: str) -> list[np.ndarray]:
         tokens, lengths = self.splits[split]
@@ -206,7 +228,7 @@ def _in_order(pool, tasks: Sequence[_Task], window: int, skip) -> Iterator[_Chun
 
 
 def _init_worker(tokenizer, seed: int, fractions: tuple[float, float], max_doc_chars: Optional[int], add_bos: bool,
-                 dtype: str) -> None:
+                 dtype: str, skip_bad_files: bool = False) -> None:
     """``tokenizer``: a loaded tokenizer (inherited by a forked worker) or a path to load."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the worker processes
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
@@ -218,6 +240,7 @@ def _init_worker(tokenizer, seed: int, fractions: tuple[float, float], max_doc_c
         bos=[tok.bos_token_id] if add_bos and tok.bos_token_id is not None else [],
         eos=[tok.eos_token_id],
         dtype=np.dtype(dtype),
+        skip_bad_files=skip_bad_files,
     )
 
 
@@ -236,7 +259,7 @@ def _parse(task: _Task, malformed: list[tuple[int, str]], seen: Optional[list[in
             malformed.append((line_no, f"invalid UTF-8 at byte {e.start}"))
             continue
         except json.JSONDecodeError as e:
-            malformed.append((line_no, f"invalid JSON: {e.msg} at column {e.colno}"))
+            malformed.append((line_no, f"invalid JSON ({e.msg}, column {e.colno})"))
             continue
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):
@@ -248,7 +271,29 @@ def _parse(task: _Task, malformed: list[tuple[int, str]], seen: Optional[list[in
         seen[0] = line_no - 1 if task.end is not None else line_no
 
 
+_READ_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+try:
+    import zstandard
+
+    _READ_ERRORS += (zstandard.ZstdError,)
+except ImportError:  # pragma: no cover - zstandard comes with mosaicml-streaming
+    pass
+
+
 def _process(task: _Task) -> _ChunkResult:
+    """:func:`_tokenize_task`, with an input file that cannot be read to its end (a truncated ``.gz``, say) named:
+    raised as :class:`BadInputFile`, or, with ``skip_bad_files``, returned as an empty result that says why."""
+    try:
+        return _tokenize_task(task)
+    except _READ_ERRORS as e:
+        why = f"{type(e).__name__}: {e}"
+        if _WORKER.get("skip_bad_files"):
+            empty = (np.zeros(0, dtype=_WORKER["dtype"]), np.zeros(0, dtype=np.int64))
+            return _ChunkResult(task, {s: empty for s in SPLITS}, bad_file=why)
+        raise BadInputFile(task.path, why) from None
+
+
+def _tokenize_task(task: _Task) -> _ChunkResult:
     """Parse, tokenize and split one task. Texts are tokenized 256 pieces at a time and kept only as token
     arrays, so a worker's memory is about 2-4 bytes per token of its task (a compressed file is one task).
     The pieces of one document are joined again after tokenizing: a document is the unit of the split."""
@@ -363,8 +408,7 @@ def _tail_split(d: str, short: list[str], tasks: list[_Task], packers: dict, tmp
     n = len(stream)
     need = {s: seq_len * max(1, int(np.ceil(fractions[s] * n / seq_len))) for s in heldout}
     if n - sum(need.values()) < seq_len:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(
+        raise DataPrepError(
             f"domain {d!r} has {n} tokens in {documents} documents: too few for one {seq_len}-token training "
             f"sequence plus one per held-out split ({', '.join(heldout)}); add text, lower seq_len, or leave the "
             "domain out"
@@ -399,18 +443,20 @@ class PrepareResult:
 
 def _discover(input_dir: Path, domains: Optional[Sequence[str]]) -> dict[str, list[Path]]:
     if not input_dir.is_dir():
-        raise FileNotFoundError(f"input folder {input_dir} does not exist; it must hold one sub-folder per domain")
+        raise DataPrepError(f"input folder {input_dir} does not exist; it must hold one sub-folder per domain")
     found = {d.name: d for d in sorted(input_dir.iterdir()) if d.is_dir()}
     names = list(domains) if domains else list(found)
     if not names:
-        raise ValueError(f"{input_dir} has no domain sub-folders; expected <input>/<domain>/*.jsonl")
+        raise DataPrepError(f"{input_dir} has no domain sub-folders; expected <input>/<domain>/*.jsonl")
     out = {}
     for name in names:
         if name not in found:
-            raise FileNotFoundError(f"domain folder {input_dir / name} is missing (domains found: {sorted(found)})")
+            raise DataPrepError(f"domain folder {input_dir / name} is missing (domains found: {sorted(found)}); fix "
+                                "--domains")
         files = sorted(p for p in found[name].rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
         if not files:
-            raise ValueError(f"domain {name!r} is empty: no {'/'.join(SUFFIXES)} files under {found[name]}")
+            raise DataPrepError(f"domain {name!r} is empty: no {'/'.join(SUFFIXES)} files under {found[name]}; add "
+                                f"files or leave the domain out with --domains (found: {sorted(found)})")
         out[name] = files
     return out
 
@@ -433,6 +479,7 @@ def prepare_dataset(
     compression: Optional[str] = None,
     overwrite: bool = False,
     progress: bool = True,
+    skip_bad_files: bool = False,
 ) -> PrepareResult:
     """Tokenize and pack a RedPajama-style folder into per-domain MDS datasets (see module docstring).
 
@@ -456,21 +503,25 @@ def prepare_dataset(
         compression: MDS shard compression (e.g. ``zstd``) or None.
         overwrite: replace an existing output.
         progress: show a progress bar.
+        skip_bad_files: leave out an input file that cannot be read to its end (a truncated or corrupt compressed
+            file) and list it in the manifest (``skipped_files``) instead of stopping.
 
     Raises:
-        FileExistsError, FileNotFoundError, ValueError: bad input, reported before any tokenization.
+        DataPrepError: bad input (a :class:`BadInputFile` for an unreadable file), naming it and the fix; checks
+            of the folders, flags and tokenizer happen before any tokenization.
+        FileExistsError: the output exists and ``overwrite`` is false.
     """
     t_start = time.perf_counter()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if chunk_bytes is not None and chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be a positive number of bytes or None (one task per file), got {chunk_bytes}")
+        raise DataPrepError(f"chunk_bytes must be a positive number of bytes or None (one task per file), got {chunk_bytes}")
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        raise DataPrepError(f"seq_len must be >= 2, got {seq_len}; give --seq-len, e.g. the model's context (4096)")
     for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= frac < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+            raise DataPrepError(f"{name} must be in [0, 1), got {frac}")
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must leave documents for training, got "
+        raise DataPrepError(f"val_fraction + test_fraction must leave documents for training, got "
                          f"{val_fraction} + {test_fraction}")
     fractions = {"val": val_fraction, "test": test_fraction}
     heldout = [s for s in HELDOUT if fractions[s] > 0]
@@ -479,19 +530,70 @@ def prepare_dataset(
     files = _discover(input_dir, domains)
     unknown_budget = set(max_tokens or {}) - set(files)
     if unknown_budget:
-        raise ValueError(f"max_tokens names unknown domains {sorted(unknown_budget)}; domains are {list(files)}")
-    tok = load_tokenizer(tokenizer)
+        raise DataPrepError(f"max_tokens names unknown domains {sorted(unknown_budget)}; domains are {list(files)}")
+    try:
+        tok = load_tokenizer(tokenizer)
+    except (OSError, ValueError) as e:
+        raise DataPrepError(f"--tokenizer {tokenizer}: {e}") from None
     n_vocab = vocab_size(tok)
     dtype = token_dtype(n_vocab)
 
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.tmp-", dir=output_dir.parent))  # ours alone
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the dataset's: keep the usual permissions
+    (tmp / OWNER_MARK).write_text(f"{os.getpid()}\n")
+    try:
+        return _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, seq_len, files, fractions,
+                             heldout, val_fraction, test_fraction, max_doc_chars, max_tokens, seed, workers,
+                             chunk_bytes, add_bos, compression, progress, skip_bad_files, t_start)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary output, on every error (Ctrl-C included)
+        raise
+
+
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Remove temporary folders of earlier, killed runs for ``output_dir``: only folders data prep created
+    (they hold :data:`OWNER_MARK`) whose process is gone."""
+    for old in output_dir.parent.glob(f"{output_dir.name}.tmp-*"):
+        mark = old / OWNER_MARK
+        if not mark.is_file():
+            continue  # not ours: never touched
+        try:
+            pid = int(mark.read_text().strip())
+            os.kill(pid, 0)
+            continue  # its process still runs (another data prep of the same output)
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        log.info("removing %s, left by an interrupted data prep", old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace_atomically(tmp: Path, output_dir: Path) -> None:
+    """Move ``tmp`` to ``output_dir``; an existing output is renamed aside first and deleted only after the new
+    one is in place (a kill in between leaves it under ``<output>.old-*``, never lost)."""
+    if not output_dir.exists():
+        os.replace(tmp, output_dir)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.old-", dir=output_dir.parent))
+    os.replace(output_dir, aside / output_dir.name)
+    os.replace(tmp, output_dir)
+    shutil.rmtree(aside)
+
+
+def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, seq_len, files, fractions, heldout,
+                  val_fraction, test_fraction, max_doc_chars, max_tokens, seed, workers, chunk_bytes, add_bos,
+                  compression, progress, skip_bad_files, t_start) -> PrepareResult:
+    """The body of :func:`prepare_dataset`, writing into ``tmp`` (which the caller removes on any error)."""
     packers = {
         (d, split): _Packer(tmp / split / d, seq_len, dtype, compression) for d in files for split in SPLITS
     }
-    stats = {d: {"documents": 0, "text_tokens": 0, "files": len(fs), "malformed": []} for d, fs in files.items()}
+    stats = {d: {"documents": 0, "text_tokens": 0, "files": len(fs), "malformed": [], "skipped_files": []}
+             for d, fs in files.items()}
     # The first training documents of each domain (one per held-out split) are held back and packed last:
     # into training when the domain drew held-out documents by hash, else one into each empty held-out split
     # (a domain never has an empty held-out split while it has documents to spare). Holding them whatever
@@ -528,17 +630,23 @@ def prepare_dataset(
                 worker_tok = str(tmp / "_tokenizer")
                 tok.save_pretrained(worker_tok)
         pool = ctx.Pool(workers, initializer=_init_worker,
-                        initargs=(worker_tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype))
+                        initargs=(worker_tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype,
+                                  skip_bad_files))
         results = _in_order(pool, tasks, window=2 * workers, skip=lambda t: budget_hit[t.domain])
     else:
         pool = None
-        _init_worker(tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype)
+        _init_worker(tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype, skip_bad_files)
         results = (_process(t) for t in tasks if not budget_hit[t.domain])
+    failed = True
     try:
         for res in tqdm(results, total=len(tasks), desc="tokenizing", disable=not progress, unit="chunk"):
             d, relpath = res.task.domain, res.task.relpath
             if budget_hit[d]:
                 continue  # tokenized while the budget ran out in an earlier chunk: not used, not counted
+            if res.bad_file is not None:
+                stats[d]["skipped_files"].append({"file": relpath, "error": res.bad_file})
+                log.warning("%s/%s skipped (--skip-bad-files): %s", d, relpath, res.bad_file)
+                continue
             tokenize_seconds += res.seconds
             st = stats[d]
             st["documents"] += res.documents
@@ -557,9 +665,13 @@ def prepare_dataset(
                     held[d].append(doc.copy())  # not a view that keeps the whole chunk alive
                 else:
                     add_train(d, doc)
+        failed = False
     finally:
         if pool is not None:
-            pool.close()
+            if failed:
+                pool.terminate()  # a worker's error (or Ctrl-C): stop the others now
+            else:
+                pool.close()
             pool.join()
 
     lent: dict[str, list[str]] = {d: [] for d in files}
@@ -581,7 +693,7 @@ def prepare_dataset(
         short = [s for s in ("train", *heldout) if packers[(d, s)].sequences == 0]
         if short:
             if not _WORKER:  # the tokenizing ran in worker processes
-                _init_worker(tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype)
+                _init_worker(tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype, skip_bad_files)
             budget_hit[d] = False  # re-packed from the start, under the same budget
             tail_split[d] = _tail_split(d, short, [t for t in tasks if t.domain == d], packers, tmp, seq_len, dtype,
                                         compression, fractions, heldout, add_train, stats[d]["documents"])
@@ -600,8 +712,7 @@ def prepare_dataset(
             entry["tail_split"] = tail_split[d]
         manifest_domains[d] = entry
         if entry["train"]["sequences"] == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ValueError(
+            raise DataPrepError(
                 f"domain {d!r} produced no training sequence of {seq_len} tokens "
                 f"({entry['documents']} documents, {entry['text_tokens']} tokens); add text, lower seq_len, "
                 "or leave the domain out"
@@ -631,9 +742,12 @@ def prepare_dataset(
     }
     shutil.rmtree(tmp / "_tokenizer", ignore_errors=True)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    (tmp / OWNER_MARK).unlink()
+    _replace_atomically(tmp, output_dir)
+    skipped = [f"{d}/{f['file']}" for d, st in stats.items() for f in st["skipped_files"]]
+    if skipped:
+        log.warning("%d unreadable input files left out (--skip-bad-files): %s; listed under 'skipped_files' in %s",
+                    len(skipped), skipped, output_dir / MANIFEST)
     n_bad = sum(len(s["malformed"]) for s in stats.values())
     if n_bad:
         log.warning("%d malformed lines skipped; see 'malformed' in %s", n_bad, output_dir / MANIFEST)
