@@ -25,6 +25,7 @@ from omegaconf import OmegaConf as om
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "DistillationConfig",
     "DynamicLoadingConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -241,6 +242,37 @@ class PruningConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """Logit distillation from a frozen teacher (``llmshearing.distillation``), in pruning or continued
+    pre-training: the block's presence turns it on for that run.
+
+    Args:
+        teacher: the teacher (Hugging Face directory, ``.gguf`` file or GGUF short name). ``None``: the pruning
+            source (``model.pretrained`` of a pruning run); a continued pre-training run must name it (its
+            ``model.pretrained`` is the pruned student).
+        temperature: softmax temperature tau of both distributions (Minitron: 1).
+        kd_weight: weight of the KL term.
+        ce_weight: weight of the next-token cross-entropy (Minitron: 0, KD only; cross-entropy is logged anyway).
+        chunk_tokens: positions whose teacher logits are made at once (bounds logits memory in the vocabulary).
+        dtype: the teacher's weights: ``auto`` (bf16 on GPUs, fp32 on CPU), ``fp32`` or ``bf16``.
+    """
+
+    teacher: Optional[str] = None
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    chunk_tokens: int = 4096
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, f"distillation.temperature must be > 0, got {self.temperature}")
+        _require(self.kd_weight >= 0 and self.ce_weight >= 0, "distillation.kd_weight and ce_weight must be >= 0")
+        _require(self.kd_weight + self.ce_weight > 0, "distillation: kd_weight and ce_weight are both 0: nothing to train")
+        _require(self.chunk_tokens > 0, f"distillation.chunk_tokens must be > 0, got {self.chunk_tokens}")
+        _require(self.dtype in ("auto", "fp32", "bf16"), f"distillation.dtype={self.dtype!r}: use auto, fp32 or bf16")
+
+
+@dataclass
 class OptimizerConfig:
     """DecoupledAdamW hyperparameters for the model weights."""
 
@@ -279,6 +311,7 @@ class RunConfig:
     tokenizer: Optional[str] = None
     dynamic_loading: Optional[DynamicLoadingConfig] = None
     pruning: Optional[PruningConfig] = None
+    distillation: Optional[DistillationConfig] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device_train_microbatch_size: Union[int, str] = "auto"
@@ -316,6 +349,12 @@ class RunConfig:
         _require(
             not self.autoresume or self.save_folder is not None,
             "autoresume=true needs save_folder (where the checkpoints to resume from are written)",
+        )
+        _require(
+            self.distillation is None or self.distillation.teacher is not None or (
+                self.pruning is not None and self.model.pretrained is not None),
+            "distillation.teacher is not set and this run has no pruning source to default to: name the teacher "
+            "(e.g. the unpruned source model) in distillation.teacher",
         )
         unknown_loggers = set(self.loggers) - {"wandb", "mlflow", "tensorboard"}
         _require(not unknown_loggers, f"loggers: unknown logger(s) {sorted(unknown_loggers)}; use wandb, mlflow, tensorboard")

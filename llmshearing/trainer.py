@@ -53,6 +53,28 @@ def _device(cfg: RunConfig) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def _distillation(cfg: RunConfig, manifest: dict, student) -> dict[str, Any]:
+    """The teacher and loss settings of ``cfg.distillation`` (empty without it), checked before training."""
+    if cfg.distillation is None:
+        return {}
+    from llmshearing.distillation import check_tokenizers_agree, load_teacher
+
+    d = cfg.distillation
+    path = d.teacher or cfg.model.pretrained
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(d.dtype) or (
+        torch.bfloat16 if _device(cfg) == "gpu" else torch.float32)
+    teacher = load_teacher(path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    if path != cfg.model.pretrained:  # the pruning source shares the student's tokenizer by construction
+        check_tokenizers_agree(path, cfg.tokenizer or manifest["tokenizer"]["path"],
+                               teacher.model.config.vocab_size, student.config.vocab_size)
+    elif teacher.model.config.vocab_size != student.config.vocab_size:
+        raise ConfigError("distillation: the teacher's and the student's vocabularies differ in size")
+    log.info("distilling from %s (%.2fM parameters, %s): %s KL (tau %s) + %s CE", path,
+             teacher.num_parameters() / 1e6, dtype, d.kd_weight, d.temperature, d.ce_weight)
+    return dict(teacher=teacher, temperature=d.temperature, kd_weight=d.kd_weight, ce_weight=d.ce_weight,
+                chunk_tokens=d.chunk_tokens)
+
+
 def _metrics_path(cfg: RunConfig) -> Optional[str]:
     if cfg.metrics_file != "auto":
         return cfg.metrics_file
@@ -133,10 +155,10 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     if cfg.pruning is not None:  # family, features and target checked from config.json, before loading weights
         from llmshearing.algorithms.l0_pruning import L0Pruning
 
-        L0Pruning.from_config(cfg.pruning, resolve_hf_config(cfg.model)[0])
+        L0Pruning.validate(cfg.pruning, resolve_hf_config(cfg.model)[0])
     hf_model = build_hf_model(cfg.model)
     _check_vocab(manifest, hf_model, cfg.data.local)
-    model = ComposerCausalLM(hf_model, domains=domains)
+    model = ComposerCausalLM(hf_model, domains=domains, **_distillation(cfg, manifest, hf_model))
 
     train_loader = build_train_dataloader(
         cfg.data, manifest, domains, proportions, cfg.global_train_batch_size, seed=cfg.seed

@@ -115,16 +115,7 @@ class L0Pruning(Algorithm):
     ) -> L0Pruning:
         """Validate the family, its features and the target against the source config (before any training)
         and build the algorithm."""
-        try:
-            adapter = adapter_for(model_config)
-        except UnsupportedModel as e:
-            raise ConfigError(str(e)) from None
-        source = describe_shape(model_config)
-        target = resolve_target(source, cfg.target, cfg.prune)
-        try:
-            adapter.check_target(model_config, source, target, cfg.prune)
-        except UnsupportedModel as e:
-            raise ConfigError(str(e)) from None
+        adapter, source, target = cls.validate(cfg, model_config)
         return cls(
             source=source,
             target=target,
@@ -143,6 +134,19 @@ class L0Pruning(Algorithm):
             qkv_bias=any(p.bias(model_config) for p in adapter.projections if p.rows in ("q", "kv")),
             model_config=model_config,
         )
+
+    @staticmethod
+    def validate(cfg: PruningConfig, model_config: PretrainedConfig) -> tuple[Any, dict[str, int], dict[str, int]]:
+        """The family's adapter, the source shape and the full target, or a :class:`ConfigError` naming what the
+        family, its features or the target do not allow (needs only the config: run it before loading weights)."""
+        try:
+            adapter = adapter_for(model_config)
+            source = describe_shape(model_config)
+            target = resolve_target(source, cfg.target, cfg.prune)
+            adapter.check_target(model_config, source, target, cfg.prune)
+        except UnsupportedModel as e:
+            raise ConfigError(str(e)) from None
+        return adapter, source, target
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.FIT_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END,

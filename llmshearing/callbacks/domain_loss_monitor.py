@@ -20,21 +20,24 @@ class DomainLossMonitor(Callback):
     | --- | --- |
     | ``metrics/train/LanguageCrossEntropy_<domain>`` | token-averaged training loss of the domain this batch |
     | ``metrics/train/tokens_<domain>`` | tokens of the domain in this global batch |
+    | ``metrics/train/KD_<domain>`` | token-averaged KL(teacher || student) of the domain (distillation runs) |
     """
 
     def batch_end(self, state: State, logger: Logger) -> None:
         model = state.model
         if not hasattr(model, "pop_train_domain_sums") and hasattr(model, "module"):
             model = model.module
-        sums, counts = model.pop_train_domain_sums()
-        if sums.numel() == 0:
+        parts = model.pop_train_domain_sums()
+        if parts[0].numel() == 0:
             return
-        both = torch.stack([sums, counts])  # on the model's device, as all_reduce needs
+        both = torch.stack(parts)  # on the model's device, as all_reduce needs
         dist.all_reduce(both)
-        sums, counts = both.cpu()
+        sums, counts, *kd = both.cpu()
         metrics = {}
         for i, name in enumerate(model.domains):
             if counts[i] > 0:
                 metrics[f"metrics/train/LanguageCrossEntropy_{name}"] = float(sums[i] / counts[i])
                 metrics[f"metrics/train/tokens_{name}"] = int(counts[i])
+                if kd:
+                    metrics[f"metrics/train/KD_{name}"] = float(kd[0][i] / counts[i])
         logger.log_metrics(metrics)

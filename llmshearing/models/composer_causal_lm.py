@@ -10,7 +10,10 @@ Per-domain losses:
   :meth:`ComposerCausalLM.eval_forward` and shared by all metrics.
 - training: :meth:`ComposerCausalLM.loss` accumulates detached per-domain sums across microbatches
   (no second forward pass), which :class:`~llmshearing.callbacks.domain_loss_monitor.DomainLossMonitor`
-  reduces across ranks and logs once per batch.
+  reduces across ranks and logs once per batch; with distillation, the KL to the teacher likewise.
+
+With a teacher (:mod:`llmshearing.distillation`) the training loss is ``kd_weight * KL + ce_weight * CE`` (means
+over the counted positions); evaluation is cross-entropy either way.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch.nn.functional as F
 from composer.models import ComposerModel
 from torchmetrics import Metric
 from transformers import PreTrainedModel
+
+from llmshearing.distillation import Teacher, chunked_kl
 
 __all__ = ["ComposerCausalLM", "DomainCrossEntropy", "token_cross_entropy"]
 
@@ -83,12 +88,18 @@ class ComposerCausalLM(ComposerModel):
     Args:
         model: the transformers model (its ``forward`` is used unchanged).
         domains: data domain names, indexed by the batches' ``domain_id``.
+        teacher: a frozen teacher to distil from (kept outside the module tree: see :class:`Teacher`).
+        temperature, kd_weight, ce_weight, chunk_tokens: the distillation loss (``DistillationConfig``).
     """
 
-    def __init__(self, model: PreTrainedModel, domains: Sequence[str] = ()) -> None:
+    def __init__(self, model: PreTrainedModel, domains: Sequence[str] = (), teacher: Optional[Teacher] = None,
+                 temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
+                 chunk_tokens: int = 4096) -> None:
         super().__init__()
         self.model = model
         self.domains = list(domains)
+        self.teacher = teacher  # not an nn.Module: never registered, never checkpointed
+        self.temperature, self.kd_weight, self.ce_weight, self.chunk_tokens = temperature, kd_weight, ce_weight, chunk_tokens
         self._flops_params: Optional[int] = None
         self._reset_train_domain_sums()
         # FSDP and activation checkpointing wrap each decoder layer (Composer reads these from the child module).
@@ -101,36 +112,57 @@ class ComposerCausalLM(ComposerModel):
         return self.model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        loss, valid = token_cross_entropy(outputs, batch)
+        if self.teacher is None:
+            loss, valid = token_cross_entropy(outputs, batch)
+            if self.domains and "domain_id" in batch:
+                self._accumulate_train_domains(loss.detach(), valid, batch["domain_id"])
+            return (loss * valid).sum() / valid.sum().clamp(min=1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):  # logged either way
+            ce, valid = token_cross_entropy(outputs, batch)
+        if self.teacher.device != outputs.device:
+            self.teacher.to(outputs.device)
+        hidden = self.teacher.hidden(batch["input_ids"])
+        kl = chunked_kl(outputs, hidden, self.teacher.head, self.temperature, self.chunk_tokens)[:, :-1]  # (B, T-1)
+        kl = kl * valid
         if self.domains and "domain_id" in batch:
-            self._accumulate_train_domains(loss.detach(), valid, batch["domain_id"])
-        return (loss * valid).sum() / valid.sum().clamp(min=1)
+            self._accumulate_train_domains(ce.detach(), valid, batch["domain_id"], kl.detach())
+        n = valid.sum().clamp(min=1)
+        total = self.kd_weight * kl.sum() / n
+        if self.ce_weight > 0:
+            total = total + self.ce_weight * (ce * valid).sum() / n
+        return total
 
     def _reset_train_domain_sums(self) -> None:
         # Plain attributes (not buffers): they are logging state, not model state, and stay out of checkpoints.
         self.train_domain_loss_sum = torch.zeros(len(self.domains), dtype=torch.float64)
         self.train_domain_tokens = torch.zeros(len(self.domains), dtype=torch.float64)
+        self.train_domain_kd_sum = torch.zeros(len(self.domains), dtype=torch.float64)
 
-    def _accumulate_train_domains(self, loss: torch.Tensor, valid: torch.Tensor, domain_ids: torch.Tensor) -> None:
+    def _accumulate_train_domains(self, loss: torch.Tensor, valid: torch.Tensor, domain_ids: torch.Tensor,
+                                  kl: Optional[torch.Tensor] = None) -> None:
         k = len(self.domains)
-        per_seq_loss = (loss * valid).sum(dim=1).to(torch.float64)  # (B,)
-        per_seq_tokens = valid.sum(dim=1).to(torch.float64)  # (B,)
-        device = per_seq_loss.device
+        device = loss.device
         if self.train_domain_loss_sum.device != device:
             self.train_domain_loss_sum = self.train_domain_loss_sum.to(device)
             self.train_domain_tokens = self.train_domain_tokens.to(device)
-        self.train_domain_loss_sum += torch.zeros(k, dtype=torch.float64, device=device).index_add_(
-            0, domain_ids, per_seq_loss
-        )
-        self.train_domain_tokens += torch.zeros(k, dtype=torch.float64, device=device).index_add_(
-            0, domain_ids, per_seq_tokens
-        )
+            self.train_domain_kd_sum = self.train_domain_kd_sum.to(device)
 
-    def pop_train_domain_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-domain (loss sum, token count) accumulated since the last call; resets them."""
-        sums, counts = self.train_domain_loss_sum, self.train_domain_tokens
+        def per_domain(per_seq: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(k, dtype=torch.float64, device=device).index_add_(0, domain_ids, per_seq.to(torch.float64))
+
+        self.train_domain_loss_sum += per_domain((loss * valid).sum(dim=1))
+        self.train_domain_tokens += per_domain(valid.sum(dim=1))
+        if kl is not None:
+            self.train_domain_kd_sum += per_domain(kl.sum(dim=1))
+
+    def pop_train_domain_sums(self) -> tuple[torch.Tensor, ...]:
+        """The per-domain (cross-entropy sum, token count[, KL sum with a teacher]) accumulated since the last
+        call; resets them."""
+        out = (self.train_domain_loss_sum, self.train_domain_tokens)
+        if self.teacher is not None:
+            out = out + (self.train_domain_kd_sum,)
         self._reset_train_domain_sums()
-        return sums, counts
+        return out
 
     # -- evaluation --------------------------------------------------------------------------------
     def eval_forward(self, batch: dict[str, Any], outputs: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,4 +196,14 @@ class ComposerCausalLM(ComposerModel):
         n_params = self._flops_params
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * seq  # QK^T and AV, fwd + bwd, causal/2*2
-        return int(bsz * seq * (6 * n_params + attn))
+        flops = 6 * n_params + attn
+        if self.teacher is not None:  # the teacher's forward: a third of a training step's matmuls
+            t = self.teacher.model
+            t_emb = t.get_input_embeddings().weight
+            t_params = sum(p.numel() for p in t.parameters() if p is not t_emb)
+            if getattr(t.config, "tie_word_embeddings", False):
+                t_params += t_emb.numel()
+            tc = t.config
+            t_hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+            flops += 2 * t_params + 2 * tc.num_hidden_layers * tc.num_attention_heads * t_hd * seq
+        return int(bsz * seq * flops)
