@@ -12,6 +12,10 @@ continued-training steps, counted by the trainer):
 | ``random`` / ``magnitude`` / ``activation`` | one-shot selection at the target shape + ``T`` steps of continued training |
 | ``learned masks on source`` | ``sheared``'s final masks applied to the *original* source weights + ``T`` steps |
 | ``scratch`` | the target architecture trained from random init, one fully decayed run per budget |
+| ``sheared + KD`` | the ``sheared`` pruned model, continued training by logit distillation from the source (KL only) |
+| ``sheared + CE, equal compute`` | the ``sheared`` pruned model, continued training with cross-entropy for as many more steps as the teacher's forwards cost (``--kd`` arms) |
+| ``sheared, KD in pruning`` | pruning with distillation from the source, then continued training with cross-entropy |
+| ``sheared, KD in both`` | pruning and continued training with distillation |
 
 Protocol:
 - data split by document into train / val / test (``benchmarks/small_scale.py``); the tokenizer saw only
@@ -186,6 +190,18 @@ class Bench:
                              max_sequences_per_domain=TEST_SEQUENCES, split="val")["all"]
 
 
+def _cfg(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def _shape(model_dir: Path) -> dict[str, int]:
+    from llmshearing.models.families import describe_shape
+
+    return describe_shape(_cfg(model_dir))
+
+
 def _mean_all(per: dict[str, np.ndarray]) -> float:
     return float(np.concatenate(list(per.values())).mean())
 
@@ -212,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--prune-lrs", type=float, nargs="+", default=[1e-4],
                    help="model lrs of the pruning stage swept on validation, seed 0, with the continued-training lr")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
+    p.add_argument("--kd", action="store_true", help="also run the distillation arms (issue #14)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from llmshearing.evaluate import domain_losses, load_model, paired_difference
@@ -246,23 +263,27 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 f"eval_interval={T // 10}ba", f"save_interval={T}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched])
         return name
 
-    def sheared(seed: int, lr: float, dynamic: bool, init: str = "reference", plr: Optional[float] = None
-                ) -> tuple[str, str]:
+    def sheared(seed: int, lr: float, dynamic: bool, init: str = "reference", plr: Optional[float] = None,
+                kd_prune: bool = False, kd_cpt: bool = False, cpt_steps: Optional[int] = None) -> tuple[str, str]:
         plr = prune_lr if plr is None else plr
+        cpt_steps = cpt_steps or args.cpt_steps
         tag = {"reference": "ref", "importance": "imp"}[init]
-        prune = f"prune_{tag}_plr{plr:g}_s{seed}"
-        name = f"cpt_{tag}_plr{plr:g}_{'dynamic' if dynamic else 'constant'}_lr{lr:g}_s{seed}"
+        prune = f"prune_{tag}_plr{plr:g}{'_kd' if kd_prune else ''}_s{seed}"
+        name = (f"cpt_{tag}_plr{plr:g}{'_kd' if kd_prune else ''}_{'dynamic' if dynamic else 'constant'}"
+                f"{'_kd' if kd_cpt else ''}{'' if cpt_steps == args.cpt_steps else f'_{cpt_steps}ba'}_lr{lr:g}_s{seed}")
         if not args.report_only:
             b.run(prune, "yamls/prune/small_cpu.yaml", [
                 f"variables.source={source}", f"max_duration={args.prune_steps}ba",
                 f"eval_interval={args.prune_steps // 4}ba", f"save_interval={args.prune_steps}ba",
                 "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref}", f"seed={seed}",
-                f"optimizer.lr={plr}", f"pruning.init={init}", f"pruning.calibration_sequences={CALIBRATION}"])
+                f"optimizer.lr={plr}", f"pruning.init={init}", f"pruning.calibration_sequences={CALIBRATION}",
+                *(["distillation.kd_weight=1.0"] if kd_prune else [])])  # teacher: the pruning source
             b.run(name, "yamls/continue_pretrain/tiny_cpu.yaml", [
                 f"variables.source={b.model_dir(prune)}", f"variables.reference_losses={ref}",
-                f"max_duration={args.cpt_steps}ba", f"eval_interval={args.cpt_steps // 6}ba",
-                f"save_interval={args.cpt_steps}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched,
-                *([] if dynamic else ["dynamic_loading.update=constant"])], after=prune)
+                f"max_duration={cpt_steps}ba", f"eval_interval={cpt_steps // 6}ba",
+                f"save_interval={cpt_steps}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched,
+                *([] if dynamic else ["dynamic_loading.update=constant"]),
+                *([f"distillation.teacher={source}"] if kd_cpt else [])], after=prune)
         return prune, name
 
     # 1. learning rates, on validation (seed 0, budget T)
@@ -311,6 +332,30 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         arms["sheared_constant"].append(sheared(seed, cl, False)[1])
     for f in args.scratch_budgets:
         extra_scratch[int(round(f * T))] = scratch(int(round(f * T)), lr_of["scratch"], 0)
+    # distillation (issue #14): FLOPs per token of a KD continued-training step over a CE one (the teacher's
+    # forward, 2 N_source, on top of 6 N_target), which sets the CE arm of equal compute
+    from llmshearing.models.families import count_params
+
+    n_src = count_params(_shape(source), config=_cfg(source))
+    n_tgt = count_params({**_shape(source), **TARGET, "num_key_value_heads": TARGET["num_attention_heads"]},
+                         config=_cfg(source))
+    kd_cost = (6 * n_tgt + 2 * n_src) / (6 * n_tgt)
+    eq_steps = int(round(args.cpt_steps * kd_cost))
+    kd_arms = ("sheared + KD", "sheared + CE, equal compute", "learned, KD in pruning (after pruning)",
+               "sheared, KD in pruning", "sheared, KD in both")
+    for k in kd_arms:
+        arms[k] = []
+    if args.kd:
+        for seed in range(args.seeds):
+            arms["sheared + KD"].append(sheared(seed, cl, True, kd_cpt=True)[1])
+        for seed in range(args.seeds):
+            arms["sheared + CE, equal compute"].append(sheared(seed, cl, True, cpt_steps=eq_steps)[1])
+        for seed in range(args.seeds):
+            prune_kd, name = sheared(seed, cl, True, kd_prune=True)
+            arms["learned, KD in pruning (after pruning)"].append(prune_kd)
+            arms["sheared, KD in pruning"].append(name)
+        for seed in range(args.seeds):
+            arms["sheared, KD in both"].append(sheared(seed, cl, True, kd_prune=True, kd_cpt=True)[1])
     # the previous mask defaults (log_alpha from 0, no clamp, mean-gap penalty, mask lr 0.1, model lr 1e-4), as
     # cached by earlier versions of this benchmark: reported when present, never run
     legacy = {"learned, old defaults (after pruning)": [f"prune_s{s}" for s in range(args.seeds)],
@@ -386,25 +431,41 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         *(compare("learned masks on source", o) for o in ("random", "magnitude", "activation")),
         compare("sheared", "sheared, old defaults"),
         compare("sheared", "sheared_constant"), compare("sheared", "sheared_constant", "worst_excess"),
-        compare("activation", "magnitude"), compare("random", "magnitude")) if c]
+        compare("activation", "magnitude"), compare("random", "magnitude"),
+        compare("sheared + KD", "sheared"), compare("sheared + KD", "sheared + CE, equal compute"),
+        compare("sheared + KD", "scratch"), compare("learned, KD in pruning (after pruning)", "learned (after pruning)"),
+        compare("sheared, KD in pruning", "sheared"), compare("sheared, KD in both", "sheared + KD")) if c]
 
-    # tokens scratch needs to reach sheared's final test loss, between fully decayed scratch runs
-    crossover = None
-    if "sheared" in rows and "scratch" in rows:
+    # tokens scratch needs to reach an arm's final test loss, between fully decayed scratch runs; and the same in
+    # compute: FLOPs of the arm (pruning steps at the source's size, teacher forwards) in scratch-step units
+    def crossover_of(arm: str, steps_equiv: float) -> Optional[dict]:
+        if arm not in rows or "scratch" not in rows:
+            return None
         curve = sorted([(T * BATCH * SEQ, rows["scratch"]["loss"])] + [
             (steps * BATCH * SEQ, rows[f"scratch, {steps / T:g}T"]["loss"]) for steps in extra_scratch
             if f"scratch, {steps / T:g}T" in rows])
-        target_loss, tok = rows["sheared"]["loss"], T * BATCH * SEQ
+        target_loss, tok = rows[arm]["loss"], T * BATCH * SEQ
         needed = None
         for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
             if l0 > target_loss >= l1:
                 frac = (l0 - target_loss) / (l0 - l1)
                 needed = math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0)))
                 break
-        crossover = {"curve_tokens_loss": curve, "sheared_loss": target_loss, "sheared_tokens": tok,
-                     "scratch_tokens_to_match": needed, "ratio": None if needed is None else needed / tok,
-                     "note": None if needed else ("scratch at T is already below sheared" if curve[0][1] <= target_loss
-                                                  else f"not reached by {curve[-1][0] / tok:g}T")}
+        compute_tok = steps_equiv * BATCH * SEQ  # scratch tokens of the same FLOPs as the arm
+        return {"arm": arm, "curve_tokens_loss": curve, "sheared_loss": target_loss, "sheared_tokens": tok,
+                "scratch_tokens_to_match": needed, "ratio": None if needed is None else needed / tok,
+                "compute_equivalent_scratch_tokens": compute_tok,
+                "ratio_in_compute": None if needed is None else needed / compute_tok,
+                "note": None if needed else ("scratch at T is already below it" if curve[0][1] <= target_loss
+                                             else f"not reached by {curve[-1][0] / tok:g}T")}
+
+    prune_cost = n_src / n_tgt  # a pruning step trains the source-size masked model (6 N_source per token)
+    crossovers = [c for c in (
+        crossover_of("sheared", args.prune_steps * prune_cost + args.cpt_steps),
+        crossover_of("sheared + KD", args.prune_steps * prune_cost + args.cpt_steps * kd_cost),
+        crossover_of("sheared, KD in both", args.prune_steps * (prune_cost + n_src / (3 * n_tgt))
+                     + args.cpt_steps * kd_cost)) if c]
+    crossover = crossovers[0] if crossovers else None
 
     # the test set's resolution: paired per-domain SE achieved, and the sequences needed for SE_BOUND
     resolution = {}
@@ -437,10 +498,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                      f"{c['se']:.4f} ({c['se_seed']:.4f}, {c['se_test']:.4f}) | {c['verdict']} |")
     if crossover:
         lines += ["", "Scratch, final test loss of each fully decayed run: " + ", ".join(
-            f"{t / 1e6:.2f}M tokens {l:.3f}" for t, l in crossover["curve_tokens_loss"]) +
-            f"; sheared {crossover['sheared_loss']:.3f} at {crossover['sheared_tokens'] / 1e6:.2f}M: "
-            + (f"scratch needs {crossover['scratch_tokens_to_match'] / 1e6:.2f}M tokens ({crossover['ratio']:.2f}x)"
-               if crossover["scratch_tokens_to_match"] else crossover["note"]) + "."]
+            f"{t / 1e6:.2f}M tokens {l:.3f}" for t, l in crossover["curve_tokens_loss"]) + "."]
+    for c in crossovers:
+        lines.append(f"- {c['arm']} {c['sheared_loss']:.3f} at {c['sheared_tokens'] / 1e6:.2f}M tokens "
+                     f"({c['compute_equivalent_scratch_tokens'] / 1e6:.2f}M scratch tokens of the same FLOPs): "
+                     + (f"scratch needs {c['scratch_tokens_to_match'] / 1e6:.2f}M tokens: {c['ratio']:.2f}x in tokens, "
+                        f"{c['ratio_in_compute']:.2f}x in compute" if c["scratch_tokens_to_match"] else c["note"]) + ".")
+    if args.kd or any(rows.get(k) for k in kd_arms):
+        lines.append(f"- distillation: a KD continued-training step costs {kd_cost:.2f}x a CE step in FLOPs "
+                     f"(source {n_src / 1e6:.2f}M, target {n_tgt / 1e6:.2f}M parameters); the equal-compute CE arm "
+                     f"trains {eq_steps} steps instead of {args.cpt_steps}.")
     worst_res = max(resolution.items(), key=lambda kv: kv[1]["se_test"] if np.isfinite(kv[1]["se_test"]) else 0,
                     default=None)
     if worst_res:
@@ -458,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     report = "\n".join(lines)
     write_json(args.out, {"target": TARGET, "T_steps": T, "batch": BATCH, "seq_len": SEQ,
                           "reference_losses_val": src_val, "learning_rates": lr_of, "lr_sweep_val": sweep,
-                          "rows": rows, "comparisons": comparisons, "prune_lr": prune_lr, "expected_shape_error": convergence, "crossover": crossover, "resolution": resolution,
+                          "rows": rows, "comparisons": comparisons, "prune_lr": prune_lr, "expected_shape_error": convergence,
+                          "crossover": crossover, "crossovers": crossovers, "kd_cost": kd_cost, "resolution": resolution,
                           "se_bound": SE_BOUND, "report": report, "args": vars(args)})
     Path(args.out).with_suffix(".md").write_text(report + "\n")
     print(report)

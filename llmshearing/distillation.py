@@ -135,7 +135,12 @@ def check_tokenizers_agree(teacher_tokenizer: str, student_tokenizer: str, teach
     if teacher_vocab != student_vocab:
         raise ValueError(f"distillation: the teacher's vocabulary has {teacher_vocab} entries, the student's "
                          f"{student_vocab}: logits cannot be compared; use a teacher of the student's tokenizer")
-    t, s = load_tokenizer(teacher_tokenizer), load_tokenizer(student_tokenizer)
+    try:
+        t = load_tokenizer(teacher_tokenizer)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"distillation: no tokenizer could be loaded from the teacher {teacher_tokenizer} ({e}); "
+                         "save the teacher's tokenizer in its directory, so that the two can be compared") from None
+    s = load_tokenizer(student_tokenizer)
     for text in SAMPLE_TEXTS:
         a, b = t(text, add_special_tokens=False)["input_ids"], s(text, add_special_tokens=False)["input_ids"]
         if a != b:
