@@ -158,3 +158,19 @@ def test_plots_of_a_run_without_masks_say_why_the_sparsity_figure_is_missing(tmp
     plot_run(tmp_path, tmp_path / "plots")
     out = capsys.readouterr().out
     assert "no pruning metrics (a run without masks, e.g. continued pre-training: expected)" in out
+
+
+def test_train_entry_point_reports_a_configuration_error_as_one_line(mds_data, tmp_path, capsys):
+    from llmshearing.trainer import main
+
+    args = [str(PRETRAIN), *_overrides(mds_data, tmp_path), "max_duration=2ba", "data.max_seq_len=100000"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and "data.max_seq_len=100000 is longer than the prepared sequences" in lines[0]
+    assert "re-run data prep with --seq-len 100000" in lines[0]
+    with pytest.raises(ValueError, match="longer than the prepared"):
+        main(args + ["--debug"])
