@@ -66,6 +66,20 @@ def _pruning_state(state: dict[str, Any]) -> Optional[dict[str, Any]]:
     return None
 
 
+def _write_card(out: Path, meta: dict[str, Any], state: dict[str, Any], src_config, config, params: int,
+                checkpoint: str | Path) -> None:
+    """``llmshearing.json`` (provenance) and ``README.md`` (model card) of an export (module ``model_card``)."""
+    from llmshearing.model_card import build_card, last_eval_losses, provenance_of, write_provenance
+    from llmshearing.models.families import count_params
+
+    prov = provenance_of(meta, state, describe_shape(src_config), describe_shape(config), params,
+                         int(count_params(describe_shape(src_config), config=src_config)))
+    write_provenance(out, prov)
+    ckpt = Path(checkpoint)
+    run_dir = (ckpt if ckpt.is_dir() else ckpt.parent).resolve().parent
+    (out / "README.md").write_text(build_card(prov, src_config.model_type, last_eval_losses(run_dir / "metrics.jsonl")))
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -147,6 +161,7 @@ def export_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
+    _write_card(tmp, meta, state, src_config, config, model.num_parameters(), checkpoint)
     tok_path = tokenizer or meta.get("tokenizer")
     if tok_path and Path(tok_path).exists():
         from llmshearing.data.tokenizer import load_tokenizer

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -73,6 +75,16 @@ def _distillation(cfg: RunConfig, manifest: dict, student) -> dict[str, Any]:
              teacher.num_parameters() / 1e6, dtype, d.kd_weight, d.temperature, d.ce_weight)
     return dict(teacher=teacher, temperature=d.temperature, kd_weight=d.kd_weight, ce_weight=d.ce_weight,
                 chunk_tokens=d.chunk_tokens)
+
+
+def _provenance(pretrained: Optional[str]) -> Optional[dict[str, Any]]:
+    """The ``llmshearing.json`` of a source that is itself an llmshearing export (pruned, then trained further)."""
+    if pretrained is None:
+        return None
+    from llmshearing.models.gguf import resolve_pretrained
+
+    path = Path(resolve_pretrained(pretrained)) / "llmshearing.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _metrics_path(cfg: RunConfig) -> Optional[str]:
@@ -186,7 +198,12 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm))
     callbacks: list[Callback] = [
-        CheckpointMetadata(hf_model.config, cfg.tokenizer or manifest["tokenizer"]["path"], domains),
+        CheckpointMetadata(hf_model.config, cfg.tokenizer or manifest["tokenizer"]["path"], domains,
+                           source=cfg.model.pretrained, provenance=_provenance(cfg.model.pretrained),
+                           stage="pruning" if cfg.pruning is not None else
+                           "continued_pretraining" if cfg.model.pretrained else "training",
+                           distillation=None if cfg.distillation is None else
+                           (cfg.distillation.teacher or cfg.model.pretrained)),
         DomainLossMonitor(),
         LossGuard(cfg.save_folder),
         LRMonitor(),

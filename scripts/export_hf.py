@@ -1,6 +1,8 @@
-"""Export a Composer checkpoint (pruning or continued pre-training) to a Hugging Face model directory.
+"""Export a Composer checkpoint (pruning or continued pre-training) to a Hugging Face model directory, with its
+model card (README.md) and provenance (llmshearing.json); optionally upload it to the Hub.
 
     python scripts/export_hf.py --checkpoint runs/prune/checkpoints/latest-rank0.pt --output models/pruned
+    python scripts/export_hf.py ... --push-to-hub me/my-sheared-model [--private] [--revision main] [--dry-run]
 """
 
 from __future__ import annotations
@@ -22,12 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer to include (default: the one the run used)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the export to this Hub repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
+    p.add_argument("--revision", default=None, help="with --push-to-hub: the branch to upload to")
+    p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list what would be uploaded")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
     export_checkpoint(args.checkpoint, args.output, args.tokenizer, args.overwrite, getattr(torch, args.dtype))
     print(args.output)
+    if args.push_to_hub:
+        from llmshearing.hub import HubError, push_to_hub
+
+        try:
+            print(push_to_hub(args.output, args.push_to_hub, args.private, args.revision, args.dry_run))
+        except HubError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -32,17 +32,26 @@ class CheckpointMetadata(Callback):
         model_config: the transformers config of the trained (source) model.
         tokenizer: tokenizer path used for the data (copied into exports).
         domains: data domains of the run.
+        source: ``model.pretrained`` as given (the model card's ``base_model`` when it is not an llmshearing export).
+        provenance: the source's ``llmshearing.json`` when it is an llmshearing export (its own stages).
+        stage: ``pruning``, ``continued_pretraining`` or ``training``.
+        distillation: the teacher, when the run distils.
 
     Logs nothing. On resume, a checkpoint of a different model shape is refused.
     """
 
-    def __init__(self, model_config: PretrainedConfig, tokenizer: Optional[str], domains: Sequence[str]) -> None:
+    def __init__(self, model_config: PretrainedConfig, tokenizer: Optional[str], domains: Sequence[str],
+                 source: Optional[str] = None, provenance: Optional[dict[str, Any]] = None,
+                 stage: str = "training", distillation: Optional[str] = None) -> None:
         self.model_config = model_config.to_dict()
         self.tokenizer = tokenizer
         self.domains = list(domains)
+        self.source, self.provenance, self.stage, self.distillation = source, provenance, stage, distillation
 
     def state_dict(self) -> dict[str, Any]:
-        return {"hf_config": self.model_config, "tokenizer": self.tokenizer, "domains": self.domains}
+        return {"hf_config": self.model_config, "tokenizer": self.tokenizer, "domains": self.domains,
+                "source": self.source, "source_provenance": self.provenance, "stage": self.stage,
+                "distillation": self.distillation}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_same_shape(state.get("hf_config", {}), self.model_config)

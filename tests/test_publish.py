@@ -1,0 +1,107 @@
+"""Exports carry a model card that huggingface_hub parses and a provenance file across stages; uploads check
+everything before creating anything (the dry run and the error paths: no network here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llmshearing.config import load_config
+from llmshearing.export import export_checkpoint
+from llmshearing.hub import HubError, plan_upload, push_to_hub
+from llmshearing.model_card import validate_card
+from llmshearing.trainer import build_trainer
+from tests.helpers import REPO
+
+
+def _source(path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                 tie_word_embeddings=False)).save_pretrained(path)
+    (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a source\n")
+    return path
+
+
+def _train(yaml, data, run, *extra):
+    ov = [f"variables.data={data}", f"variables.run_dir={run}", "variables.vocab_size=512", "data.max_seq_len=64",
+          "global_train_batch_size=8", "device_train_microbatch_size=8", "max_duration=2ba", "eval_interval=2ba",
+          "save_interval=2ba", "data.eval_sequences_per_domain=4", "console_log_interval=1000ba", *extra]
+    trainer = build_trainer(load_config(yaml, ov))
+    trainer.fit()
+    trainer.close()
+    return run / "checkpoints" / "latest-rank0.pt"
+
+
+@pytest.fixture(scope="module")
+def exports(mds_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("publish")
+    src = _source(tmp / "src")
+    pruned = export_checkpoint(_train(REPO / "yamls/prune/tiny_cpu.yaml", mds_data, tmp / "prune",
+                                      f"variables.source={src}"), tmp / "pruned")
+    final = export_checkpoint(_train(REPO / "yamls/continue_pretrain/tiny_cpu.yaml", mds_data, tmp / "cpt",
+                                     f"variables.source={pruned}", "variables.reference_losses=[4,4,4]"),
+                              tmp / "final")
+    return src, pruned, final
+
+
+def test_the_card_parses_and_names_the_base_model_shapes_tokens_and_losses(exports):
+    src, pruned, final = exports
+    meta = validate_card(pruned / "README.md")
+    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "text-generation"
+    assert "llmshearing" in meta["tags"] and "llama" in meta["tags"] and meta["library_name"] == "transformers"
+    assert "base_model" not in meta  # a local path is not a Hub id: named in the body instead
+    text = (pruned / "README.md").read_text()
+    assert f"`{src}`" in text and "| source | 2 | 64 | 4 | 4 | 172 |" in text and "| this model | 1 | 48 | 2 | 2 | 86 |" in text
+    assert "| pruning | 1,024 | 2 |" in text  # 2 steps x 8 x 64 tokens
+    assert "Validation loss per domain" in text
+    prov = json.loads((pruned / "llmshearing.json").read_text())
+    assert [s["stage"] for s in prov["stages"]] == ["pruning"] and prov["base_model"] == str(src)
+
+
+def test_a_continued_export_carries_the_pruning_stage_over(exports):
+    src, pruned, final = exports
+    prov = json.loads((final / "llmshearing.json").read_text())
+    assert [s["stage"] for s in prov["stages"]] == ["pruning", "continued_pretraining"]
+    assert prov["base_model"] == str(src) and prov["license"] == "apache-2.0"
+    assert prov["stages"][1]["from"] == str(pruned) and prov["stages"][1]["tokens"] == 1024
+    text = (final / "README.md").read_text()
+    assert "| pruning | 1,024 |" in text and "| continued pretraining | 1,024 |" in text
+    assert "| source | 2 | 64 |" in text and "| this model | 1 | 48 |" in text  # the original source, first
+    assert validate_card(final / "README.md")["license"] == "apache-2.0"
+
+
+def test_the_dry_run_lists_the_upload_without_network(exports, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self: pytest.fail("dry run touched the network"))
+    out = push_to_hub(exports[2], "me/sheared-tiny", private=True, revision="v1", dry_run=True)
+    assert out.startswith("would upload") and "me/sheared-tiny@v1 (private)" in out
+    for name in ("README.md", "config.json", "llmshearing.json", "model.safetensors", "tokenizer.json"):
+        assert f"  {name}  " in out
+
+
+def test_uploads_fail_clearly_before_anything_is_created(exports, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    created = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: created.append(a))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
+        push_to_hub(exports[2], "me/x")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def offline(self):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", offline)
+    with pytest.raises(HubError, match="cannot reach the Hugging Face Hub or no token.*nothing was uploaded"):
+        push_to_hub(exports[2], "me/x")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(HubError, match=r"not a complete export \(missing \['README.md', '\*.safetensors'\]\)"):
+        plan_upload(tmp_path / "half")
+    assert created == []
