@@ -2,6 +2,7 @@
 
     python -m llmshearing.evaluate --model runs/quickstart/final_hf --data runs/quickstart/data
     python -m llmshearing.evaluate --model runs/quickstart/final_hf --generate "def fibonacci(n):"
+    python -m llmshearing.evaluate --model src=<dir> --model sheared=<dir> --tasks shearing_offline --data <prepared>
 
 The loss of a domain is the token-averaged next-token cross-entropy over its held-out sequences,
 the same quantity training logs as ``LanguageCrossEntropy_<domain>`` (training evaluates the ``val``
@@ -134,7 +135,8 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, tempe
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--model", required=True, action="append",
+                   help="Hugging Face model directory, or NAME=DIR; repeat to compare models side by side (--tasks)")
     p.add_argument("--data", help="prepared dataset root (data_prep/prepare_data.py output)")
     p.add_argument("--split", default="test", choices=["val", "test"],
                    help="held-out split: test (reported results, default) or val (what training tuned on)")
@@ -147,9 +149,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--generate", metavar="PROMPT", help="generate a continuation of PROMPT")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--tasks", nargs="*", default=None,
+                   help="lm-evaluation-harness tasks: shearing_offline (built from --data's test split, no network), "
+                        "paper (the paper's list), or any lm-eval task name (needs the eval extra)")
+    p.add_argument("--harness-json", help="write the lm-eval results of every model to this JSON file")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many documents per task")
+    p.add_argument("--task-sequences", type=int, default=32, help="test sequences per domain in the offline tasks")
     args = p.parse_args(argv)
-    if not args.data and not args.generate:
-        p.error("give --data (per-domain loss) and/or --generate PROMPT")
+    if not args.data and not args.generate and not args.tasks:
+        p.error("give --data (per-domain loss), --tasks (lm-evaluation-harness) and/or --generate PROMPT")
+    models = dict(m.split("=", 1) if "=" in m else (Path(m).name, m) for m in args.model)
+    if args.tasks:
+        from llmshearing.harness import markdown_table, run_harness
+
+        results = run_harness(models, args.tasks, args.data, args.batch_size,
+                              "cuda" if args.device.startswith("cuda") else "cpu", args.limit, args.task_sequences)
+        print(markdown_table(results))
+        if args.harness_json:
+            Path(args.harness_json).write_text(json.dumps({"models": models, "tasks": args.tasks, "limit": args.limit,
+                                                           "results": results}, indent=2))
+        return 0
+    if len(models) > 1:
+        p.error("several --model are compared with --tasks; give one model for --data / --generate")
+    args.model = next(iter(models.values()))
     if args.data:
         model = load_model(args.model, args.device)
         losses = domain_losses(model, args.data, args.domains, args.seq_len, args.batch_size,
