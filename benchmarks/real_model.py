@@ -213,17 +213,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     plain = stage("plain_steps", plain_steps)
 
     def recover(method: str) -> dict:
-        run = work / f"{method}_recovery_{budget}"
+        tag = budget if method == "learned" else f"r{args.recovery_steps}"
+        run = work / f"{method}_recovery_{tag}"
         counted = train_counted("yamls/continue_pretrain/smollm2_cpu.yaml", common + [
             f"variables.run_dir={run}", f"variables.source={selected[method]['dir']}",
             f"max_duration={args.recovery_steps}ba", f"eval_interval={max(args.recovery_steps // 2, 1)}ba",
             f"save_interval={args.recovery_steps}ba"])
-        out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"{method}_recovered_{budget}",
+        out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"{method}_recovered_{tag}",
                                 tokenizer=str(source), overwrite=True)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
         return {"dir": str(out), **counted, **evaluate(out)}
 
-    recovered = {m: stage(f"recover_{m}@{budget}", lambda m=m: recover(m)) for m in (*SELECTIONS, "learned")}
+    # a one-shot arm's recovery does not depend on the pruning budget: cached per recovery budget only
+    recovered = {m: stage(f"recover_{m}@r{args.recovery_steps}" if m != "learned" else f"recover_{m}@{budget}",
+                          lambda m=m: recover(m)) for m in (*SELECTIONS, "learned")}
 
     def generations() -> dict:
         dirs = {"source": source, **{f"{m} (selected)": Path(r["dir"]) for m, r in selected.items()},
@@ -303,7 +306,10 @@ def _key_by_budget(state: dict[str, Any]) -> None:
         return
     for name in [k for k in state if k.startswith("recover_") and "@" not in k] + ["generations", "inference"]:
         if name in state:
-            state[f"{name}@p{p}_r{r}"] = state.pop(name)
+            one_shot = name.startswith("recover_") and name != "recover_learned"
+            state[f"{name}@r{r}" if one_shot else f"{name}@p{p}_r{r}"] = state.pop(name)
+    for name in [k for k in state if k.startswith("recover_") and "@p" in k and not k.startswith("recover_learned")]:
+        state[name.split("@")[0] + "@r" + name.split("_r")[-1]] = state.pop(name)  # one-shot arms: no pruning budget
 
 
 def _copy_tokenizer(source: Path, out: Path) -> None:
