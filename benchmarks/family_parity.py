@@ -29,33 +29,11 @@ def full_size(name: str, target: dict, out_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from llmshearing.config import TargetShape
-    from llmshearing.models.families import describe_shape
     from llmshearing.models.gguf import resolve_pretrained
-    from llmshearing.pruning import ShearingMasks, attach_masks, materialize, resolve_target
+    from llmshearing.pruning.parity import masked_export_parity
 
-    prune = ["layer", "head", "intermediate", "hidden"]
-    model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name), dtype=torch.float32).eval()
-    src = describe_shape(model.config)
-    masks = ShearingMasks(src, resolve_target(src, TargetShape(**target), prune), prune, config=model.config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for g in masks.gates.values():
-            g.log_alpha.copy_(torch.randn(g.shape, generator=gen) * 1.5 + 3.0)
-    det = masks.deterministic()
-    hooks = attach_masks(model, masks)
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=gen)
-    with torch.no_grad():
-        masked = model(input_ids=ids).logits
-        small = materialize(model, det)
-        dense = small(input_ids=ids).logits
-    hooks.remove()
-    small.save_pretrained(out_dir)
-    plain = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        exported = plain(input_ids=ids).logits
-    return {"family": model.config.model_type, "materialised": float((masked - dense).abs().max()),
-            "exported": float((masked - exported).abs().max()), "logit_scale": float(masked.abs().max()),
-            "parameters": plain.num_parameters(), "source_parameters": model.num_parameters()}
+    model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name), dtype=torch.float32)
+    return masked_export_parity(model, TargetShape(**target), ["layer", "head", "intermediate", "hidden"], out_dir)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     from llmshearing.data.prepare import MANIFEST, prepare_dataset
     from llmshearing.evaluate import domain_losses, generate, load_model
     from llmshearing.export import export_checkpoint
-    from llmshearing.models.families import describe_shape
     from llmshearing.models.gguf import resolve_pretrained
-    from llmshearing.pruning import ShearingMasks, attach_masks, materialize, resolve_target
+    from llmshearing.pruning import materialize
     from llmshearing.pruning.baselines import select_masks
 
     work = Path(args.work).resolve()
@@ -133,32 +132,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     ref_arg = "variables.reference_losses=[" + ",".join(f"{reference_val[d]:.4f}" for d in domains) + "]"
 
     def parity() -> dict[str, float]:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        src = describe_shape(model.config)
-        masks = ShearingMasks(src, resolve_target(src, TargetShape(**TARGET), ["layer", "head", "intermediate", "hidden"]),
-                              ["layer", "head", "intermediate", "hidden"], tie_word_embeddings=True)
-        gen = torch.Generator().manual_seed(args.seed)
-        with torch.no_grad():
-            for g in masks.gates.values():
-                g.log_alpha.copy_(torch.randn(g.shape, generator=gen) * 1.5 + 3.0)
-        det = masks.deterministic()
-        hooks = attach_masks(model, masks)
-        ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=gen)
-        out_dir = work / "parity_hf"
-        with torch.no_grad():
-            masked = model(input_ids=ids).logits
-            small = materialize(model, det)
-            dense = small(input_ids=ids).logits
-            hooks.remove()
-            shutil.rmtree(out_dir, ignore_errors=True)
-            small.save_pretrained(out_dir)
-            plain = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-            exported = plain(input_ids=ids).logits
-        shutil.rmtree(out_dir, ignore_errors=True)
-        return {"masked_vs_materialised": float((masked - dense).abs().max()),
-                "masked_vs_exported": float((masked - exported).abs().max()),
-                "tied": bool(plain.config.tie_word_embeddings), "parameters": plain.num_parameters(),
-                "source_parameters": model.num_parameters()}
+        from llmshearing.pruning.parity import masked_export_parity
+
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        r, _ = masked_export_parity(model, TargetShape(**TARGET), ["layer", "head", "intermediate", "hidden"],
+                                    work / "parity_hf", seed=args.seed)
+        shutil.rmtree(work / "parity_hf", ignore_errors=True)
+        return {"masked_vs_materialised": r["materialised"], "masked_vs_exported": r["exported"], "tied": r["tied"],
+                "parameters": r["parameters"], "source_parameters": r["source_parameters"]}
 
     parity_res = stage("parity", parity)
 

@@ -35,13 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     export_checkpoint(args.checkpoint, args.output, args.tokenizer, args.overwrite, getattr(torch, args.dtype))
     print(args.output)
     if args.push_to_hub:
-        from llmshearing.hub import HubError, push_to_hub
+        from llmshearing.hub import main as push
 
-        try:
-            print(push_to_hub(args.output, args.push_to_hub, args.private, args.revision, args.dry_run))
-        except HubError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return push([args.output, "--repo-id", args.push_to_hub] + ["--private"] * args.private
+                    + (["--revision", args.revision] if args.revision else []) + ["--dry-run"] * args.dry_run)
     return 0
 
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmshearing.callbacks.metrics_file import read_metrics
 from llmshearing.config import ConfigError, load_config
-from llmshearing.distillation import Teacher, chunked_kl
+from llmshearing.distillation import chunked_kl
 from llmshearing.trainer import build_trainer
 from tests.helpers import REPO, run_traced
 

@@ -12,9 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmshearing.config import ConfigError, TargetShape
-from llmshearing.models.adapters import UnsupportedModel, adapter_for
+from llmshearing.models.adapters import UnsupportedModel
 from llmshearing.models.families import describe_shape
-from llmshearing.pruning import ShearingMasks, attach_masks, materialize, resolve_target
 from tests.helpers import REPO, TINY_CONFIGS, make_tiny_model
 
 # the full target of each tiny model; a structure set prunes only its fields
@@ -53,34 +52,13 @@ def target_for(name: str, structures: list[str]) -> TargetShape:
 
 
 def parity(name: str, structures: list[str], out_dir, seed: int = 0) -> dict:
-    """Max abs logit differences of the masked model (random, partly fractional masks) vs its materialisation
-    and vs the export reloaded by plain transformers; raises the family's refusal if the target is refused."""
-    model = make_tiny_model(name)
-    src = describe_shape(model.config)
-    target = resolve_target(src, target_for(name, structures), structures)
-    adapter_for(model.config).check_target(model.config, src, target, structures)
-    masks = ShearingMasks(src, target, structures)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # spread the gates so that soft values (not just 0/1) are folded
-        for g in masks.gates.values():
-            g.log_alpha.copy_(torch.randn(g.shape, generator=gen) * 2 + 1.5)
-    hooks = attach_masks(model.eval(), masks)
-    ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=gen)
-    det = masks.deterministic()
-    with torch.no_grad():
-        masked = model(input_ids=ids).logits
-        small = materialize(model, det)
-        dense = small(input_ids=ids).logits
-    hooks.remove()
-    small.save_pretrained(out_dir)
-    plain = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        exported = plain(input_ids=ids).logits
-    shape = describe_shape(plain.config)
-    return {"family": model.config.model_type, "materialised": float((masked - dense).abs().max()),
-            "exported": float((masked - exported).abs().max()), "logit_scale": float(masked.abs().max()),
-            "exact_shape": {k: shape[k] for k in target} == target, "tied": bool(plain.config.tie_word_embeddings),
-            "parameters": plain.num_parameters()}
+    """Max abs logit differences of a tiny model with random, partly fractional masks (log_alpha ~ N(1.5, 2)) vs
+    its materialisation and vs the export reloaded by plain transformers; raises the family's refusal of the
+    target."""
+    from llmshearing.pruning.parity import masked_export_parity
+
+    return masked_export_parity(make_tiny_model(name), target_for(name, structures), structures, out_dir, seed,
+                                loc=1.5, scale=2.0, seq_len=13)[0]
 
 
 # refused structure sets, with the words of the refusal

@@ -26,44 +26,24 @@ TARGET = TargetShape(num_hidden_layers=14, hidden_size=512, num_attention_heads=
 def test_full_size_gemma3_masked_materialised_and_exported_agree(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from llmshearing.data.tokenizer import load_tokenizer
     from llmshearing.evaluate import generate
     from llmshearing.models.gguf import resolve_pretrained
-    from llmshearing.pruning import ShearingMasks, attach_masks, materialize, resolve_target
+    from llmshearing.pruning.parity import masked_export_parity
 
     source = resolve_pretrained("gemma3-270m")  # assembled from the chunks and converted once into the cache
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     cfg = model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings) == ("gemma3_text", 18, 640, 4, 1, 256, 262144, True)
-    src = describe_shape(cfg)
-    masks = ShearingMasks(src, resolve_target(src, TARGET, ALL), ALL, config=cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random rankings, values partly fractional
-        for g in masks.gates.values():
-            g.log_alpha.copy_(torch.randn(g.shape, generator=gen) * 1.5 + 3.0)
-    det = masks.deterministic()
-    assert float(((det.hidden > 0) & (det.hidden < 0.99)).sum()) > 0
-    hooks = attach_masks(model, masks)
-    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=gen)
-    with torch.no_grad():
-        masked = model(input_ids=ids).logits
-        small = materialize(model, det)
-        dense = small(input_ids=ids).logits
-    hooks.remove()
-    assert (masked - dense).abs().max().item() <= 1e-3
-    assert small.config.tie_word_embeddings and small.lm_head.weight.data_ptr() == small.model.embed_tokens.weight.data_ptr()
-    assert small.config.layer_types == [cfg.layer_types[i] for i in range(18) if det.layer_keep[i]]
-    n = small.num_parameters()
-    assert n == count_params(describe_shape(small.config), config=small.config)
+    layer_types = list(cfg.layer_types)
     out = tmp_path / "sheared"
-    small.save_pretrained(out)
-    from llmshearing.data.tokenizer import load_tokenizer
-
+    r, small = masked_export_parity(model, TARGET, ALL, out)
+    assert r["fractional"]["hidden"] > 0
+    assert r["materialised"] <= 1e-3 and r["exported"] <= 1e-3 and r["exact_shape"] and r["tied"]
+    assert small.lm_head.weight.data_ptr() == small.model.embed_tokens.weight.data_ptr()
+    assert len(small.config.layer_types) == 14 and set(small.config.layer_types) <= set(layer_types)
+    assert r["parameters"] == count_params(describe_shape(small.config), config=small.config)
     load_tokenizer(source).save_pretrained(out)
-    del model, small
-    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert plain.config.tie_word_embeddings and describe_shape(plain.config)["hidden_size"] == 512
-    with torch.no_grad():
-        assert (plain(input_ids=ids).logits - masked).abs().max().item() <= 1e-3
     text = generate(out, "The capital of France is", max_new_tokens=4)
     assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")

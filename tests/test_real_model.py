@@ -41,42 +41,21 @@ def test_gguf_short_name_converts_to_a_tied_gqa_llama(smollm2):
 def test_full_size_masked_materialised_and_exported_agree_and_stay_tied(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from llmshearing.evaluate import generate
-    from llmshearing.pruning import ShearingMasks, attach_masks, materialize, resolve_target
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    src = describe_shape(model.config)
-    target = resolve_target(src, HALF, ALL)
-    masks = ShearingMasks(src, target, ALL, tie_word_embeddings=True)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random rankings, values partly fractional (log_alpha ~ N(3, 1.5): test values 0.6-1)
-        for g in masks.gates.values():
-            g.log_alpha.copy_(torch.randn(g.shape, generator=gen) * 1.5 + 3.0)
-    det = masks.deterministic()
-    fractional = {k: float(((v > 0) & (v < 0.99)).float().sum()) for k, v in
-                  (("hidden", det.hidden), ("intermediate", det.intermediate), ("head", det.head))}
-    assert all(n > 0 for n in fractional.values()), fractional
-    hooks = attach_masks(model, masks)
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=gen)
-    with torch.no_grad():
-        masked = model(input_ids=ids).logits
-        small = materialize(model, det)
-        dense = small(input_ids=ids).logits
-    hooks.remove()
-    assert (masked - dense).abs().max().item() <= 1e-3
-    assert small.config.tie_word_embeddings and small.lm_head.weight.data_ptr() == small.model.embed_tokens.weight.data_ptr()
-    n = small.num_parameters()
-    assert n == count_params(describe_shape(small.config), tie_word_embeddings=True)
-    assert abs(n / 1e6 - 78.8) < 0.1 and masks.expected_params() > n  # the target is 78.8M, counted tied
-    out = tmp_path / "sheared"
-    small.save_pretrained(out)
     from llmshearing.data.tokenizer import load_tokenizer
+    from llmshearing.evaluate import generate
+    from llmshearing.pruning.parity import masked_export_parity
 
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    out = tmp_path / "sheared"
+    # random rankings, values partly fractional (log_alpha ~ N(3, 1.5): test values 0.6-1)
+    r, small = masked_export_parity(model, HALF, ALL, out)
+    assert all(n > 0 for n in r["fractional"].values()), r["fractional"]
+    assert r["materialised"] <= 1e-3 and r["exported"] <= 1e-3 and r["exact_shape"] and r["tied"]
+    assert small.lm_head.weight.data_ptr() == small.model.embed_tokens.weight.data_ptr()
+    n = small.num_parameters()
+    assert n == r["parameters"] == count_params(describe_shape(small.config), tie_word_embeddings=True)
+    assert abs(n / 1e6 - 78.8) < 0.1 and r["expected_parameters"] > n  # the target is 78.8M, counted tied
     load_tokenizer(str(smollm2)).save_pretrained(out)
-    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert plain.config.tie_word_embeddings
-    with torch.no_grad():
-        assert (plain(input_ids=ids).logits - masked).abs().max().item() <= 1e-3
     text = generate(out, "The capital of France is", max_new_tokens=4)
     assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
 

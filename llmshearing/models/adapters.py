@@ -29,6 +29,7 @@ masks). RMSNorm (optionally scaling by ``offset + weight``, Gemma) and LayerNorm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -299,6 +300,14 @@ def _gemma_unsupported(config: PretrainedConfig) -> list[str]:
     return []
 
 
+_GEMMA3 = FamilyAdapter(
+    "gemma3_text", Gemma3TextConfig, Gemma3ForCausalLM,
+    projections=_llama_projections(post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    norms=("input_layernorm", "pre_feedforward_layernorm"),
+    vectors=(Vector("self_attn.q_norm"), Vector("self_attn.k_norm")),
+    norm_eps="eps", norm_weight_offset=1.0, embed_scale=_gemma_scale, unsupported=_gemma_unsupported,
+    notes="Gemma 3 text (pre- and post-norms, per-head q/k norms, embeddings x sqrt(d), tied)")
+
 ADAPTERS: dict[str, FamilyAdapter] = {
     a.model_type: a
     for a in (
@@ -320,21 +329,10 @@ ADAPTERS: dict[str, FamilyAdapter] = {
                           Projection("mlp.down_proj", "hidden", "ffn"),
                       ),
                       notes="Phi-3 (fused qkv_proj and gate_up_proj)"),
-        FamilyAdapter("gemma3_text", Gemma3TextConfig, Gemma3ForCausalLM,
-                      projections=_llama_projections(
-                          post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
-                      norms=("input_layernorm", "pre_feedforward_layernorm"),
-                      vectors=(Vector("self_attn.q_norm"), Vector("self_attn.k_norm")),
-                      norm_eps="eps", norm_weight_offset=1.0, embed_scale=_gemma_scale,
-                      unsupported=_gemma_unsupported,
-                      notes="Gemma 3 text (pre- and post-norms, per-head q/k norms, embeddings x sqrt(d), tied)"),
-        FamilyAdapter("gemma2", Gemma2Config, Gemma2ForCausalLM,
-                      projections=_llama_projections(
-                          post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
-                      norms=("input_layernorm", "pre_feedforward_layernorm"),
-                      norm_eps="eps", norm_weight_offset=1.0, embed_scale=_gemma_scale,
-                      unsupported=_gemma_unsupported,
-                      notes="Gemma 2 (pre- and post-norms, embeddings x sqrt(d), logit soft-capping, tied)"),
+        _GEMMA3,
+        dataclasses.replace(_GEMMA3, model_type="gemma2", config_cls=Gemma2Config, model_cls=Gemma2ForCausalLM,
+                            vectors=(), notes="Gemma 2 (pre- and post-norms, embeddings x sqrt(d), logit soft-capping, "
+                                              "tied)"),
         FamilyAdapter("olmo2", Olmo2Config, Olmo2ForCausalLM,
                       projections=_llama_projections(
                           post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
