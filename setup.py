@@ -26,7 +26,7 @@ setup(
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],  # .gguf sources (llmshearing.models.gguf)
         # lm-evaluation-harness (llmshearing.evaluate --tasks): an unpinned lm_eval pulls huggingface_hub 2.x, which
         # transformers 4.57 refuses; this set resolves and runs with the pinned stack (README, "Evaluation")
-        "eval": ["lm_eval==0.4.13", "huggingface_hub>=0.34,<1.0", "datasets>=4,<6"],
+        "eval": ["lm_eval==0.4.13", "huggingface_hub>=0.34,<1.0", "datasets>=4,<6", "accelerate>=1.0"],
         "gpu": ["flash-attn>=2.5"],
         "loggers": ["wandb", "mlflow", "tensorboard"],
         "plots": ["matplotlib"],

@@ -82,8 +82,7 @@ def build_offline_tasks(data: str | Path, out: str | Path, sequences: int = 32, 
                       "test_split": "test"}
             if kind == "ppl":
                 cfg = {**common, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "text",
-                       "metric_list": [{"metric": m, "aggregation": m, "higher_is_better": False}
-                                       for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]}
+                       "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]}
             else:
                 cfg = {**common, "output_type": "multiple_choice", "doc_to_text": "passage",
                        "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": "",

