@@ -76,6 +76,17 @@ def plot_run(run: str | Path, out: str | Path, metrics_file: Optional[str | Path
     else:
         print("no per-domain eval losses logged: domain_losses.png skipped")
 
+    kd = sorted(k.split("metrics/train/KD_", 1)[1] for k in metrics if k.startswith("metrics/train/KD_"))
+    if kd:  # a distillation run: KL to the teacher and cross-entropy, per domain (training batches)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for d in kd:
+            (line,) = axes[0].plot(*_series(metrics, f"metrics/train/KD_{d}"), lw=1, label=d)
+            axes[1].plot(*_series(metrics, f"metrics/train/LanguageCrossEntropy_{d}"), lw=1, color=line.get_color())
+        axes[0].set(xlabel="step", ylabel="KL(teacher || student)", title="distillation: KD per domain")
+        axes[1].set(xlabel="step", ylabel="cross-entropy", title="training cross-entropy per domain")
+        axes[0].legend(fontsize=8)
+        save(fig, "distillation.png")
+
     weights = sorted(k for k in metrics if k.startswith("dynamic_loading/weight_"))
     if weights:
         fig, ax = plt.subplots(figsize=(7, 4.5))

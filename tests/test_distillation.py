@@ -80,6 +80,10 @@ def test_a_distilled_pruning_run_logs_kd_per_domain_and_never_checkpoints_the_te
         assert 0 <= kd[1] < 0.05 * ce[1]  # the student starts as the teacher with masks near 1: KL near 0
     total = logged["loss/train/total"]
     assert total[1] > 0
+    from llmshearing.plots import plot_run
+
+    figures = {f.name for f in plot_run(tmp_path / "run", tmp_path / "plots")}
+    assert "distillation.png" in figures
 
 
 def test_the_kd_step_costs_one_teacher_forward_more_in_flops(mds_data, tmp_path):
