@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in FULL_TARGETS:
-            for set_name, structures in STRUCTURE_SETS.items():
+            for set_name in STRUCTURE_SETS:
                 out = Path(tmp) / f"{name}_{set_name.replace('+', '_')}"
                 try:
-                    r = parity(name, structures, out)
+                    r = parity(name, set_name, out)
                 except UnsupportedModel as e:
                     r = {"refused": str(e)}
                 rows.append({"model": name, "structures": set_name, **r})

@@ -33,12 +33,14 @@ FULL_TARGETS = {
 STRUCTURE_SETS = {
     "layer": ["layer"], "head": ["head"], "intermediate": ["intermediate"], "hidden": ["hidden"],
     "head+hidden": ["head", "hidden"], "all": ["layer", "head", "intermediate", "hidden"],
+    # GQA: every KV group kept, query heads pruned within the groups (``head`` above drops whole groups)
+    "head_in_groups": ["head"],
 }
 _FIELDS = {"layer": ["num_hidden_layers"], "hidden": ["hidden_size"], "intermediate": ["intermediate_size"],
            "head": ["num_attention_heads", "num_key_value_heads"]}
 
 
-def target_for(name: str, structures: list[str]) -> TargetShape:
+def target_for(name: str, structures: list[str], within_groups: bool = False) -> TargetShape:
     shape = describe_shape(make_tiny_model(name).config)
     full = FULL_TARGETS[name]
     fields = {k: shape[k] for f in _FIELDS.values() for k in f}
@@ -48,21 +50,25 @@ def target_for(name: str, structures: list[str]) -> TargetShape:
                 fields[k] = getattr(full, k)
     if shape["num_key_value_heads"] == shape["num_attention_heads"]:
         fields["num_key_value_heads"] = fields["num_attention_heads"]  # MHA stays MHA
+    elif within_groups:  # one query head in each of the source's KV groups
+        fields["num_key_value_heads"] = fields["num_attention_heads"] = shape["num_key_value_heads"]
     return TargetShape(**fields)
 
 
-def parity(name: str, structures: list[str], out_dir, seed: int = 0) -> dict:
+def parity(name: str, structures: str, out_dir, seed: int = 0) -> dict:
     """Max abs logit differences of a tiny model with random, partly fractional masks (log_alpha ~ N(1.5, 2)) vs
     its materialisation and vs the export reloaded by plain transformers; raises the family's refusal of the
     target."""
     from llmshearing.pruning.parity import masked_export_parity
 
-    return masked_export_parity(make_tiny_model(name), target_for(name, structures), structures, out_dir, seed,
-                                loc=1.5, scale=2.0, seq_len=13)[0]
+    return masked_export_parity(make_tiny_model(name), target_for(name, STRUCTURE_SETS[structures], structures ==
+                                "head_in_groups"), STRUCTURE_SETS[structures], out_dir, seed, loc=1.5, scale=2.0,
+                                seq_len=13)[0]
 
 
 # refused structure sets, with the words of the refusal
-REFUSED = {("pythia", "head"): "hidden_size must be num_attention_heads x 8", ("pythia", "hidden"): "hidden_size must be"}
+REFUSED = {("pythia", "head"): "hidden_size must be num_attention_heads x 8", ("pythia", "hidden"): "hidden_size must be",
+           ("pythia", "head_in_groups"): "hidden_size must be"}
 
 
 @pytest.mark.parametrize("structures", sorted(STRUCTURE_SETS))
@@ -70,9 +76,9 @@ REFUSED = {("pythia", "head"): "hidden_size must be num_attention_heads x 8", ("
 def test_masked_materialised_and_exported_agree_per_family_and_structure_set(name, structures, tmp_path):
     if (name, structures) in REFUSED:
         with pytest.raises(UnsupportedModel, match=REFUSED[(name, structures)]):
-            parity(name, STRUCTURE_SETS[structures], tmp_path / "hf")
+            parity(name, structures, tmp_path / "hf")
         return
-    r = parity(name, STRUCTURE_SETS[structures], tmp_path / "hf")
+    r = parity(name, structures, tmp_path / "hf")
     assert r["exact_shape"]
     assert r["materialised"] <= 1e-4 and r["exported"] <= 1e-4, r
     assert r["tied"] == make_tiny_model(name).config.tie_word_embeddings
