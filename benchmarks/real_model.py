@@ -286,17 +286,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
 def _key_by_budget(state: dict[str, Any]) -> None:
     """Rename the stages of a state written before stages were cached per budget (their results say the budget)."""
-    if "select_learned" not in state:
-        return
-    p = state["select_learned"]["result"]["batches"]
-    r = state.get("recover_learned", {}).get("result", {}).get("batches")
-    state[f"select_learned@p{p}"] = state.pop("select_learned")
-    if r is None:
-        return
-    for name in [k for k in state if k.startswith("recover_") and "@" not in k] + ["generations", "inference"]:
-        if name in state:
-            one_shot = name.startswith("recover_") and name != "recover_learned"
-            state[f"{name}@r{r}" if one_shot else f"{name}@p{p}_r{r}"] = state.pop(name)
+    if "select_learned" in state:
+        p = state["select_learned"]["result"]["batches"]
+        r = state.get("recover_learned", {}).get("result", {}).get("batches")
+        state[f"select_learned@p{p}"] = state.pop("select_learned")
+        for name in [k for k in state if k.startswith("recover_") and "@" not in k] + ["generations", "inference"]:
+            if name in state and r is not None:
+                one_shot = name.startswith("recover_") and name != "recover_learned"
+                state[f"{name}@r{r}" if one_shot else f"{name}@p{p}_r{r}"] = state.pop(name)
     for name in [k for k in state if k.startswith("recover_") and "@p" in k and not k.startswith("recover_learned")]:
         state[name.split("@")[0] + "@r" + name.split("_r")[-1]] = state.pop(name)  # one-shot arms: no pruning budget
 
