@@ -20,6 +20,8 @@ Stages, each cached under ``--work`` (an interrupted run continues where it stop
     python -m benchmarks.real_model                                     # 100 pruning + 50 recovery steps, ~35 min
     python -m benchmarks.real_model --prune-steps 400 --recovery-steps 100   # masks converge; ~1.5 h more
     python -m benchmarks.real_model --heldout <redpajama-style dir> ...      # a second evaluation set
+    python -m benchmarks.real_model --device gpu --batch 32 --seq-len 1024 --prune-steps 400 --recovery-steps 400 \
+        --work runs/benchmarks/real_model_gpu                                # ~100x the CPU run's tokens (gpu_check.sh)
 
 Writes JSON and a markdown report next to it; tokens come from the trainer, times from the wall clock.
 """
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--calibration", type=int, default=32, help="train sequences scored for activation importance")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                   help="where training and evaluation run (selection, parity and generations stay on the CPU)")
     p.add_argument("--reuse-inference", action="store_true",
                    help="report an earlier budget's inference speed (it depends on the shape only) instead of measuring")
     args = p.parse_args(argv)
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     from llmshearing.pruning import materialize
     from llmshearing.pruning.baselines import select_masks
 
+    eval_device = "cuda" if args.device == "gpu" else "cpu"
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     state_file = work / "state.json"
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     domains = list(json.loads((data / MANIFEST).read_text())["domains"])
 
     def evaluate(path: Path) -> dict[str, Any]:
-        model = load_model(path)
+        model = load_model(path, device=eval_device)
         out = {"test": domain_losses(model, data, batch_size=8, max_sequences_per_domain=args.eval_sequences)}
         if args.heldout:
             out["heldout"] = domain_losses(model, heldout, batch_size=8, max_sequences_per_domain=args.eval_sequences)
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         return out
 
     source_eval = stage("source_eval", lambda: evaluate(source))
-    reference_val = stage("source_val", lambda: domain_losses(load_model(source), data, batch_size=8,
+    reference_val = stage("source_val", lambda: domain_losses(load_model(source, device=eval_device), data, batch_size=8,
                                                               max_sequences_per_domain=args.eval_sequences, split="val"))
     ref_arg = "variables.reference_losses=[" + ",".join(f"{reference_val[d]:.4f}" for d in domains) + "]"
 
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
               f"data.max_seq_len={args.seq_len}", f"global_train_batch_size={args.batch}",
               f"device_train_microbatch_size={args.batch}", f"device_eval_batch_size={args.batch}",
               f"data.eval_sequences_per_domain={args.eval_sequences}", f"seed={args.seed}", "autoresume=false",
+              f"device={args.device}",
               "save_overwrite=true", "progress_bar=false", "console_log_interval=10ba"]
 
     # selections

