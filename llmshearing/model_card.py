@@ -94,7 +94,8 @@ def build_card(provenance: dict[str, Any], family: str, eval_losses: Optional[di
         "",
         "| stage | tokens | steps | from |",
         "|---|---|---|---|",
-        *(f"| {s['stage'].replace('_', ' ')} | {s['tokens']:,} | {s['batches']:,} | `{s.get('from')}` |" for s in stages),
+        *(f"| {s['stage'].replace('_', ' ')} | {s['tokens']:,} | {s['batches']:,} | "
+          f"{'`' + str(s['from']) + '`' if s.get('from') else 'random initialisation'} |" for s in stages),
     ]
     if eval_losses:
         lines += ["", "Validation loss per domain at the end of the last stage (nats/token, the run's own held-out "
