@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
                    help="where training and evaluation run (selection, parity and generations stay on the CPU)")
+    p.add_argument("--kd", action="store_true", help="also recover the learned model by distillation from the source")
     p.add_argument("--reuse-inference", action="store_true",
                    help="report an earlier budget's inference speed (it depends on the shape only) instead of measuring")
     args = p.parse_args(argv)
@@ -201,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     plain = stage("plain_steps", plain_steps)
 
-    def recover(method: str) -> dict:
-        tag = budget if method == "learned" else f"r{args.recovery_steps}"
+    def recover(method: str, kd: bool = False) -> dict:
+        tag = (budget if method == "learned" else f"r{args.recovery_steps}") + ("_kd" if kd else "")
         run = work / f"{method}_recovery_{tag}"
         counted = train_counted("yamls/continue_pretrain/smollm2_cpu.yaml", common + [
             f"variables.run_dir={run}", f"variables.source={selected[method]['dir']}",
             f"max_duration={args.recovery_steps}ba", f"eval_interval={max(args.recovery_steps // 2, 1)}ba",
-            f"save_interval={args.recovery_steps}ba"])
+            f"save_interval={args.recovery_steps}ba", *([f"distillation.teacher={source}"] if kd else [])])
         out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"{method}_recovered_{tag}",
                                 tokenizer=str(source), overwrite=True)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     # a one-shot arm's recovery does not depend on the pruning budget: cached per recovery budget only
     recovered = {m: stage(f"recover_{m}@r{args.recovery_steps}" if m != "learned" else f"recover_{m}@{budget}",
                           lambda m=m: recover(m)) for m in (*SELECTIONS, "learned")}
+    if args.kd:  # the learned model's recovery by distillation from the source instead of cross-entropy
+        recovered["learned + KD"] = stage(f"recover_learned_kd@{budget}", lambda: recover("learned", kd=True))
 
     def generations() -> dict:
         dirs = {"source": source, **{f"{m} (selected)": Path(r["dir"]) for m, r in selected.items()},
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
              f"| source | 0 | {src_test['all']:.3f} | " + " | ".join(f"{src_test[d]:.3f}" for d in domains) + " | 0 |"]
     for kind, rows in (("selected", selected), ("recovered", recovered)):
         for m, r in rows.items():
-            toks = r["tokens"] + (selected[m]["tokens"] if kind == "recovered" else 0)
+            toks = r["tokens"] + (selected[m.split(" + ")[0]]["tokens"] if kind == "recovered" else 0)
             t = r["test"]
             lines.append(f"| {m}, {kind} | {toks / 1e6:.2f}M | {t['all']:.3f} | " + " | ".join(f"{t[d]:.3f}" for d in domains)
                          + f" | {worst(t):.3f} |")
