@@ -52,7 +52,6 @@ def step(data: Path, work: Path, shape: str, steps: int, batch: int, device: str
     ov = [o for o in ov if not o.startswith("model.config.")]
     student = dict(TARGETS[shape], num_key_value_heads=TARGETS[shape]["num_attention_heads"])
     ov += [f"model.config.{k}={v}" for k, v in student.items()]
-    ov += [f"model.config.intermediate_size={student['intermediate_size']}"]
     if teacher is not None:
         ov += [f"distillation.teacher={teacher}"]
     timer = StepTimer()

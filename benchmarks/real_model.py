@@ -303,8 +303,6 @@ def _key_by_budget(state: dict[str, Any]) -> None:
             if name in state and r is not None:
                 one_shot = name.startswith("recover_") and name != "recover_learned"
                 state[f"{name}@r{r}" if one_shot else f"{name}@p{p}_r{r}"] = state.pop(name)
-    for name in [k for k in state if k.startswith("recover_") and "@p" in k and not k.startswith("recover_learned")]:
-        state[name.split("@")[0] + "@r" + name.split("_r")[-1]] = state.pop(name)  # one-shot arms: no pruning budget
 
 
 def _copy_tokenizer(source: Path, out: Path) -> None:

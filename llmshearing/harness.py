@@ -117,12 +117,9 @@ def run_harness(models: dict[str, str], tasks: Sequence[str], data: Optional[str
             out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},dtype=float32", tasks=list(tasks),
                                           task_manager=manager, batch_size=batch_size, device=device, limit=limit,
                                           log_samples=False)
-            results[label] = {t: {k.split(",")[0]: v for k, v in r.items() if not k.endswith("_stderr,none")
-                                  and isinstance(v, (int, float))} for t, r in out["results"].items()}
-            for t, r in out["results"].items():
-                for k, v in r.items():
-                    if k.endswith("_stderr,none") and isinstance(v, (int, float)):
-                        results[label][t][k.split(",")[0]] = v
+            # "acc,none" -> "acc", "acc_stderr,none" -> "acc_stderr"; non-numeric entries (aliases) dropped
+            results[label] = {t: {k.split(",")[0]: v for k, v in r.items() if isinstance(v, (int, float))}
+                              for t, r in out["results"].items()}
     return results
 
 

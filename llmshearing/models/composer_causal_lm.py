@@ -101,6 +101,7 @@ class ComposerCausalLM(ComposerModel):
         self.teacher = teacher  # not an nn.Module: never registered, never checkpointed
         self.temperature, self.kd_weight, self.ce_weight, self.chunk_tokens = temperature, kd_weight, ce_weight, chunk_tokens
         self._flops_params: Optional[int] = None
+        self._teacher_flops_params: Optional[int] = None
         self._reset_train_domain_sums()
         # FSDP and activation checkpointing wrap each decoder layer (Composer reads these from the child module).
         layer_names = set(getattr(model, "_no_split_modules", None) or [])
@@ -184,26 +185,28 @@ class ComposerCausalLM(ComposerModel):
         metric.update(outputs, domain_ids)
 
     def flops_per_batch(self, batch: dict[str, Any]) -> int:
-        """Model FLOPs of one training batch (6 N T plus attention), for Composer's SpeedMonitor."""
-        cfg = self.model.config
+        """Model FLOPs of one training batch (6 N T plus attention; with a teacher, plus its forward: 2 N T plus
+        attention), for Composer's SpeedMonitor."""
         bsz, seq = batch["input_ids"].shape
         if self._flops_params is None:  # called every batch by SpeedMonitor: count the parameters once
-            # every matmul's weights: not the embedding lookup, but the LM head even when it shares the embedding
-            emb = self.model.get_input_embeddings().weight
-            self._flops_params = sum(p.numel() for p in self.model.parameters() if p is not emb)
-            if getattr(cfg, "tie_word_embeddings", False):
-                self._flops_params += emb.numel()
-        n_params = self._flops_params
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * seq  # QK^T and AV, fwd + bwd, causal/2*2
-        flops = 6 * n_params + attn
-        if self.teacher is not None:  # the teacher's forward: a third of a training step's matmuls
-            t = self.teacher.model
-            t_emb = t.get_input_embeddings().weight
-            t_params = sum(p.numel() for p in t.parameters() if p is not t_emb)
-            if getattr(t.config, "tie_word_embeddings", False):
-                t_params += t_emb.numel()
-            tc = t.config
-            t_hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-            flops += 2 * t_params + 2 * tc.num_hidden_layers * tc.num_attention_heads * t_hd * seq
+            self._flops_params = _matmul_params(self.model)
+            self._teacher_flops_params = None if self.teacher is None else _matmul_params(self.teacher.model)
+        flops = 6 * self._flops_params + 3 * _attention_flops(self.model.config, seq)
+        if self._teacher_flops_params is not None:
+            flops += 2 * self._teacher_flops_params + _attention_flops(self.teacher.model.config, seq)
         return int(bsz * seq * flops)
+
+
+def _matmul_params(model: PreTrainedModel) -> int:
+    """Weights a token multiplies: every parameter but the embedding lookup, plus the LM head even when it shares
+    the embedding."""
+    emb = model.get_input_embeddings().weight
+    n = sum(p.numel() for p in model.parameters() if p is not emb)
+    return n + (emb.numel() if getattr(model.config, "tie_word_embeddings", False) else 0)
+
+
+def _attention_flops(config, seq: int) -> int:
+    """Forward FLOPs per token of QK^T and AV over a causal sequence of ``seq`` (2 L H hd seq: halved for causality,
+    doubled for the two matmuls)."""
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_attention_heads * hd * seq
