@@ -92,6 +92,18 @@ def make_tiny_model(name: str, seed: int = 0, **overrides) -> PreTrainedModel:
     return model
 
 
+def save_tiny_cpu_source(path: Path, seed: int = 0) -> Path:
+    """A random LLaMA of ``yamls/pretrain/tiny_cpu.yaml``'s shape (vocabulary 512, the test tokenizer's), saved as a
+    source for the CPU pruning and continued-training configs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                 tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
 def save_tiny_model(name: str, path: Path, seed: int = 0) -> Path:
     make_tiny_model(name, seed).save_pretrained(path)
     return path

@@ -13,7 +13,7 @@ from llmshearing.callbacks.metrics_file import read_metrics
 from llmshearing.config import ConfigError, load_config
 from llmshearing.distillation import chunked_kl
 from llmshearing.trainer import build_trainer
-from tests.helpers import REPO, run_traced
+from tests.helpers import REPO, run_traced, save_tiny_cpu_source
 
 CPT = REPO / "yamls" / "continue_pretrain" / "tiny_cpu.yaml"
 PRUNE = REPO / "yamls" / "prune" / "tiny_cpu.yaml"
@@ -39,15 +39,6 @@ def test_chunked_kl_equals_the_direct_kl_in_value_and_gradient(chunk, tau):
     assert head.weight.grad is None  # the teacher gets no gradient
 
 
-def _source(path):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                                         tie_word_embeddings=False))  # yamls/pretrain/tiny_cpu.yaml's shape
-    model.save_pretrained(path)
-    return path
-
-
 def _common(data, run_dir, *extra):
     return [f"variables.data={data}", f"variables.run_dir={run_dir}", "variables.vocab_size=512",
             "data.max_seq_len=64", "global_train_batch_size=8", "device_train_microbatch_size=4",
@@ -55,7 +46,7 @@ def _common(data, run_dir, *extra):
 
 
 def test_a_distilled_pruning_run_logs_kd_per_domain_and_never_checkpoints_the_teacher(mds_data, tmp_path):
-    src = _source(tmp_path / "src")
+    src = save_tiny_cpu_source(tmp_path / "src")
     cfg = load_config(PRUNE, _common(mds_data, tmp_path / "run", f"variables.source={src}", "max_duration=4ba",
                                      "eval_interval=4ba", "save_interval=4ba", "distillation.ce_weight=0.5"))
     trainer = build_trainer(cfg)
@@ -87,7 +78,7 @@ def test_a_distilled_pruning_run_logs_kd_per_domain_and_never_checkpoints_the_te
 
 
 def test_the_kd_step_costs_one_teacher_forward_more_in_flops(mds_data, tmp_path):
-    src = _source(tmp_path / "src")
+    src = save_tiny_cpu_source(tmp_path / "src")
     common = _common(mds_data, tmp_path / "run", f"variables.source={src}", "variables.reference_losses=[4,4,4]",
                      "max_duration=1ba")
     plain = build_trainer(load_config(CPT, common)).state.model
@@ -101,7 +92,7 @@ def test_the_kd_step_costs_one_teacher_forward_more_in_flops(mds_data, tmp_path)
 
 
 def test_bad_teachers_fail_before_training(mds_data, tmp_path):
-    src = _source(tmp_path / "src")
+    src = save_tiny_cpu_source(tmp_path / "src")
     other = LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4))
     other.save_pretrained(tmp_path / "other")
@@ -117,7 +108,7 @@ def test_bad_teachers_fail_before_training(mds_data, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_distilled_run_resumes_bit_for_bit_and_two_processes_train_as_one(mds_data, tmp_path):
-    src = _source(tmp_path / "src")
+    src = save_tiny_cpu_source(tmp_path / "src")
     common = [o for o in _common(mds_data, None, f"variables.source={src}", "variables.reference_losses=[4.0,4.0,4.0]",
                                  f"distillation.teacher={src}", "max_duration=12ba", "eval_interval=4ba",
                                  "save_interval=4ba", "autoresume=true", "dynamic_loading.update=doremi")

@@ -6,22 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmshearing.config import load_config
 from llmshearing.export import export_checkpoint
 from llmshearing.hub import HubError, plan_upload, push_to_hub
 from llmshearing.model_card import validate_card
 from llmshearing.trainer import build_trainer
-from tests.helpers import REPO
+from tests.helpers import REPO, save_tiny_cpu_source
 
 
 def _source(path):
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                                 tie_word_embeddings=False)).save_pretrained(path)
+    save_tiny_cpu_source(path)
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a source\n")
     return path
 
