@@ -7,6 +7,11 @@ between the remove and the symlink leaves no ``latest`` at all. This module make
 (temporary name in the same folder, then ``os.replace``), removes temporary files a crash left behind,
 and re-creates a missing ``latest`` symlink from the newest complete checkpoint, so ``autoresume``
 always resumes from a complete checkpoint.
+
+Sharded checkpoints (FSDP ``state_dict_type: sharded``) are folders ``ep<E>-ba<N>/`` with one ``__<rank>_0.distcp``
+per rank and a ``.metadata`` that torch.distributed.checkpoint writes last, after every rank's shard: a folder
+without it is a save a crash interrupted and is removed before the run resumes (``latest`` never points at it:
+Composer moves the link only after a save completes).
 """
 
 from __future__ import annotations
@@ -14,16 +19,24 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointError", "PARTIAL_PREFIX", "check_checkpoint_file", "install_atomic_checkpoint_writes",
+__all__ = ["CheckpointError", "PARTIAL_PREFIX", "check_checkpoint_file", "install_atomic_checkpoint_writes", "is_sharded_checkpoint",
            "repair_save_folder", "resume_checkpoint"]
 
 log = logging.getLogger(__name__)
 
 PARTIAL_PREFIX = ".partial-"
 _CKPT = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
+_SHARDED = re.compile(r"^ep(\d+)-ba(\d+)$")
+SHARDED_METADATA = ".metadata"  # written last by torch.distributed.checkpoint
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A complete sharded checkpoint folder (its ``.metadata`` written)."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_METADATA).is_file()
 
 
 def install_atomic_checkpoint_writes() -> None:
@@ -54,12 +67,20 @@ def repair_save_folder(save_folder: str | Path) -> None:
     for p in folder.glob(PARTIAL_PREFIX + "*"):
         log.warning("removing %s: a checkpoint write that did not complete", p)
         p.unlink(missing_ok=True)
+    for p in folder.iterdir():
+        if _SHARDED.match(p.name) and p.is_dir() and not p.is_symlink() and not is_sharded_checkpoint(p):
+            log.warning("removing %s: a sharded checkpoint whose save did not complete (no %s)", p, SHARDED_METADATA)
+            shutil.rmtree(p)
     newest: dict[int, tuple[int, int, str]] = {}
     for p in folder.iterdir():
         m = _CKPT.match(p.name)
         if m and p.is_file() and not p.is_symlink():
             ep, ba, rank = map(int, m.groups())
             newest[rank] = max(newest.get(rank, (-1, -1, "")), (ba, ep, p.name))
+    sharded = [(int(m.group(2)), int(m.group(1)), p.name) for p in folder.iterdir()
+               if (m := _SHARDED.match(p.name)) and is_sharded_checkpoint(p)]
+    if sharded:  # rank 0's link points at the folder
+        newest[0] = max(newest.get(0, (-1, -1, "")), max(sharded))
     for rank, (_, _, name) in newest.items():
         latest = folder / f"latest-rank{rank}.pt"
         if not latest.exists():
@@ -69,12 +90,16 @@ def repair_save_folder(save_folder: str | Path) -> None:
 
 
 def earlier_checkpoints(save_folder: str | Path, rank: int) -> list[Path]:
-    """This rank's checkpoint files in ``save_folder``, oldest first (links such as ``latest-rank0.pt`` aside)."""
+    """This rank's checkpoint files in ``save_folder``, oldest first (links such as ``latest-rank0.pt`` aside); of a
+    sharded checkpoint, the rank's shard file in it (as Composer records what it saved)."""
     found = []
     for p in Path(save_folder).iterdir() if Path(save_folder).is_dir() else []:
         m = _CKPT.match(p.name)
         if m and int(m.group(3)) == rank and p.is_file() and not p.is_symlink():
             found.append((int(m.group(2)), int(m.group(1)), p))
+        m = _SHARDED.match(p.name)
+        if m and not p.is_symlink() and is_sharded_checkpoint(p):
+            found.append((int(m.group(2)), int(m.group(1)), p / f"__{rank}_0.distcp"))
     return [p for _, _, p in sorted(found)]
 
 
@@ -96,7 +121,7 @@ def resume_checkpoint(save_folder: str | None, load_path: str | None, autoresume
     """The local checkpoint file a run will load (autoresume's latest, else ``load_path``), if any."""
     if autoresume and save_folder:
         latest = Path(save_folder) / "latest-rank0.pt"
-        if latest.exists():  # a sharded (directory) checkpoint is left to Composer
+        if latest.exists():  # a sharded (folder) checkpoint is read by Composer, each rank its shard
             return latest.resolve() if latest.resolve().is_file() else None
     if load_path and "://" not in load_path and not Path(load_path).is_dir():
         return Path(load_path)

@@ -211,6 +211,10 @@ class PruningConfig:
             materialisation will produce); the ``eval`` evaluation, which dynamic loading reads, uses the
             current expected masks as the reference does.
         temperature: hard-concrete temperature beta.
+        mask_samples: independent mask samples per training step: the global batch is cut into this many equal
+            groups of consecutive sequences, each trained under its own sample of the gates (noise keyed by seed,
+            step and sample, so the same on any number of ranks). 1 (default): one sample per step; the number of
+            global micro-batches: one per forward, as the reference draws one per rank and forward.
         save_masks: write the deterministic masks to ``<save_folder>/masks/`` at every evaluation.
     """
 
@@ -225,6 +229,7 @@ class PruningConfig:
     calibration_sequences: int = 64
     eval_target: bool = True
     temperature: float = 2.0 / 3.0
+    mask_samples: int = 1
     save_masks: bool = True
 
     def __post_init__(self) -> None:
@@ -239,6 +244,7 @@ class PruningConfig:
         _require(self.importance_spread >= 0, "pruning.importance_spread must be >= 0")
         _require(self.calibration_sequences > 0, "pruning.calibration_sequences must be > 0")
         _require(self.mask_lr > 0 and self.lambda_lr > 0, "pruning.mask_lr and pruning.lambda_lr must be > 0")
+        _require(self.mask_samples >= 1, f"pruning.mask_samples must be >= 1, got {self.mask_samples}")
 
 
 @dataclass
@@ -356,6 +362,29 @@ class RunConfig:
             "distillation.teacher is not set and this run has no pruning source to default to: name the teacher "
             "(e.g. the unpruned source model) in distillation.teacher",
         )
+        if self.fsdp is not None:
+            from llmshearing.parallel import check_fsdp_block
+
+            check_fsdp_block(self.fsdp)
+            _require(
+                self.device_train_microbatch_size != "auto",
+                "device_train_microbatch_size=auto: Composer cannot search the micro-batch size under FSDP2; give "
+                "an integer (the shipped GPU configs use 4 for pruning, 8 for continued pre-training at 4096 tokens)",
+            )
+            _require(
+                not (self.fsdp.get("activation_checkpointing") and self.model.gradient_checkpointing),
+                "fsdp.activation_checkpointing and model.gradient_checkpointing both recompute the decoder layers; "
+                "keep one (fsdp.activation_checkpointing under FSDP)",
+            )
+        if self.pruning is not None and self.pruning.mask_samples > 1:
+            k, b = self.pruning.mask_samples, self.global_train_batch_size
+            _require(b % k == 0, f"pruning.mask_samples={k} does not divide global_train_batch_size={b}")
+            m = self.device_train_microbatch_size
+            _require(
+                not isinstance(m, int) or (b // k) % m == 0,
+                f"device_train_microbatch_size={m} does not divide the {b // k} sequences of one mask sample "
+                f"(global_train_batch_size / pruning.mask_samples): a micro-batch would straddle two samples",
+            )
         unknown_loggers = set(self.loggers) - {"wandb", "mlflow", "tensorboard"}
         _require(not unknown_loggers, f"loggers: unknown logger(s) {sorted(unknown_loggers)}; use wandb, mlflow, tensorboard")
         if self.dynamic_loading is not None and self.dynamic_loading.reference_losses is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,13 +34,23 @@ _MASK_PREFIX = "masks."  # ComposerCausalLM.masks (added by L0Pruning)
 
 
 def load_composer_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The ``state`` of a Composer checkpoint file, memory-mapped (tensors are read when touched)."""
+    """The ``state`` of a Composer checkpoint: a file (memory-mapped: tensors are read when touched), a sharded
+    checkpoint folder (FSDP ``state_dict_type: sharded``; its model, callbacks and algorithms are read whole, the
+    optimizer is not), or a save folder (its ``latest-rank0.pt``)."""
+    from llmshearing.checkpointing import is_sharded_checkpoint
+
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         latest = path / "latest-rank0.pt"
         if not latest.exists():
-            raise FileNotFoundError(f"{path} is a folder without latest-rank0.pt; give the checkpoint file")
-        path = latest
+            raise FileNotFoundError(f"{path} is a folder without latest-rank0.pt and is not a complete sharded "
+                                    "checkpoint (no .metadata); give a checkpoint file or folder")
+        path = latest.resolve()
+    if is_sharded_checkpoint(path):
+        return _load_sharded(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give a checkpoint file (ep<E>-ba<N>-rank0.pt), a "
+                                "sharded checkpoint folder (ep<E>-ba<N>/) or the run's save folder")
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which and what to do
@@ -50,6 +61,21 @@ def load_composer_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "state" not in ckpt or "model" not in ckpt["state"]:
         raise ValueError(f"{path} is not a Composer checkpoint (no state.model)")
     return ckpt["state"]
+
+
+def _load_sharded(path: Path) -> dict[str, Any]:
+    """``state.model`` / ``callbacks`` / ``algorithms`` of a torch.distributed.checkpoint folder, in one process
+    (no process group): each tensor is assembled whole from the ranks' shards."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    keys = {k for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata
+            if k.split(".")[:2] in (["state", "model"], ["state", "callbacks"], ["state", "algorithms"])}
+    if not any(k.startswith("state.model.") for k in keys):
+        raise ValueError(f"{path} is not a Composer checkpoint (no state.model)")
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process reads every shard
+        warnings.simplefilter("ignore")
+        return _load_state_dict_from_keys(keys=keys, checkpoint_id=str(path))["state"]
 
 
 def _metadata(state: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +116,7 @@ def export_checkpoint(
     """Write a Hugging Face model directory from a Composer checkpoint (see module docstring).
 
     Args:
-        checkpoint: Composer checkpoint file (or a save folder with ``latest-rank0.pt``).
+        checkpoint: Composer checkpoint file, sharded checkpoint folder, or a save folder (its ``latest-rank0.pt``).
         output: model directory to write.
         tokenizer: tokenizer to save alongside (default: the one recorded in the checkpoint, if it exists).
         overwrite: replace an existing ``output``.

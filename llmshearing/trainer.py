@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 import torch
 from composer import Evaluator, Trainer
-from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
@@ -134,9 +133,21 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         extra_callbacks: more callbacks (tests, benchmarks).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if _device(cfg) == "cpu" and _precision(cfg) != "fp32":
+        raise ConfigError(f"precision={cfg.precision} needs a GPU (Composer trains on the CPU in fp32 only); on this "
+                          "machine set precision=fp32")
     device = get_device(_device(cfg))
     dist.initialize_dist(device, timeout=600)
+    if dist.get_world_size() > 1:
+        from llmshearing.parallel import node_signal_files_of_their_own
+
+        node_signal_files_of_their_own()  # nodes sharing a save folder (Composer 0.32 gives them one name)
     reproducibility.seed_all(cfg.seed)  # same initial weights and masks on every rank
+    fsdp = None
+    if cfg.fsdp is not None:
+        from llmshearing.parallel import plan_fsdp
+
+        fsdp = plan_fsdp(cfg.fsdp, "cuda" if _device(cfg) == "gpu" else "cpu")
 
     manifest = load_manifest(cfg.data.local, cfg.data.remote)
     domains, proportions = resolve_domains(cfg.data, manifest)
@@ -168,7 +179,10 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         from llmshearing.algorithms.l0_pruning import L0Pruning
 
         L0Pruning.validate(cfg.pruning, resolve_hf_config(cfg.model)[0])
-    hf_model = build_hf_model(cfg.model)
+    # With fsdp.sync_module_states (shipped) rank 0 alone reads the source; the others build it on the meta device
+    # and receive their shards by broadcast when Composer wraps the model (8 ranks x a 27 GB fp32 7B would not fit
+    # a node's host memory).
+    hf_model = build_hf_model(cfg.model, empty=fsdp is not None and fsdp.rank0_loads and dist.get_global_rank() != 0)
     _check_vocab(manifest, hf_model, cfg.data.local)
     model = ComposerCausalLM(hf_model, domains=domains, **_distillation(cfg, manifest, hf_model))
 
@@ -194,9 +208,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     )
     scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.t_warmup, alpha_f=cfg.scheduler.alpha_f)
 
-    algorithms: list[Algorithm] = []
-    if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
-        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm))
+    from llmshearing.algorithms import GlobalGradNorm
+
+    algorithms: list[Algorithm] = [GlobalGradNorm(cfg.grad_clip_norm)]  # also averages the replicated masks' grads
     callbacks: list[Callback] = [
         CheckpointMetadata(hf_model.config, cfg.tokenizer or manifest["tokenizer"]["path"], domains,
                            source=cfg.model.pretrained, provenance=_provenance(cfg.model.pretrained),
@@ -246,7 +260,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     microbatch: Any = cfg.device_train_microbatch_size
     if microbatch == "auto" and _device(cfg) == "cpu":
         microbatch = cfg.global_train_batch_size // dist.get_world_size()
-    parallelism = {"fsdp": dict(cfg.fsdp)} if cfg.fsdp else None
+    parallelism = {"fsdp": fsdp.config} if fsdp is not None else None
 
     trainer = Trainer(
         run_name=cfg.run_name,
@@ -283,6 +297,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
             log.info("%d checkpoints of earlier attempts count towards save_num_checkpoints_to_keep=%d", n,
                      cfg.save_num_checkpoints_to_keep)
     trainer.logger.log_hyperparameters({"run_config": to_plain(cfg)})
+    trainer.fsdp_plan = fsdp  # what the fsdp block became (None without one)
     return trainer
 
 

@@ -2,12 +2,19 @@
 
 The model's code knows nothing about masks. At ``Event.INIT`` this algorithm builds the
 :class:`~llmshearing.pruning.ShearingMasks` for the source and target shapes, registers it as the
-``masks`` submodule of the Composer model (so it is checkpointed, moved and wrapped with the
-model), hooks it into the transformers model and adds two optimizer parameter groups: the mask
-log-alphas (``mask_lr``) and the Lagrange multipliers (``-lambda_lr``); the run's scheduler scales both
-with the model's rate (warmup and decay), as the reference does. At every batch it tells the masks the
-step (which seeds the gate noise and ramps the target); after the loss it adds the Lagrangian; after the
-optimizer step it clamps every ``log_alpha`` to ``[ln 0.01, ln 100]``.
+``masks`` submodule of the Composer model (so it is checkpointed with the model), hooks it into the
+transformers model and adds two optimizer parameter groups: the mask log-alphas (``mask_lr``) and the
+Lagrange multipliers (``-lambda_lr``); the run's scheduler scales both with the model's rate (warmup and
+decay), as the reference does. Before every training forward it tells the masks the step (which ramps the
+target) and which of the step's ``mask_samples`` independent samples this micro-batch draws (from its global
+position in the batch, so any world size and micro-batch size draw the same masks for the same sequences);
+after the loss it adds the Lagrangian; after the optimizer step it clamps every ``log_alpha`` to
+``[ln 0.01, ln 100]``.
+
+Under FSDP the masks are replicated, never sharded (``_fsdp_wrap = False``; see :mod:`llmshearing.parallel`):
+plain fp32 tensors on every rank, whose gradients :class:`~llmshearing.algorithms.GlobalGradNorm` averages.
+``init: importance`` scores the source at ``Event.FIT_START`` (after wrapping, on the training device, every rank
+on the same calibration sequences) with the masks switched off.
 
 Evaluation (the hooks follow ``model.training``): the ``eval`` evaluator -- the one dynamic loading reads --
 sees the model the gates currently describe (``expected`` masks: each row keeps ``n - round(expected
@@ -64,7 +71,9 @@ class L0Pruning(Algorithm):
         importance_spread: with ``importance``: the least important unit of a row starts this far below.
         calibration: with ``importance``: returns the calibration token ids (N, S).
         temperature: hard-concrete beta.
-        seed: seed of the per-step gate noise.
+        seed: seed of the gate noise.
+        mask_samples: independent mask samples per step; the global batch is cut into this many equal groups
+            of consecutive sequences, each trained under its own sample (a micro-batch must not straddle two).
         save_folder: where ``masks/ba<step>.pt`` are written at every evaluation (None: not saved).
     """
 
@@ -84,6 +93,7 @@ class L0Pruning(Algorithm):
         calibration: Optional[Callable[[], torch.Tensor]] = None,
         temperature: float = 2.0 / 3.0,
         seed: int = 0,
+        mask_samples: int = 1,
         save_folder: Optional[str] = None,
         tie_word_embeddings: bool = False,
         qkv_bias: bool = False,
@@ -101,6 +111,11 @@ class L0Pruning(Algorithm):
         self.init, self.init_log_alpha, self.importance_spread = init, init_log_alpha, importance_spread
         self.calibration = calibration
         self.temperature, self.seed = temperature, seed
+        if mask_samples < 1:
+            raise ValueError(f"mask_samples={mask_samples}: give at least 1")
+        self.mask_samples = mask_samples
+        self._offset = 0  # global position of the next training micro-batch's first sequence
+        self._rank_batch = 0
         self.save_folder = save_folder
         self.tie_word_embeddings, self.qkv_bias = tie_word_embeddings, qkv_bias
         self.model_config = model_config
@@ -129,6 +144,7 @@ class L0Pruning(Algorithm):
             calibration=calibration,
             temperature=cfg.temperature,
             seed=seed,
+            mask_samples=cfg.mask_samples,
             save_folder=save_folder if cfg.save_masks else None,
             tie_word_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
             qkv_bias=any(p.bias(model_config) for p in adapter.projections if p.rows in ("q", "kv")),
@@ -149,15 +165,20 @@ class L0Pruning(Algorithm):
         return adapter, source, target
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END,
-                         Event.EVAL_START, Event.EVAL_END)
+        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_TRAIN_BATCH, Event.BEFORE_FORWARD,
+                         Event.AFTER_LOSS, Event.BATCH_END, Event.EVAL_START, Event.EVAL_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self._init(state)
         elif event == Event.FIT_START:
             self._warmup_batches = self._to_batches(state, self.lagrangian_warmup)
+            if self.init == "importance" and int(state.timestamp.batch) == 0:  # a resumed run has its masks
+                self._init_from_importance(state)
             self.masks.clamp_()
+        elif event == Event.BEFORE_TRAIN_BATCH:  # the rank's whole batch, before it is cut into micro-batches
+            self._rank_batch = int(state.batch["input_ids"].shape[0])
+            self._offset = dist.get_global_rank() * self._rank_batch
         elif event == Event.BEFORE_FORWARD:
             self._set_step(state)
         elif event == Event.AFTER_LOSS:
@@ -176,20 +197,18 @@ class L0Pruning(Algorithm):
     def _init(self, state: State) -> None:
         model = state.model
         hf_model = model.model
-        device = next(hf_model.parameters()).device
         masks = ShearingMasks(
             self.source, self.target, self.prune, self.init_log_alpha, self.temperature, self.seed,
             self.tie_word_embeddings, self.qkv_bias, self.model_config,
-        ).to(device)
-        if self.init == "importance":  # scored on the plain source, before any hook is attached
-            ids = self.calibration()
-            scores = activation_scores(hf_model, ids)
-            masks.init_from_scores(gate_scores(scores, {k: g.shape for k, g in masks.gates.items()}),
-                                   self.importance_spread)
-            log.info("masks initialised from activation importance on %d calibration sequences of %d tokens",
-                     ids.shape[0], ids.shape[1])
-        model.masks = masks  # a submodule: checkpointed, moved to device and wrapped with the model
+        )
+        # Replicated under FSDP: Composer's FSDP2 policy wraps every child of the Composer model unless it says
+        # otherwise, and a sharded mask would be a DTensor slice wherever it is read outside a forward. The weights
+        # may still be on the CPU (or the meta device) here: the masks go to the training device themselves.
+        masks._fsdp_wrap = False
+        state.device.module_to_device(masks)
+        model.masks = masks  # a submodule: in the model's state dict, checkpointed and resumed with it
         self.masks = masks
+        self.hf_model = hf_model
         self.hooks = attach_masks(hf_model, masks)
         gate_params = [g.log_alpha for g in masks.gates.values()]
         lambda_params = list(masks.lambdas.values())
@@ -209,6 +228,15 @@ class L0Pruning(Algorithm):
             sorted(masks.gates), sum(p.numel() for p in gate_params),
         )
 
+    def _init_from_importance(self, state: State) -> None:
+        ids = self.calibration()
+        with self.masks.disabled():  # the plain source, through the (possibly wrapped) model
+            scores = activation_scores(self.hf_model, ids)
+        self.masks.init_from_scores(gate_scores(scores, {k: g.shape for k, g in self.masks.gates.items()}),
+                                    self.importance_spread)
+        log.info("masks initialised from activation importance on %d calibration sequences of %d tokens",
+                 ids.shape[0], ids.shape[1])
+
     def _to_batches(self, state: State, t: Time) -> int:
         if t.unit == TimeUnit.BATCH:
             return int(t.value)
@@ -220,6 +248,16 @@ class L0Pruning(Algorithm):
     def _set_step(self, state: State) -> None:
         step = int(state.timestamp.batch)
         self.masks.step = step
+        n = int(state.batch["input_ids"].shape[0])
+        group = self._rank_batch * dist.get_world_size() // self.mask_samples  # sequences per mask sample
+        first, last = self._offset // group, (self._offset + n - 1) // group
+        if first != last:
+            raise ValueError(
+                f"a micro-batch of {n} sequences at global position {self._offset} spans mask samples {first} and "
+                f"{last} (pruning.mask_samples={self.mask_samples}: {group} sequences each); choose "
+                "device_train_microbatch_size dividing global_train_batch_size / pruning.mask_samples")
+        self.masks.sample = first
+        self._offset += n
         progress = 1.0 if self._warmup_batches <= 0 else min(1.0, step / self._warmup_batches)
         self.masks.target_progress.fill_(progress)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -49,9 +50,12 @@ class CheckpointMetadata(Callback):
         self.source, self.provenance, self.stage, self.distillation = source, provenance, stage, distillation
 
     def state_dict(self) -> dict[str, Any]:
-        return {"hf_config": self.model_config, "tokenizer": self.tokenizer, "domains": self.domains,
-                "source": self.source, "source_provenance": self.provenance, "stage": self.stage,
-                "distillation": self.distillation}
+        # A fresh copy with JSON's string keys: a sharded checkpoint is loaded *into* the returned dict, which
+        # must not be this callback's own (an int key 0 beside a loaded "0" made the next save fail).
+        return json.loads(json.dumps(
+            {"hf_config": self.model_config, "tokenizer": self.tokenizer, "domains": self.domains,
+             "source": self.source, "source_provenance": self.provenance, "stage": self.stage,
+             "distillation": self.distillation}))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_same_shape(state.get("hf_config", {}), self.model_config)

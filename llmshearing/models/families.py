@@ -106,23 +106,33 @@ def resolve_hf_config(cfg: ModelConfig) -> tuple[PretrainedConfig, Path | None]:
     return config, path
 
 
-def build_hf_model(cfg: ModelConfig) -> PreTrainedModel:
+def build_hf_model(cfg: ModelConfig, empty: bool = False) -> PreTrainedModel:
     """Load a Hugging Face checkpoint directory or build a randomly initialised model.
 
     Weights are kept in fp32 (Composer's mixed precision casts on the fly; the optimizer keeps fp32
     master weights).
+
+    Args:
+        cfg: the model section of the run config.
+        empty: build the architecture on the meta device, without weights (a rank that receives its shards of
+            rank 0's weights by broadcast under FSDP: nothing is read from disk and no host memory is used).
 
     Raises:
         ValueError: the checkpoint is of another family, or disagrees with ``cfg.config``.
     """
     model_cls = adapter_for(cfg.family).model_cls
     config, path = resolve_hf_config(cfg)
-    if path is None:
+    if empty:
+        config._attn_implementation = cfg.attn_implementation
+        with torch.device("meta"):
+            model = model_cls(config)
+    elif path is None:
         model = model_cls(config)
     else:
         model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    log.info("model %s: %s, %.2fM parameters", cfg.family, describe_shape(model.config), model.num_parameters() / 1e6)
+    log.info("model %s: %s, %.2fM parameters%s", cfg.family, describe_shape(model.config), model.num_parameters() / 1e6,
+             " (empty: weights arrive from rank 0)" if empty else "")
     return model

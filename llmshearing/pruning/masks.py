@@ -40,10 +40,12 @@ maximised over the lambdas (gradient ascent), minimised over the model and ``log
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -169,8 +171,9 @@ class ShearingMasks(nn.Module):
         prune: structures with gates (``layer``, ``head``, ``intermediate``, ``hidden``).
         init_log_alpha: initial ``log_alpha`` of every gate (default ``ln 100``, the reference's start).
         temperature: hard-concrete beta.
-        seed: seed of the per-step gate noise (the noise of step t is a function of (seed, t) only, so
-            every rank, and a resumed run, samples the same masks).
+        seed: seed of the gate noise. The masks of a training forward are a function of (seed, step, sample) only,
+            where ``sample`` numbers the independent mask samples of a step (``L0Pruning`` sets it from the global
+            position of the micro-batch), so every world size, and a resumed run, samples the same masks.
         tie_word_embeddings, qkv_bias: features of a LLaMA-like source, for parameter counts.
         config: the source config: parameter counts of its own family and features (overrides the two above).
     """
@@ -223,6 +226,8 @@ class ShearingMasks(nn.Module):
         self.register_buffer("target_progress", torch.zeros(()), persistent=False)
         self._set_start_fraction()
         self.step = 0
+        self.sample = 0  # which of the step's independent mask samples a training forward draws
+        self.enabled = True  # False: every forward sees the plain model (``disabled()``)
         self.eval_mode = "target"  # what a forward in eval mode uses (L0Pruning switches it per evaluator)
         self.z: Optional[dict[str, torch.Tensor]] = None
 
@@ -316,14 +321,28 @@ class ShearingMasks(nn.Module):
 
     # -- masks for a forward pass --------------------------------------------------------------------
     def _noise(self, shape: tuple[int, ...], name: str, device: torch.device) -> torch.Tensor:
-        key = (self.seed * 1_000_003 + self.step) * 97 + sorted(self.gates).index(name)
-        u = torch.rand(shape, generator=torch.Generator().manual_seed(key), dtype=torch.float32)
+        key = np.random.SeedSequence([self.seed, self.step, self.sample, sorted(self.gates).index(name)])
+        gen = torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        u = torch.rand(shape, generator=gen, dtype=torch.float32)
         return u.clamp(1e-6, 1 - 1e-6).to(device)
 
     def refresh(self, training: bool) -> dict[str, torch.Tensor]:
-        """Compute this forward's masks: sampled (training) or deterministic in ``eval_mode`` (evaluation)."""
-        self.z = self.sampled() if training else self.deterministic_z(self.eval_mode)
+        """Compute this forward's masks: sampled (training) or deterministic in ``eval_mode`` (evaluation); none
+        while :meth:`disabled`."""
+        if not self.enabled:
+            self.z = {}
+        else:
+            self.z = self.sampled() if training else self.deterministic_z(self.eval_mode)
         return self.z
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Forwards inside see the unmasked source (e.g. to score activation importance with the hooks attached)."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
     def sampled(self) -> dict[str, torch.Tensor]:
         z = {name: g.sample(self._noise(g.shape, name, g.log_alpha.device)) for name, g in self.gates.items()}
