@@ -141,9 +141,9 @@ FSDP = ["fsdp.sharding_strategy=FULL_SHARD", "fsdp.mixed_precision=DEFAULT", "fs
 
 
 def pruning_smoke(case: dict, data: Path, work: Path, args, steps: int = 12) -> dict:
-    """The multi-GPU pruning path on one GPU: FSDP FULL_SHARD with activation checkpointing (Composer's FSDP
-    needs CUDA, so the dry run goes without), GQA, a checkpoint saved at the end, exported, and loaded back
-    with plain transformers in bf16."""
+    """The multi-GPU pruning path on one device: FSDP2 FULL_SHARD with activation checkpointing, the block of
+    ``yamls/parts/gpu_fsdp.yaml`` (world size 1: bf16 on a GPU; the dry run in fp32 on the CPU), GQA, a checkpoint
+    saved at the end, exported, and loaded back with plain transformers in bf16; the masks must have stayed fp32."""
     import math
 
     import torch
@@ -156,10 +156,12 @@ def pruning_smoke(case: dict, data: Path, work: Path, args, steps: int = 12) -> 
 
     ov = _overrides("smoke", case, data, work, args, steps=steps)
     ov += [f"save_folder={work / 'smoke_ckpt'}", f"save_interval={steps}ba"]
-    if args.device == "gpu":
-        ov += FSDP
+    ov += FSDP
     trainer = build_trainer(load_config(_yaml(case), ov))
     trainer.fit()
+    masks = trainer.state.model.masks
+    if any(p.dtype != torch.float32 or type(p.data).__name__ == "DTensor" for p in masks.parameters()):
+        raise AssertionError("the masks were sharded or cast: they must stay whole fp32 tensors under FSDP")
     trainer.close()
     out = export_checkpoint(work / "smoke_ckpt" / "latest-rank0.pt", work / "smoke_hf")
     device = "cuda" if args.device == "gpu" else "cpu"
@@ -171,7 +173,7 @@ def pruning_smoke(case: dict, data: Path, work: Path, args, steps: int = 12) -> 
     wrong = {k: (shape[k], v) for k, v in case["prune"].items() if shape[k] != v}
     if wrong or not math.isfinite(loss):
         raise AssertionError(f"exported model: shape mismatches (got, target) {wrong}, loss {loss}")
-    return {"fsdp": args.device == "gpu", "source": case["shape"], "exported_shape": shape, "loss": loss}
+    return {"fsdp": True, "source": case["shape"], "exported_shape": shape, "loss": loss}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,10 @@ if [[ $# -lt 1 || ! -f "$1" ]]; then
   exit 2
 fi
 yaml=$1; shift
+# the project's environment (scripts/_env.sh creates it), unless one is active
+if [[ -z "${VIRTUAL_ENV:-}" && -x .venv/bin/python ]]; then
+  export PATH="$PWD/.venv/bin:$PATH"
+fi
 
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
@@ -27,7 +31,6 @@ NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 LOG_DIR=${LOG_DIR:-logs/$(basename "$yaml" .yaml)}
-mkdir -p "$LOG_DIR"
 
 # Check the config (unknown keys, bad values, unreachable targets) before any process starts.
 python - "$yaml" "$@" <<'PY'
@@ -39,6 +42,7 @@ except ConfigError as e:
     sys.exit(f"config error: {e}")
 PY
 
+mkdir -p "$LOG_DIR"
 exec composer \
   --nproc "$NPROC" \
   --world_size $((NNODES * NPROC)) \

@@ -104,27 +104,50 @@ def save_tiny_cpu_source(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def save_uneven_source(path: Path, gqa: bool = False, seed: int = 0) -> Path:
+    """A random LLaMA whose FFN (171) and vocabulary (515, the test tokenizer's 512 + 3) do not divide by 2 or 4 ranks,
+    so FSDP shards unevenly; ``gqa``: 4 query heads in 2 KV groups with LLaMA-3's rope, else 4 heads (MHA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    extra = dict(num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5,
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 64}) if gqa else dict(num_key_value_heads=4,
+                                                                                         rms_norm_eps=1e-6)
+    LlamaForCausalLM(LlamaConfig(vocab_size=515, hidden_size=64, intermediate_size=171, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
+                                 **extra)).save_pretrained(path)
+    return path
+
+
 def save_tiny_model(name: str, path: Path, seed: int = 0) -> Path:
     make_tiny_model(name, seed).save_pretrained(path)
     return path
 
 
 def run_traced(out: Path, yaml: Path, overrides: list[str], nproc: int = 1, timeout: int = 300,
-               kill_at: str | None = None) -> dict | None:
-    """Run ``composer -n nproc tests/trace_run.py`` and return its trace (see tests/trace_run.py).
+               kill_at: str | None = None, kill_rank: int | None = None, every_step: bool = False) -> dict | None:
+    """Run ``composer -n nproc tests/trace_run.py`` and return its trace (see tests/trace_run.py); one process runs
+    ``python tests/trace_run.py`` directly (the same run: the launcher would only add its own ~9 s of imports).
 
-    With ``kill_at`` (``step:N``, ``eval:N``, ``save:N``) the run is killed there: returns None after
-    checking that it died."""
+    With ``kill_at`` (``mid:N``, ``step:N``, ``eval:N``, ``save:N``) the run is killed there (only rank ``kill_rank``
+    when given): returns None after checking that it died. ``every_step``: the trace holds the model's tensors after
+    every batch."""
     import os
     import subprocess
     import sys
 
-    launcher = Path(sys.executable).parent / "composer"
-    cmd = [str(launcher), "-n", str(nproc), str(REPO / "tests" / "trace_run.py"), str(out), str(yaml), *overrides]
+    launcher = [sys.executable] if nproc == 1 else [str(Path(sys.executable).parent / "composer"), "-n", str(nproc)]
+    cmd = [*launcher, str(REPO / "tests" / "trace_run.py"), str(out), str(yaml), *overrides]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.pop("KILL_AT", None)
+    for key in ("KILL_AT", "KILL_RANK", "TRACE_EVERY_STEP"):
+        env.pop(key, None)
     if kill_at:
         env["KILL_AT"] = kill_at
+    if kill_rank is not None:
+        env["KILL_RANK"] = str(kill_rank)
+    if every_step:
+        env["TRACE_EVERY_STEP"] = "1"
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if kill_at:
         assert proc.returncode != 0, f"the run was to be killed at {kill_at} but finished"

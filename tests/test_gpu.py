@@ -1,5 +1,5 @@
-"""GPU-only paths (skipped without CUDA): Composer's FSDP hard-codes CUDA, so the sharded pruning path of
-``yamls/parts/gpu_fsdp.yaml`` can only be tested on a GPU."""
+"""GPU-only paths (skipped without CUDA): the world-size-1 FSDP2 checks in bf16 on one GPU (NCCL, CUDA mixed
+precision). The same code paths run on CPU (gloo, fp32) in tests/test_fsdp.py and tests/test_parallel.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ pytestmark = pytest.mark.gpu
 
 
 def test_fsdp_pruning_saves_exports_and_loads_at_the_target_shape(tmp_path):
-    """FULL_SHARD + activation checkpointing, bf16 autocast, a GQA source pruned for a few steps, its
-    checkpoint exported and loaded back with plain transformers at exactly the target shape."""
+    """FSDP2 FULL_SHARD + activation checkpointing (``yamls/parts/gpu_fsdp.yaml``), bf16, a GQA source pruned for a
+    few steps with the masks kept whole in fp32, its checkpoint exported and loaded back with plain transformers at
+    exactly the target shape."""
     from benchmarks.gpu_throughput import DRY_SMOKE, pruning_smoke, synthetic_dataset
 
     args = SimpleNamespace(device="gpu", precision="amp_bf16", seq_len=64, vocab=512, attn="sdpa",

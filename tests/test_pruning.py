@@ -89,8 +89,10 @@ def test_sampled_masks_train_every_gate():
     model.train()
     masks.train()
     ids = torch.randint(0, 100, (2, 12))
-    logits = model(input_ids=ids).logits
-    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).backward()
+    for sample in range(4):  # a gate clipped at 0 or 1 in one sample has no gradient from it
+        masks.sample = sample
+        logits = model(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).backward()
     assert set(masks.gates) == {"layer", "hidden", "intermediate", "kv_group", "head"}
     for name, g in masks.gates.items():
         assert torch.isfinite(g.log_alpha.grad).all() and g.log_alpha.grad.abs().sum() > 0, name
@@ -107,7 +109,7 @@ def test_hard_concrete_sampling_matches_its_nonzero_probability():
     assert int(keep.sum()) == 5 and int((values > 0).sum()) <= 5
 
 
-def test_sampled_masks_depend_only_on_seed_and_step():
+def test_sampled_masks_depend_only_on_seed_step_and_sample():
     src = describe_shape(make_tiny_model("llama3_gqa").config)
     tgt = resolve_target(src, TargetShape(2, 40, 4, 1, 50), ALL)
     a, b = ShearingMasks(src, tgt, ALL, seed=3), ShearingMasks(src, tgt, ALL, seed=3)
@@ -116,6 +118,10 @@ def test_sampled_masks_depend_only_on_seed_and_step():
     assert za.keys() == zb.keys() and all(torch.equal(za[k], zb[k]) for k in za)
     b.step = 12
     assert not torch.equal(za["intermediate"], b.refresh(training=True)["intermediate"])
+    b.step, b.sample = 11, 1  # another of the step's independent samples
+    assert not torch.equal(za["intermediate"], b.refresh(training=True)["intermediate"])
+    b.sample = 0
+    assert torch.equal(za["intermediate"], b.refresh(training=True)["intermediate"])
 
 
 def test_lagrangian_gradients_pull_expected_size_toward_target():

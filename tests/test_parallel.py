@@ -1,0 +1,144 @@
+"""The ``fsdp:`` block's translation, the refusals, and the masks under FSDP2 (in-process, one rank, gloo)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmshearing.config import ConfigError, load_config, load_yaml
+from llmshearing.parallel import FSDP_KEYS, check_fsdp_block, clip_grad_norm_, grad_norm
+from tests.helpers import REPO, make_tiny_model
+
+YAMLS = REPO / "yamls"
+
+
+def test_every_key_of_the_shipped_fsdp_block_is_translated():
+    block = dict(load_yaml(YAMLS / "parts" / "gpu_fsdp.yaml")["fsdp"])
+    assert set(check_fsdp_block(block)) == set(block)
+    assert set(block) <= set(FSDP_KEYS)
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"sharding_strategy": "NO_SHARD"}, "leave out the fsdp block"),
+    ({"cpu_offload": True}, "Composer's FSDP2 has no parameter offload"),
+    ({"limit_all_gathers": False}, "FSDP2 always bounds in-flight all-gathers"),
+    ({"use_orig_params": False}, "FSDP2 always trains the original parameters"),
+    ({"backward_prefetch": "BACKWARD_PRE"}, "prefetches the next unit"),
+    ({"sharding_stratgy": "FULL_SHARD"}, "did you mean fsdp.sharding_strategy"),
+    ({"sharding_strategy": "SHARD_GRAD_OP", "reshard_after_forward": True}, "implies reshard_after_forward=False"),
+    ({"mixed_precision": "HALF"}, "use DEFAULT, PURE or FULL"),
+    ({"state_dict_type": "local"}, "use full or sharded"),
+    ({"activation_checkpointing_reentrant": True}, "non-reentrant"),
+    ({"load_monolith_rank0_only": True, "sync_module_states": False}, "needs sync_module_states=true"),
+])
+def test_a_block_fsdp2_cannot_honour_is_refused_with_the_replacement(block, message):
+    with pytest.raises(ConfigError, match=message):
+        check_fsdp_block(block)
+
+
+def _gpu_yaml(*extra):
+    return load_config(YAMLS / "prune_2.7b.yaml", ["variables.source=/nowhere", "variables.data=/nowhere",
+                                                   "variables.run_dir=/nowhere", *extra])
+
+
+def test_run_settings_fsdp_cannot_run_fail_in_the_config():
+    with pytest.raises(ConfigError, match="device_train_microbatch_size=auto: Composer cannot search"):
+        _gpu_yaml("device_train_microbatch_size=auto")
+    with pytest.raises(ConfigError, match="keep one"):
+        _gpu_yaml("model.gradient_checkpointing=true")
+    with pytest.raises(ConfigError, match="straddle two samples"):
+        _gpu_yaml("pruning.mask_samples=16", "device_train_microbatch_size=4")  # 32 / 16 = 2 < 4
+    assert _gpu_yaml("pruning.mask_samples=8").pruning.mask_samples == 8  # 4 sequences each, micro-batch 4
+
+
+def test_a_gpu_precision_on_the_cpu_is_one_line_before_anything_loads():
+    from llmshearing.trainer import build_trainer
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    with pytest.raises(ConfigError, match="precision=amp_bf16 needs a GPU .* set precision=fp32"):
+        build_trainer(_gpu_yaml())  # the shipped YAML's amp_bf16; /nowhere is never read
+
+
+def _dist():
+    from composer.devices import DeviceCPU
+    from composer.utils import dist
+
+    dist.initialize_dist(DeviceCPU())  # one rank (gloo); a no-op when an earlier test did it
+
+
+def _masked_composer_model():
+    """A Composer model with masks attached exactly as ``L0Pruning`` attaches them at ``Event.INIT``."""
+    from composer.core import Event
+    from composer.devices import DeviceCPU
+
+    from llmshearing.algorithms import L0Pruning
+    from llmshearing.config import TargetShape
+    from llmshearing.models import ComposerCausalLM
+    from llmshearing.models.families import describe_shape
+    from llmshearing.pruning import resolve_target
+
+    hf = make_tiny_model("llama3_gqa").train()
+    model = ComposerCausalLM(hf, domains=["a"])
+    prune = ["layer", "head", "intermediate", "hidden"]
+    src = describe_shape(hf.config)
+    algo = L0Pruning(src, resolve_target(src, TargetShape(2, 40, 4, 1, 50), prune), prune, lagrangian_warmup="2ba")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    algo.apply(Event.INIT, SimpleNamespace(model=model, device=DeviceCPU(), optimizers=[optimizer]), None)
+    return model, algo, optimizer
+
+
+def test_masks_stay_whole_and_fp32_when_the_weights_are_sharded_in_bf16():
+    """Composer's FSDP2 wrapping (its policy: every child of the Composer model) with bf16 parameters
+    (MixedPrecisionPolicy from precision amp_bf16, mixed_precision DEFAULT): the weights become DTensors computed in
+    bf16, the masks and multipliers stay plain fp32 tensors with fp32 gradients, and a training step runs. Before
+    the masks were kept out of sharding, this forward failed: "aten.add.Tensor: got mixed torch.Tensor and DTensor"."""
+    from composer.core.precision import Precision
+    from composer.distributed.fsdp2 import prepare_fully_shard
+    from composer.distributed.fsdp2_utils import generate_composer_model_policy
+    from composer.utils.parallelism import FSDP2Config
+    from torch.distributed.tensor import DTensor
+
+    _dist()
+    model, algo, _ = _masked_composer_model()
+    with pytest.warns(UserWarning, match="experimental"):
+        config = FSDP2Config(mixed_precision="DEFAULT")
+    prepare_fully_shard(model, config, Precision.AMP_BF16, generate_composer_model_policy(model))
+    masks = model.masks
+    seen = {}
+    o_proj = model.model.model.layers[0].self_attn.o_proj
+    handle = o_proj.register_forward_pre_hook(lambda m, a: seen.update(weight=m.weight.dtype))
+    ids = torch.randint(0, model.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "domain_id": torch.zeros(2, dtype=torch.long)}
+    masks.target_progress.fill_(1.0)
+    loss = model.loss(model(batch), batch) + masks.lagrangian()[0]
+    loss.backward()
+    handle.remove()
+    assert all(not isinstance(p, DTensor) and p.dtype == torch.float32 for p in masks.parameters())
+    assert isinstance(model.model.lm_head.weight, DTensor)
+    assert seen["weight"] == torch.bfloat16  # the weights were gathered in bf16
+    assert all(z.dtype == torch.float32 for z in masks.z.values())
+    for p in masks.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and not isinstance(p.grad, DTensor)
+    assert any(p.grad.abs().sum() > 0 for p in masks.gates.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in masks.lambdas.parameters())
+
+
+def test_the_global_gradient_norm_counts_sharded_and_replicated_gradients_once():
+    _dist()
+    model, _, _ = _masked_composer_model()
+    batch = {"input_ids": torch.randint(0, 160, (2, 12), generator=torch.Generator().manual_seed(1)),
+             "domain_id": torch.zeros(2, dtype=torch.long)}
+    model.masks.target_progress.fill_(1.0)
+    (model.loss(model(batch), batch) + model.masks.lagrangian()[0]).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for p in params]
+    want = torch.nn.utils.get_total_norm(grads)
+    assert torch.allclose(grad_norm(params), want, rtol=1e-6)
+    norm = clip_grad_norm_(params, max_norm=float(want) / 4)
+    assert torch.allclose(norm, want, rtol=1e-6)  # the norm before clipping
+    assert torch.allclose(grad_norm(params), want / 4, rtol=1e-5)
+    for p, g in zip(params, grads):
+        assert torch.allclose(p.grad, g * (float(want) / 4) / (float(want) + 1e-6), rtol=1e-5, atol=1e-12)
