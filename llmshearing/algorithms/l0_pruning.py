@@ -232,6 +232,11 @@ class L0Pruning(Algorithm):
         ids = self.calibration()
         with self.masks.disabled():  # the plain source, through the (possibly wrapped) model
             scores = activation_scores(self.hf_model, ids)
+        if dist.get_world_size() > 1:  # every rank scored the same sequences; rank 0's scores make the masks equal
+            for name in sorted(scores):
+                t = scores[name].to(self.masks.target_progress.device)
+                dist.broadcast(t, src=0)
+                scores[name] = t.cpu()
         self.masks.init_from_scores(gate_scores(scores, {k: g.shape for k, g in self.masks.gates.items()}),
                                     self.importance_spread)
         log.info("masks initialised from activation importance on %d calibration sequences of %d tokens",
