@@ -215,6 +215,10 @@ class PruningConfig:
             groups of consecutive sequences, each trained under its own sample of the gates (noise keyed by seed,
             step and sample, so the same on any number of ranks). 1 (default): one sample per step; the number of
             global micro-batches: one per forward, as the reference draws one per rank and forward.
+        log_alpha_min: the lower clamp of every ``log_alpha`` (the reference's ln 0.01 = -4.6, where a unit still
+            counts P(z != 0) = 0.047 in the expected size; lower, e.g. -9.2, makes pushed-down units count ~0, so the
+            constraint is met by alive units only and the top-k export does not keep near-dead ones).
+        freeze_weights: learn the masks on the source's weights (the weights are not trained while pruning).
         save_masks: write the deterministic masks to ``<save_folder>/masks/`` at every evaluation.
     """
 
@@ -230,6 +234,8 @@ class PruningConfig:
     eval_target: bool = True
     temperature: float = 2.0 / 3.0
     mask_samples: int = 1
+    log_alpha_min: float = math.log(0.01)
+    freeze_weights: bool = False
     save_masks: bool = True
 
     def __post_init__(self) -> None:
@@ -239,8 +245,10 @@ class PruningConfig:
         _require(len(self.prune) > 0, "pruning.prune is empty: list at least one structure to prune")
         _require(self.init in ("reference", "importance"), f"pruning.init={self.init!r}: use 'reference' or 'importance'")
         lo, hi = math.log(0.01), math.log(100.0)
+        _require(self.log_alpha_min < hi, f"pruning.log_alpha_min={self.log_alpha_min} must be below ln 100 = {hi:.3f}")
+        lo = self.log_alpha_min
         _require(lo <= self.init_log_alpha <= hi,
-                 f"pruning.init_log_alpha={self.init_log_alpha} is outside the clamp [ln 0.01, ln 100] = [{lo:.3f}, {hi:.3f}]")
+                 f"pruning.init_log_alpha={self.init_log_alpha} is outside the clamp [log_alpha_min, ln 100] = [{lo:.3f}, {hi:.3f}]")
         _require(self.importance_spread >= 0, "pruning.importance_spread must be >= 0")
         _require(self.calibration_sequences > 0, "pruning.calibration_sequences must be > 0")
         _require(self.mask_lr > 0 and self.lambda_lr > 0, "pruning.mask_lr and pruning.lambda_lr must be > 0")
@@ -372,6 +380,12 @@ class RunConfig:
                 "an integer (the shipped GPU configs use 4 for pruning, 8 for continued pre-training at 4096 tokens)",
             )
             _require(
+                self.precision != "amp_fp16",
+                "precision=amp_fp16 with fsdp: Composer's fp16 loss scaler cannot unscale sharded and replicated "
+                "(mask) gradients together, and its per-rank overflow check would let the masks diverge; use "
+                "precision=amp_bf16",
+            )
+            _require(
                 not (self.fsdp.get("activation_checkpointing") and self.model.gradient_checkpointing),
                 "fsdp.activation_checkpointing and model.gradient_checkpointing both recompute the decoder layers; "
                 "keep one (fsdp.activation_checkpointing under FSDP)",
@@ -379,12 +393,10 @@ class RunConfig:
         if self.pruning is not None and self.pruning.mask_samples > 1:
             k, b = self.pruning.mask_samples, self.global_train_batch_size
             _require(b % k == 0, f"pruning.mask_samples={k} does not divide global_train_batch_size={b}")
-            m = self.device_train_microbatch_size
-            _require(
-                not isinstance(m, int) or (b // k) % m == 0,
-                f"device_train_microbatch_size={m} does not divide the {b // k} sequences of one mask sample "
-                f"(global_train_batch_size / pruning.mask_samples): a micro-batch would straddle two samples",
-            )
+            _require(isinstance(self.device_train_microbatch_size, int),
+                     f"pruning.mask_samples={k} needs an integer device_train_microbatch_size (a micro-batch must lie "
+                     f"within one mask sample's {b // k} sequences; 'auto' may change it mid-run)")
+            check_mask_samples(self, world_size=1)
         unknown_loggers = set(self.loggers) - {"wandb", "mlflow", "tensorboard"}
         _require(not unknown_loggers, f"loggers: unknown logger(s) {sorted(unknown_loggers)}; use wandb, mlflow, tensorboard")
         if self.dynamic_loading is not None and self.dynamic_loading.reference_losses is not None:
@@ -395,6 +407,17 @@ class RunConfig:
                     f"dynamic_loading.reference_losses has {n_ref} values but data.domains has {n_dom}; "
                     "give one reference loss per domain, in the same order",
                 )
+
+
+def check_mask_samples(cfg: RunConfig, world_size: int) -> None:
+    """A micro-batch must lie within one mask sample's group of consecutive sequences on ``world_size`` ranks:
+    the micro-batch divides both a rank's batch and a group, or is a rank's whole batch and ranks tile groups."""
+    k, b, m = cfg.pruning.mask_samples, cfg.global_train_batch_size, cfg.device_train_microbatch_size
+    per_rank, group = b // world_size, b // k
+    ok = (per_rank % m == 0 and group % m == 0) or (m >= per_rank and group % per_rank == 0)
+    _require(ok, f"device_train_microbatch_size={m} on {world_size} rank(s) ({per_rank} sequences each) would put a "
+             f"micro-batch across two of pruning.mask_samples={k}'s groups of {group} sequences; choose a micro-batch "
+             f"that divides both {per_rank} and {group}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from llmshearing.data.dataset import DomainTokenDataset, load_manifest
 from llmshearing.data.loaders import _round_robin
 from llmshearing.models.composer_causal_lm import token_cross_entropy
 
-__all__ = ["domain_losses", "generate", "load_model", "paired_difference", "sequence_losses"]
+__all__ = ["domain_losses", "generate", "load_model", "paired_difference", "sequence_documents", "sequence_losses"]
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -82,6 +82,30 @@ def sequence_losses(
         for it, v in zip(items, per_seq):
             out[it["domain_id"]].append(float(v))
     return {d: np.asarray(out[k]) for k, d in enumerate(domains)}
+
+
+def sequence_documents(
+    data: str | Path,
+    split: str = "test",
+    domains: Optional[Sequence[str]] = None,
+    max_sequences_per_domain: Optional[int] = None,
+) -> dict[str, np.ndarray]:
+    """The document each evaluated sequence starts in, per domain, in :func:`sequence_losses`' order: the number of
+    end-of-document tokens before its first token in the split's token stream (documents are packed
+    ``[BOS] tokens [EOS]`` in order). Sequences of one document are correlated: cluster by these ids. A domain whose
+    split is the tail of one long document (``document_disjoint: false``) has one id for all."""
+    manifest = load_manifest(str(data))
+    eos = manifest["tokenizer"].get("eos_token_id")
+    if eos is None:
+        raise ValueError(f"{data}: the manifest records no end-of-document token; documents cannot be told apart")
+    domains = list(domains) if domains else list(manifest["domains"])
+    ds = DomainTokenDataset(str(data), split, domains, manifest["seq_len"], manifest=manifest)
+    out = {}
+    for k, d in enumerate(domains):
+        n = int(ds.sizes[k]) if max_sequences_per_domain is None else min(int(ds.sizes[k]), max_sequences_per_domain)
+        ends = [int((ds[int(ds.offsets[k]) + i]["input_ids"] == eos).sum()) for i in range(n)]
+        out[d] = np.concatenate([[0], np.cumsum(ends)[:-1]]).astype(np.int64) if n else np.zeros(0, np.int64)
+    return out
 
 
 def domain_losses(

@@ -72,7 +72,8 @@ FSDP_KEYS: dict[str, str] = {
     "(a folder, one file per rank)",
     "sync_module_states": "true -> rank 0 alone loads the source (and a full checkpoint), the other ranks build the "
     "model on the meta device and receive their shards by broadcast; false -> every rank loads it whole",
-    "load_monolith_rank0_only": "set by sync_module_states with state_dict_type full; may be given, must agree",
+    "load_monolith_rank0_only": "default: true with sync_module_states and state_dict_type full (rank 0 reads a full "
+    "checkpoint, the others receive it); false: every rank reads it whole",
     "limit_all_gathers": "true only: FSDP2 always bounds in-flight all-gathers (it frees each unit's gathered "
     "parameters in stream order; FSDP1's rate limiter does not exist)",
     "use_orig_params": "true only: FSDP2 always trains the original parameters (as DTensors)",
@@ -157,12 +158,12 @@ def check_fsdp_block(block: dict[str, Any]) -> dict[str, str]:
             block.get("sync_module_states", True) and block.get("state_dict_type", "full") == "full"):
         raise ConfigError("fsdp.load_monolith_rank0_only=true needs sync_module_states=true and state_dict_type=full "
                           "(the other ranks must start empty to receive rank 0's weights)")
-    for key in ("data_parallel_shard_degree", "data_parallel_replicate_degree"):
+    for key, minus_one in (("data_parallel_shard_degree", True), ("data_parallel_replicate_degree", False)):
         v = block.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1)):
-            raise ConfigError(f"fsdp.{key}={v!r}: give a positive number of ranks (or -1)")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or (v < 1 and not (minus_one and v == -1))):
+            raise ConfigError(f"fsdp.{key}={v!r}: give a positive number of ranks" + (" (or -1: all)" if minus_one else ""))
     for key in ("activation_checkpointing", "activation_cpu_offload", "sync_module_states", "verbose",
-                "load_monolith_rank0_only"):
+                "load_monolith_rank0_only", "reshard_after_forward", "limit_all_gathers", "use_orig_params"):
         if key in block and not isinstance(block[key], bool):
             raise ConfigError(f"fsdp.{key} must be true or false, got {block[key]!r}")
     return out
@@ -227,7 +228,7 @@ def plan_fsdp(block: dict[str, Any], device_type: str) -> FsdpPlan:
     world, local = dist.get_world_size(), dist.get_local_world_size()
     strategy = str(block.get("sharding_strategy", "FULL_SHARD")).upper()
     reshard, hybrid = _STRATEGIES[strategy]
-    reshard = bool(block.get("reshard_after_forward", reshard))
+    reshard = block.get("reshard_after_forward", reshard)
     shard = block.get("data_parallel_shard_degree", -1) or -1
     replicate = block.get("data_parallel_replicate_degree")
     if shard == -1:
@@ -250,7 +251,8 @@ def plan_fsdp(block: dict[str, Any], device_type: str) -> FsdpPlan:
             activation_checkpointing=bool(block.get("activation_checkpointing", False)),
             activation_cpu_offload=bool(block.get("activation_cpu_offload", False)),
             state_dict_type=state_dict_type,
-            load_monolith_rank0_only=rank0_loads and state_dict_type == "full",
+            load_monolith_rank0_only=rank0_loads and state_dict_type == "full" and block.get("load_monolith_rank0_only",
+                                                                                             True),
             mixed_precision=str(block.get("mixed_precision", "DEFAULT")).upper(),
             verbose=bool(block.get("verbose", False)),
         )
@@ -362,19 +364,24 @@ def grad_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
     """The L2 norm of all gradients, as one model's, however its parameters are sharded (fp32 scalar).
 
     Sharded gradients: squares summed locally, then over the ranks that hold other pieces of them (replicas of
-    a hybrid mesh are not counted twice); replicated gradients: counted once."""
+    a hybrid mesh are not counted twice); replicated gradients: counted once. The groups come from the parameters
+    (the same on every rank), and a missing gradient counts as zero, so every rank joins the same collectives."""
     import torch.distributed as tdist
 
     plain: list[torch.Tensor] = []
     by_groups: dict[tuple, list[torch.Tensor]] = {}
+    device = None
     for p in params:
-        if p.grad is None:
-            continue
-        if _is_dtensor(p.grad):
-            by_groups.setdefault(_shard_groups(p.grad), []).append(p.grad.to_local())
+        if _is_dtensor(p):
+            local = p.grad.to_local() if p.grad is not None else None
+            by_groups.setdefault(_shard_groups(p), [])
+            if local is not None:
+                by_groups[_shard_groups(p)].append(local)
+            device = device or p.to_local().device
         else:
-            plain.append(p.grad)
-    device = next(iter([*plain, *(t for ts in by_groups.values() for t in ts)]), torch.zeros(())).device
+            device = device or p.device
+            if p.grad is not None:
+                plain.append(p.grad)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for groups, local in by_groups.items():
         sq = torch.stack([t.float().pow(2).sum() for t in local]).sum() if local else torch.zeros((), device=device)
@@ -382,7 +389,7 @@ def grad_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
             tdist.all_reduce(sq, group=group)
         total += sq.to(device)
     if plain:
-        total += torch.stack([g.float().pow(2).sum() for g in plain]).sum()
+        total += torch.stack([g.float().pow(2).sum() for g in plain]).sum().to(device)
     return total.sqrt()
 
 
@@ -390,11 +397,13 @@ def grad_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
 def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
     """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))`` (``torch.nn.utils.clip_grad_norm_``'s rule) with
     the global norm of :func:`grad_norm`; returns that norm (before clipping). ``max_norm`` None: only measure."""
-    params = [p for p in params if p.grad is not None]
+    params = [p for p in params if p.requires_grad]
     norm = grad_norm(params)
     if max_norm is not None and max_norm > 0 and math.isfinite(float(norm)):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in params:
+            if p.grad is None:
+                continue
             g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
             g.mul_(coef.to(g.device, g.dtype))
     return norm

@@ -162,6 +162,10 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
             f"global_train_batch_size={cfg.global_train_batch_size} is not divisible by the "
             f"{dist.get_world_size()} processes"
         )
+    if cfg.pruning is not None and cfg.pruning.mask_samples > 1:
+        from llmshearing.config import check_mask_samples
+
+        check_mask_samples(cfg, dist.get_world_size())
     if "ep" in cfg.max_duration:
         raise ConfigError(
             f"max_duration={cfg.max_duration!r}: training data is an endless mixture, give a duration in "
@@ -250,7 +254,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     # which it warns it cannot do without the sampler's dataset length, is not needed.
     warnings.filterwarnings("ignore", message="DistributedSampler's dataset does not have length defined")
     install_atomic_checkpoint_writes()
-    if cfg.save_folder and dist.get_global_rank() == 0:
+    if cfg.save_folder and cfg.autoresume and dist.get_global_rank() == 0:  # a run that continues this folder
         repair_save_folder(cfg.save_folder)
     dist.barrier()
     ckpt = resume_checkpoint(cfg.save_folder, cfg.load_path, cfg.autoresume)

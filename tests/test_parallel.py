@@ -32,6 +32,8 @@ def test_every_key_of_the_shipped_fsdp_block_is_translated():
     ({"state_dict_type": "local"}, "use full or sharded"),
     ({"activation_checkpointing_reentrant": True}, "non-reentrant"),
     ({"load_monolith_rank0_only": True, "sync_module_states": False}, "needs sync_module_states=true"),
+    ({"reshard_after_forward": "false"}, "must be true or false"),
+    ({"data_parallel_replicate_degree": -1}, "give a positive number of ranks$"),
 ])
 def test_a_block_fsdp2_cannot_honour_is_refused_with_the_replacement(block, message):
     with pytest.raises(ConfigError, match=message):
@@ -48,9 +50,22 @@ def test_run_settings_fsdp_cannot_run_fail_in_the_config():
         _gpu_yaml("device_train_microbatch_size=auto")
     with pytest.raises(ConfigError, match="keep one"):
         _gpu_yaml("model.gradient_checkpointing=true")
-    with pytest.raises(ConfigError, match="straddle two samples"):
+    with pytest.raises(ConfigError, match="across two of pruning.mask_samples=16's groups of 2 sequences"):
         _gpu_yaml("pruning.mask_samples=16", "device_train_microbatch_size=4")  # 32 / 16 = 2 < 4
+    with pytest.raises(ConfigError, match="needs an integer device_train_microbatch_size"):
+        _gpu_yaml("pruning.mask_samples=8", "device_train_microbatch_size=auto", "fsdp=null")
     assert _gpu_yaml("pruning.mask_samples=8").pruning.mask_samples == 8  # 4 sequences each, micro-batch 4
+    with pytest.raises(ConfigError, match="precision=amp_fp16 with fsdp"):
+        _gpu_yaml("precision=amp_fp16")
+
+
+def test_a_micro_batch_must_lie_within_one_mask_sample_on_the_actual_world_size():
+    from llmshearing.config import check_mask_samples
+
+    cfg = _gpu_yaml("global_train_batch_size=24", "pruning.mask_samples=2", "device_train_microbatch_size=6")
+    check_mask_samples(cfg, world_size=2)  # ranks of 12: micro-batches [0,6) [6,12) | [12,18) [18,24)
+    with pytest.raises(ConfigError, match="on 3 rank"):
+        check_mask_samples(cfg, world_size=3)  # ranks of 8 cut 6 + 2: rank 1's [8,14) crosses 12
 
 
 def test_a_gpu_precision_on_the_cpu_is_one_line_before_anything_loads():
@@ -142,3 +157,31 @@ def test_the_global_gradient_norm_counts_sharded_and_replicated_gradients_once()
     assert torch.allclose(grad_norm(params), want / 4, rtol=1e-5)
     for p, g in zip(params, grads):
         assert torch.allclose(p.grad, g * (float(want) / 4) / (float(want) + 1e-6), rtol=1e-5, atol=1e-12)
+
+
+def test_mask_samples_follow_the_global_position_even_on_a_retried_batch():
+    """Micro-batches draw the sample of their global position; after an out-of-memory retry Composer leaves the last
+    micro-batch in state.batch, and the positions must still count from the rank's whole batch."""
+    from composer.core import Event
+
+    _dist()
+    _, algo, _ = _masked_composer_model()
+    algo.mask_samples = 2
+    ts = SimpleNamespace(batch=7)
+    state = SimpleNamespace(timestamp=ts, batch={"input_ids": torch.zeros(8, 3, dtype=torch.long)})
+    algo._warmup_batches = 2
+    algo.apply(Event.AFTER_DATALOADER, state, None)
+
+    def step(micro: int) -> list[int]:
+        algo.apply(Event.BEFORE_TRAIN_BATCH, state, None)
+        drawn = []
+        for _ in range(8 // micro):
+            state.batch = {"input_ids": torch.zeros(micro, 3, dtype=torch.long)}
+            algo.apply(Event.BEFORE_FORWARD, state, None)
+            drawn.append(algo.masks.sample)
+        return drawn
+
+    assert step(4) == [0, 1] and algo.masks.step == 7
+    assert step(2) == [0, 0, 1, 1]  # retried with half the micro-batch; state.batch was a stale micro-batch
+    with pytest.raises(ValueError, match="spans mask samples 0 and 1"):
+        step(8)

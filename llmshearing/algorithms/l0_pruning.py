@@ -49,7 +49,7 @@ from llmshearing.models.adapters import UnsupportedModel, adapter_for
 from llmshearing.models.families import count_params, describe_shape
 from llmshearing.pruning import ShearingMasks, attach_masks, resolve_target
 from llmshearing.pruning.importance import activation_scores, gate_scores
-from llmshearing.pruning.masks import LOG_ALPHA_MAX
+from llmshearing.pruning.masks import LOG_ALPHA_MAX, LOG_ALPHA_MIN
 
 __all__ = ["L0Pruning"]
 
@@ -74,6 +74,8 @@ class L0Pruning(Algorithm):
         seed: seed of the gate noise.
         mask_samples: independent mask samples per step; the global batch is cut into this many equal groups
             of consecutive sequences, each trained under its own sample (a micro-batch must not straddle two).
+        log_alpha_min: the lower clamp of every ``log_alpha``.
+        freeze_weights: train the masks (and multipliers) only; the model's weights stay the source's.
         save_folder: where ``masks/ba<step>.pt`` are written at every evaluation (None: not saved).
     """
 
@@ -94,6 +96,8 @@ class L0Pruning(Algorithm):
         temperature: float = 2.0 / 3.0,
         seed: int = 0,
         mask_samples: int = 1,
+        log_alpha_min: float = LOG_ALPHA_MIN,
+        freeze_weights: bool = False,
         save_folder: Optional[str] = None,
         tie_word_embeddings: bool = False,
         qkv_bias: bool = False,
@@ -114,6 +118,7 @@ class L0Pruning(Algorithm):
         if mask_samples < 1:
             raise ValueError(f"mask_samples={mask_samples}: give at least 1")
         self.mask_samples = mask_samples
+        self.log_alpha_min, self.freeze_weights = log_alpha_min, freeze_weights
         self._offset = 0  # global position of the next training micro-batch's first sequence
         self._rank_batch = 0
         self.save_folder = save_folder
@@ -145,6 +150,8 @@ class L0Pruning(Algorithm):
             temperature=cfg.temperature,
             seed=seed,
             mask_samples=cfg.mask_samples,
+            log_alpha_min=cfg.log_alpha_min,
+            freeze_weights=cfg.freeze_weights,
             save_folder=save_folder if cfg.save_masks else None,
             tie_word_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
             qkv_bias=any(p.bias(model_config) for p in adapter.projections if p.rows in ("q", "kv")),
@@ -165,8 +172,8 @@ class L0Pruning(Algorithm):
         return adapter, source, target
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_TRAIN_BATCH, Event.BEFORE_FORWARD,
-                         Event.AFTER_LOSS, Event.BATCH_END, Event.EVAL_START, Event.EVAL_END)
+        return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.BEFORE_TRAIN_BATCH,
+                         Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.BATCH_END, Event.EVAL_START, Event.EVAL_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -176,8 +183,9 @@ class L0Pruning(Algorithm):
             if self.init == "importance" and int(state.timestamp.batch) == 0:  # a resumed run has its masks
                 self._init_from_importance(state)
             self.masks.clamp_()
-        elif event == Event.BEFORE_TRAIN_BATCH:  # the rank's whole batch, before it is cut into micro-batches
+        elif event == Event.AFTER_DATALOADER:  # the rank's whole batch (a retried batch keeps this one)
             self._rank_batch = int(state.batch["input_ids"].shape[0])
+        elif event == Event.BEFORE_TRAIN_BATCH:  # again on a retry after running out of memory
             self._offset = dist.get_global_rank() * self._rank_batch
         elif event == Event.BEFORE_FORWARD:
             self._set_step(state)
@@ -199,8 +207,11 @@ class L0Pruning(Algorithm):
         hf_model = model.model
         masks = ShearingMasks(
             self.source, self.target, self.prune, self.init_log_alpha, self.temperature, self.seed,
-            self.tie_word_embeddings, self.qkv_bias, self.model_config,
+            self.tie_word_embeddings, self.qkv_bias, self.model_config, self.log_alpha_min,
         )
+        if self.freeze_weights:  # the optimizer skips parameters without gradients
+            for p in hf_model.parameters():
+                p.requires_grad_(False)
         # Replicated under FSDP: Composer's FSDP2 policy wraps every child of the Composer model unless it says
         # otherwise, and a sharded mask would be a DTensor slice wherever it is read outside a forward. The weights
         # may still be on the CPU (or the meta device) here: the masks go to the training device themselves.

@@ -124,6 +124,7 @@ def build_hf_model(cfg: ModelConfig, empty: bool = False) -> PreTrainedModel:
     config, path = resolve_hf_config(cfg)
     if empty:
         config._attn_implementation = cfg.attn_implementation
+        config.dtype = torch.float32  # what from_pretrained(dtype=float32) records on rank 0
         with torch.device("meta"):
             model = model_cls(config)
     elif path is None:

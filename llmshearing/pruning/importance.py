@@ -84,7 +84,10 @@ def activation_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int
     try:
         for start in range(0, len(input_ids), batch_size):
             ids = input_ids[start : start + batch_size].to(dev)
-            model(input_ids=ids)
+            try:  # no logits over the sequence: only the activations inside are needed
+                model(input_ids=ids, logits_to_keep=1)
+            except TypeError:  # a family whose forward has no logits_to_keep
+                model(input_ids=ids)
             tokens += ids.numel()
     finally:
         for h in handles:

@@ -70,17 +70,20 @@ class HardConcrete(nn.Module):
         keep: target number of kept units per row (for top-k).
         init_log_alpha: initial ``log_alpha`` (plus noise of sd 0.01, then clamped to the bounds).
         temperature: beta.
+        log_alpha_min: the lower clamp (the reference's ln 0.01; lower: a unit pushed down counts ~0 in the
+            expected size instead of P(z != 0) = 0.047, so near-dead units cannot fill the kept slots).
     """
 
     def __init__(self, shape: tuple[int, ...], keep: int, init_log_alpha: float = LOG_ALPHA_MAX,
-                 temperature: float = 2.0 / 3.0) -> None:
+                 temperature: float = 2.0 / 3.0, log_alpha_min: float = LOG_ALPHA_MIN) -> None:
         super().__init__()
         self.shape = tuple(shape)
         self.keep = keep
         self.temperature = temperature
+        self.log_alpha_min = log_alpha_min
         # A little noise breaks ties for top-k; a fixed generator keeps initialisation identical on every rank.
         noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(1234 + sum(self.shape))) * 1e-2
-        self.log_alpha = nn.Parameter((init_log_alpha + noise).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX))
+        self.log_alpha = nn.Parameter((init_log_alpha + noise).clamp(log_alpha_min, LOG_ALPHA_MAX))
 
     @property
     def n(self) -> int:
@@ -88,7 +91,7 @@ class HardConcrete(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        self.log_alpha.clamp_(self.log_alpha_min, LOG_ALPHA_MAX)
 
     def prob_nonzero(self) -> torch.Tensor:
         return torch.sigmoid(self.log_alpha - self.temperature * math.log(-LIMIT_L / LIMIT_R))
@@ -130,7 +133,7 @@ class HardConcrete(nn.Module):
         order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True)
         frac = torch.arange(self.n, device=order.device, dtype=torch.float32) / max(self.n - 1, 1)
         rank_frac = torch.empty_like(frac.expand_as(order)).scatter_(-1, order, frac.expand_as(order).contiguous())
-        self.log_alpha.copy_((LOG_ALPHA_MAX - spread * rank_frac).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX))
+        self.log_alpha.copy_((LOG_ALPHA_MAX - spread * rank_frac).clamp(self.log_alpha_min, LOG_ALPHA_MAX))
 
 
 @dataclass
@@ -176,6 +179,7 @@ class ShearingMasks(nn.Module):
             position of the micro-batch), so every world size, and a resumed run, samples the same masks.
         tie_word_embeddings, qkv_bias: features of a LLaMA-like source, for parameter counts.
         config: the source config: parameter counts of its own family and features (overrides the two above).
+        log_alpha_min: every gate's lower clamp (see :class:`HardConcrete`).
     """
 
     def __init__(
@@ -189,6 +193,7 @@ class ShearingMasks(nn.Module):
         tie_word_embeddings: bool = False,
         qkv_bias: bool = False,
         config: Optional[PretrainedConfig] = None,
+        log_alpha_min: float = LOG_ALPHA_MIN,
     ) -> None:
         super().__init__()
         self.config = config  # the source's: parameter counts of its family (None: LLaMA-like)
@@ -203,7 +208,7 @@ class ShearingMasks(nn.Module):
         self.gqa = G != H
 
         def gate(shape: tuple[int, ...], keep: int) -> HardConcrete:
-            return HardConcrete(shape, keep, init_log_alpha, temperature)
+            return HardConcrete(shape, keep, init_log_alpha, temperature, log_alpha_min)
 
         gates: dict[str, HardConcrete] = {}
         if "layer" in prune and target["num_hidden_layers"] < L:
@@ -238,7 +243,7 @@ class ShearingMasks(nn.Module):
             self.start_fraction = {k: float(v) / self._full_and_target(k)[0] for k, v in self.expected_counts().items()}
 
     def clamp_(self) -> None:
-        """Bound every ``log_alpha`` to ``[ln 0.01, ln 100]`` (after each optimizer step, as the reference)."""
+        """Bound every ``log_alpha`` to ``[log_alpha_min, ln 100]`` (after each optimizer step, as the reference)."""
         for g in self.gates.values():
             g.clamp_()
 
