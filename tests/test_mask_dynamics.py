@@ -203,3 +203,39 @@ def test_config_names_the_replaced_droprate_init():
         PruningConfig(target=TARGET, init="magnitude")
     with pytest.raises(ConfigError, match="outside the clamp"):
         PruningConfig(target=TARGET, init_log_alpha=math.log(1000))
+
+
+def test_a_lower_clamp_makes_pushed_down_units_count_nothing():
+    """At the reference's clamp a unit pushed down still counts P(z != 0) = 0.047 in the expected size, so 20 dead
+    units weigh as much as one alive; with log_alpha_min = ln 1e-4 they count ~0.0005 each."""
+    for lo, per_dead in ((LOG_ALPHA_MIN, 0.047), (math.log(1e-4), 0.0005)):
+        gate = HardConcrete((1, 60), keep=10, log_alpha_min=lo)
+        with torch.no_grad():
+            gate.log_alpha.fill_(-20.0)
+            gate.log_alpha[0, :10] = LOG_ALPHA_MAX
+        gate.clamp_()
+        assert float(gate.log_alpha.min()) == pytest.approx(lo)
+        dead = float(gate.prob_nonzero()[0, 10:].mean())
+        assert dead == pytest.approx(per_dead, rel=0.1)
+
+
+def test_frozen_weights_leave_the_source_untouched_while_the_masks_learn(mds_data, tmp_path):
+    from tests.helpers import REPO, save_tiny_cpu_source
+    from llmshearing.config import load_config
+    from llmshearing.trainer import build_trainer
+
+    src = save_tiny_cpu_source(tmp_path / "src")
+    cfg = load_config(REPO / "yamls" / "prune" / "tiny_cpu.yaml", [
+        f"variables.data={mds_data}", f"variables.run_dir={tmp_path / 'run'}", f"variables.source={src}",
+        "variables.vocab_size=512", "data.max_seq_len=64", "max_duration=3ba", "eval_interval=100ba",
+        "save_interval=100ba", "global_train_batch_size=4", "device_train_microbatch_size=4",
+        "pruning.freeze_weights=true", "pruning.log_alpha_min=-9.2"])
+    trainer = build_trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.state.model.model.state_dict().items()}
+    masks_before = {k: v.clone() for k, v in trainer.state.model.masks.state_dict().items()}
+    trainer.fit()
+    after = trainer.state.model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(masks_before[k], v) for k, v in trainer.state.model.masks.state_dict().items())
+    assert all(g.log_alpha_min == -9.2 for g in trainer.state.model.masks.gates.values())
+    trainer.close()

@@ -133,7 +133,6 @@ def build_hf_model(cfg: ModelConfig, empty: bool = False) -> PreTrainedModel:
         model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
     log.info("model %s: %s, %.2fM parameters%s", cfg.family, describe_shape(model.config), model.num_parameters() / 1e6,
              " (empty: weights arrive from rank 0)" if empty else "")
     return model

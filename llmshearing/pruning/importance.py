@@ -85,9 +85,9 @@ def activation_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int
         for start in range(0, len(input_ids), batch_size):
             ids = input_ids[start : start + batch_size].to(dev)
             try:  # no logits over the sequence: only the activations inside are needed
-                model(input_ids=ids, logits_to_keep=1)
+                model(input_ids=ids, logits_to_keep=1, use_cache=False)
             except TypeError:  # a family whose forward has no logits_to_keep
-                model(input_ids=ids)
+                model(input_ids=ids, use_cache=False)
             tokens += ids.numel()
     finally:
         for h in handles:
