@@ -37,7 +37,7 @@ from llmshearing.data import (
 from llmshearing.models import ComposerCausalLM, build_hf_model
 from llmshearing.models.families import resolve_hf_config
 
-__all__ = ["build_trainer", "train_from_yaml"]
+__all__ = ["build_trainer", "finished", "train_from_yaml"]
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +305,23 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     return trainer
 
 
+def finished(trainer: Trainer) -> Optional[str]:
+    """Why there is nothing to train (the run resumed at or past ``max_duration``), or None."""
+    state = trainer.state
+    if state.max_duration is None:
+        return None
+    done = state.timestamp.get(state.max_duration.unit)
+    if done < state.max_duration:
+        return None
+    where = f" from {state.load_path}" if state.load_path else ""
+    return (f"this run is finished: it resumed{where} at {int(state.timestamp.batch)} batches, max_duration is "
+            f"{state.max_duration}. To train longer raise max_duration; to start again use another save_folder "
+            "(variables.run_dir) or autoresume=false save_overwrite=true")
+
+
 def train_from_yaml(path: str, overrides: Sequence[str] = (), fit: bool = True) -> Trainer:
-    """Load ``path`` with ``key=value`` overrides, build the trainer and (by default) train.
+    """Load ``path`` with ``key=value`` overrides, build the trainer and (by default) train; a run that resumes
+    already finished is not trained again (logged).
 
     Returns:
         The trainer, after ``fit()`` when ``fit``.
@@ -314,7 +329,11 @@ def train_from_yaml(path: str, overrides: Sequence[str] = (), fit: bool = True) 
     cfg = load_config(path, overrides)
     trainer = build_trainer(cfg)
     if fit:
-        trainer.fit()
+        reason = finished(trainer)
+        if reason:
+            log.info(reason)
+        else:
+            trainer.fit()
     return trainer
 
 
@@ -345,4 +364,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print("(configuration checked before training; nothing was trained. --debug shows the traceback)",
               file=sys.stderr)
         raise SystemExit(2) from None
+    reason = finished(trainer)
+    if reason:
+        print(reason)
+        trainer.close()
+        return
     trainer.fit()

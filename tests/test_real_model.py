@@ -64,3 +64,4 @@ def test_source_still_knows_its_capitals(smollm2):
     from llmshearing.evaluate import generate
 
     assert "Paris" in generate(smollm2, "The capital of France is", max_new_tokens=4)
+

@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,9 +164,56 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMSHEARING_CACHE", Path.home() / ".cache" / "llmshearing"))
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(spec: Optional[str]) -> bool:
+    """Whether ``spec`` reads as a Hugging Face Hub model id (``org/name``) and is not a local path."""
+    return spec is not None and bool(_HUB_ID.match(str(spec))) and not Path(str(spec)).exists()
+
+
+def resolve_hub(repo_id: str) -> str:
+    """The local snapshot of a Hub model, through the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``): taken from
+    the cache when it is there, downloaded when it is not and the Hub is reachable (config, tokenizer, safetensors
+    weights; ``.bin`` weights only for a model without safetensors).
+
+    Raises:
+        FileNotFoundError: not cached and not downloadable (offline, or no such model), naming the download command.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+    def has_weights(path: str) -> bool:
+        return any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
+
+    try:
+        path = snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns + ["*.bin"])
+        if has_weights(path):
+            return path
+    except Exception:  # not (fully) in the cache
+        pass
+    fix = (f"download it on a machine that reaches the Hub, into the same cache: `huggingface-cli download {repo_id}` "
+           f"(cache: {constants.HF_HUB_CACHE}), or give a local model folder")
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{repo_id} is a Hub model id that is not in the Hugging Face cache and HF_HUB_OFFLINE "
+                                f"is set; {fix}")
+    try:
+        path = snapshot_download(repo_id, allow_patterns=patterns)
+        if not has_weights(path):
+            path = snapshot_download(repo_id, allow_patterns=patterns + ["*.bin"])
+    except Exception as e:  # no network, no such repository, gated model...
+        raise FileNotFoundError(f"{repo_id} is a Hub model id that is not in the Hugging Face cache and could not be "
+                                f"downloaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {fix}") from None
+    return path
+
+
 def resolve_pretrained(spec: Optional[str]) -> Optional[str]:
     """A Hugging Face directory for ``spec``: GGUF sources converted once into the cache (keyed by the file's
-    name, size and modification time), anything else unchanged."""
+    name, size and modification time), Hub ids (``org/name``) through the Hugging Face cache, anything else
+    unchanged."""
+    if is_hub_id(spec):
+        return resolve_hub(str(spec))
     if not is_gguf(spec):
         return spec
     path = find_gguf(str(spec))
