@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmshearing.data.prepare import DataPrepError, prepare_dataset  # noqa: E402
+from llmshearing.data.prepare import prepare_dataset  # noqa: E402
 
 
 def _budgets(items: list[str]) -> dict[str, int]:
@@ -32,9 +32,19 @@ def _budgets(items: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="folder with one sub-folder per domain")
-    p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    from llmshearing.cli import run
+
+    return run(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from llmshearing.cli import parser
+
+    p = parser(__doc__)
+    p.add_argument("--input", "--data-folder", dest="input", required=True,
+                   help="folder with one sub-folder per domain")
+    p.add_argument("--output", "--out", dest="output", required=True,
+                   help="output folder (must not exist unless --overwrite)")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer dir or SentencePiece .model")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--domains", nargs="*", default=None, help="domains to include (default: all sub-folders)")
@@ -54,22 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-bad-files", action="store_true",
                    help="leave out input files that cannot be read to their end (truncated .gz) and list them in the "
                         "manifest, instead of stopping")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        res = prepare_dataset(
-            args.input, args.output, args.tokenizer, args.seq_len, domains=args.domains,
-            val_fraction=args.val_fraction, test_fraction=args.test_fraction, max_doc_chars=args.max_doc_chars,
-            max_tokens=_budgets(args.max_tokens), seed=args.seed, workers=args.workers,
-            chunk_bytes=int(args.chunk_mb * 2**20) or None, add_bos=not args.no_bos, compression=args.compression,
-            overwrite=args.overwrite, skip_bad_files=args.skip_bad_files,
-        )
-    except (DataPrepError, FileExistsError) as e:  # the user's input: one line with the fix
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = prepare_dataset(
+        args.input, args.output, args.tokenizer, args.seq_len, domains=args.domains,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, max_doc_chars=args.max_doc_chars,
+        max_tokens=_budgets(args.max_tokens), seed=args.seed, workers=args.workers,
+        chunk_bytes=int(args.chunk_mb * 2**20) or None, add_bos=not args.no_bos, compression=args.compression,
+        overwrite=args.overwrite, skip_bad_files=args.skip_bad_files,
+    )
     summary = {d: {"train_seqs": e["train"]["sequences"], "val_seqs": e["val"]["sequences"],
                    "test_seqs": e["test"]["sequences"],
                    "text_tokens": e["text_tokens"], "malformed": len(e["malformed"]),

@@ -158,7 +158,15 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, tempe
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llmshearing.cli import run
+
+    return run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from llmshearing.cli import parser
+
+    p = parser(__doc__)
     p.add_argument("--model", required=True, action="append",
                    help="Hugging Face model directory, or NAME=DIR; repeat to compare models side by side (--tasks)")
     p.add_argument("--data", help="prepared dataset root (data_prep/prepare_data.py output)")

@@ -93,7 +93,7 @@ def _pruning_state(state: dict[str, Any]) -> Optional[dict[str, Any]]:
 
 
 def _write_card(out: Path, meta: dict[str, Any], state: dict[str, Any], src_config, config, params: int,
-                checkpoint: str | Path) -> None:
+                checkpoint: str | Path, name: Optional[str] = None) -> None:
     """``llmshearing.json`` (provenance) and ``README.md`` (model card) of an export (module ``model_card``)."""
     from llmshearing.model_card import build_card, last_eval_losses, provenance_of, write_provenance
     from llmshearing.models.families import count_params
@@ -103,7 +103,8 @@ def _write_card(out: Path, meta: dict[str, Any], state: dict[str, Any], src_conf
     write_provenance(out, prov)
     ckpt = Path(checkpoint)
     run_dir = (ckpt if ckpt.is_dir() else ckpt.parent).resolve().parent
-    (out / "README.md").write_text(build_card(prov, src_config.model_type, last_eval_losses(run_dir / "metrics.jsonl")))
+    (out / "README.md").write_text(build_card(prov, src_config.model_type, last_eval_losses(run_dir / "metrics.jsonl"),
+                                              name=name))
 
 
 def export_checkpoint(
@@ -111,7 +112,7 @@ def export_checkpoint(
     output: str | Path,
     tokenizer: Optional[str] = None,
     overwrite: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
 ) -> Path:
     """Write a Hugging Face model directory from a Composer checkpoint (see module docstring).
 
@@ -120,7 +121,8 @@ def export_checkpoint(
         output: model directory to write.
         tokenizer: tokenizer to save alongside (default: the one recorded in the checkpoint, if it exists).
         overwrite: replace an existing ``output``.
-        dtype: dtype of the saved weights.
+        dtype: dtype of the saved weights (default: the source's declared dtype, recorded at training; float32 for
+            a model trained from random initialisation or a GGUF source, which is dequantised to fp32).
 
     Returns:
         ``output``.
@@ -185,13 +187,16 @@ def export_checkpoint(
     model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
+    if dtype is None:
+        declared = (meta.get("run") or {}).get("source_dtype")
+        dtype = getattr(torch, declared) if declared in ("float32", "bfloat16", "float16") else torch.float32
     model = model.to(dtype)
 
     tmp = output.with_name(output.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
-    _write_card(tmp, meta, state, src_config, config, model.num_parameters(), checkpoint)
+    _write_card(tmp, meta, state, src_config, config, model.num_parameters(), checkpoint, name=output.name)
     tok_path = tokenizer or meta.get("tokenizer")
     if tok_path and Path(tok_path).exists():
         from llmshearing.data.tokenizer import load_tokenizer

@@ -83,20 +83,23 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, revisio
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import sys
+    from llmshearing.cli import run
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from llmshearing.cli import parser
+
+    p = parser(__doc__)
     p.add_argument("folder", help="an exported model directory")
-    p.add_argument("--repo-id", required=True, help="user-or-org/name on the Hub")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--push-to-hub", "--repo-id", dest="repo_id", required=True, metavar="REPO_ID",
+                   help="user-or-org/name on the Hub")
+    p.add_argument("--private", action="store_true", help="create a private repository")
     p.add_argument("--revision", default=None, help="branch to upload to (created if absent)")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
     args = p.parse_args(argv)
-    try:
-        print(push_to_hub(args.folder, args.repo_id, args.private, args.revision, args.dry_run))
-    except HubError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(push_to_hub(args.folder, args.repo_id, args.private, args.revision, args.dry_run))
     return 0
 
 

@@ -45,8 +45,11 @@ def provenance_of(meta: dict[str, Any], state: dict[str, Any], source_shape: dic
     base = earlier.get("base_model") or meta.get("source")
     ts = state.get("timestamp") or {}
     ts = ts.get("Timestamp", ts)  # Composer nests it under the class name
+    run = meta.get("run") or {}
     stage = {"stage": meta.get("stage", "training"), "tokens": int(ts.get("token", 0)), "batches": int(ts.get("batch", 0)),
              "from": meta.get("source"),
+             "llmshearing_version": run.get("llmshearing_version"), "commit": run.get("commit"), "seed": run.get("seed"),
+             "data": run.get("data"), "config": run.get("config"),
              "shape_before": {k: source_shape.get(k) for k in SHAPE_KEYS},
              "shape_after": {k: shape.get(k) for k in SHAPE_KEYS},
              "parameters_before": source_params, "parameters_after": params, "domains": meta.get("domains"),
@@ -62,8 +65,13 @@ def _hub_id(base: Optional[str]) -> Optional[str]:
     return None
 
 
-def build_card(provenance: dict[str, Any], family: str, eval_losses: Optional[dict[str, float]] = None) -> str:
-    """The model card text (YAML front matter + markdown)."""
+_STAGE_WORDS = {"pruning": "targeted structured pruning with learned masks",
+                "continued_pretraining": "continued pre-training", "training": "training from random initialisation"}
+
+
+def build_card(provenance: dict[str, Any], family: str, eval_losses: Optional[dict[str, float]] = None,
+               name: Optional[str] = None) -> str:
+    """The model card text (YAML front matter + markdown); ``name``: the model's (its folder's) name."""
     from huggingface_hub import ModelCardData
 
     stages = provenance["stages"]
@@ -77,13 +85,25 @@ def build_card(provenance: dict[str, Any], family: str, eval_losses: Optional[di
               *(["distillation"] if any(s.get("distillation") for s in stages) else [])],
     )
     before, after = first["shape_before"], last["shape_after"]
+    base = provenance.get("base_model")
+    made = ", then ".join(_STAGE_WORDS.get(s["stage"], s["stage"].replace("_", " ")) for s in stages)
+    origin = f"from `{base}`: {made}" if base else f"by {made}"
+    title = name or f"{Path(str(base or 'model')).name}, sheared"
+    ref = _hub_id(base) and name or name or "<this folder or Hub id>"
     lines = [
         "---", data.to_yaml(), "---", "",
-        f"# {Path(str(provenance.get('base_model') or 'model')).name}, sheared",
+        f"# {title}",
         "",
-        f"Made with llmshearing (LLM shearing, Xia et al., ICLR 2024) from "
-        f"`{provenance.get('base_model')}`: targeted structured pruning with learned masks, then continued "
-        "pre-training. It is a plain transformers model (`AutoModelForCausalLM.from_pretrained`).",
+        f"Made with llmshearing (LLM shearing, Xia et al., ICLR 2024) {origin}. It is a plain transformers model.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{ref}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{ref}")',
+        'inputs = tokenizer("The capital of France is", return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
+        "```",
         "",
         "| | layers | hidden | query heads | KV heads | FFN | parameters |",
         "|---|---|---|---|---|---|---|",
@@ -101,7 +121,8 @@ def build_card(provenance: dict[str, Any], family: str, eval_losses: Optional[di
         lines += ["", "Validation loss per domain at the end of the last stage (nats/token, the run's own held-out "
                   "split):", "", "| domain | loss |", "|---|---|",
                   *(f"| {d} | {v:.3f} |" for d, v in eval_losses.items())]
-    lines += ["", "Provenance in `llmshearing.json`."]
+    lines += ["", "Provenance (stages, tokens, package version and commit, seeds, run configs, data) in "
+              "`llmshearing.json`."]
     return "\n".join(lines) + "\n"
 
 

@@ -137,12 +137,22 @@ def plot_run(run: str | Path, out: str | Path, metrics_file: Optional[str | Path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llmshearing.cli import run
+
+    return run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from llmshearing.cli import parser
+
+    p = parser(__doc__)
     p.add_argument("--run", required=True, help="run directory (holds metrics.jsonl and checkpoints/)")
-    p.add_argument("--out", help="output folder (default: <run>/plots)")
+    p.add_argument("--output", "--out", dest="output", help="output folder (default: <run>/plots)")
     p.add_argument("--metrics", help="metrics file (default: <run>/metrics.jsonl)")
     args = p.parse_args(argv)
-    for f in plot_run(args.run, args.out or Path(args.run) / "plots", args.metrics):
+    if not Path(args.run).is_dir():
+        raise FileNotFoundError(f"--run {args.run}: no such run folder (the variables.run_dir of a training run)")
+    for f in plot_run(args.run, args.output or Path(args.run) / "plots", args.metrics):
         print(f)
     return 0
 

@@ -113,15 +113,26 @@ def _print_reference(domains: Sequence[str], values: Sequence[float]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llmshearing.cli import run
+
+    return run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from llmshearing.cli import HelpFormatter, parser
+
+    p = parser(__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fit", help="scaling-law fit per domain, predicted at --target-params")
+    f = sub.add_parser("fit", help="scaling-law fit per domain, predicted at --target-params",
+                       formatter_class=HelpFormatter)
+    f.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     f.add_argument("--csv", required=True)
     f.add_argument("--target-params", type=float, required=True)
     f.add_argument("--json", help="also write fits and predictions here")
-    m = sub.add_parser("measure", help="a model's per-domain eval loss")
-    m.add_argument("--model", required=True)
-    m.add_argument("--data", required=True)
+    m = sub.add_parser("measure", help="a model's per-domain eval loss", formatter_class=HelpFormatter)
+    m.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    m.add_argument("--model", required=True, help="model folder, Hub id or .gguf")
+    m.add_argument("--data", required=True, help="prepared dataset (data_prep/prepare_data.py --output)")
     m.add_argument("--domains", nargs="*")
     m.add_argument("--seq-len", type=int)
     m.add_argument("--batch-size", type=int, default=8)

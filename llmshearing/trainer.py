@@ -86,6 +86,43 @@ def _provenance(pretrained: Optional[str]) -> Optional[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _run_info(cfg: RunConfig, manifest: dict, source_config) -> dict[str, Any]:
+    """Provenance of the run for its exports: package version and commit, seed, resolved config, data identity."""
+    import hashlib
+    import subprocess
+
+    import llmshearing
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(llmshearing.__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    manifest_file = Path(cfg.data.local) / "manifest.json"
+    dtype = getattr(source_config, "dtype", None) if cfg.model.pretrained else None
+    return {
+        "llmshearing_version": llmshearing.__version__, "commit": commit, "seed": cfg.seed,
+        "config": to_plain(cfg),
+        "data": {"path": cfg.data.local, "domains": list(manifest.get("domains", {})),
+                 "manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest() if manifest_file.is_file()
+                 else None, "tokenizer": manifest.get("tokenizer")},
+        "source_dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+    }
+
+
+def _save_resolved_config(cfg: RunConfig) -> None:
+    """``<run folder>/config.yaml``: the run's config after includes, variables and overrides (rank 0, atomic)."""
+    if cfg.save_folder is None or dist.get_global_rank() != 0:
+        return
+    from omegaconf import OmegaConf
+
+    run_dir = Path(os.path.dirname(cfg.save_folder.rstrip("/")) or ".")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))))
+    tmp.replace(run_dir / "config.yaml")
+
+
 def _metrics_path(cfg: RunConfig) -> Optional[str]:
     if cfg.metrics_file != "auto":
         return cfg.metrics_file
@@ -179,10 +216,11 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
             cfg.eval_subset_num_batches, dist.get_world_size(), dist.get_world_size(),
         )
 
-    if cfg.pruning is not None:  # family, features and target checked from config.json, before loading weights
+    source_config = resolve_hf_config(cfg.model)[0]  # config.json only: checks before any weights load
+    if cfg.pruning is not None:  # family, features and target
         from llmshearing.algorithms.l0_pruning import L0Pruning
 
-        L0Pruning.validate(cfg.pruning, resolve_hf_config(cfg.model)[0])
+        L0Pruning.validate(cfg.pruning, source_config)
     # With fsdp.sync_module_states (shipped) rank 0 alone reads the source; the others build it on the meta device
     # and receive their shards by broadcast when Composer wraps the model (8 ranks x a 27 GB fp32 7B would not fit
     # a node's host memory).
@@ -221,7 +259,8 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
                            stage="pruning" if cfg.pruning is not None else
                            "continued_pretraining" if cfg.model.pretrained else "training",
                            distillation=None if cfg.distillation is None else
-                           (cfg.distillation.teacher or cfg.model.pretrained)),
+                           (cfg.distillation.teacher or cfg.model.pretrained),
+                           run=_run_info(cfg, manifest, source_config)),
         DomainLossMonitor(),
         LossGuard(cfg.save_folder),
         LRMonitor(),
@@ -253,6 +292,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     # EvalSampler pads with indices the metrics never count (domain_id -1), so Composer's own de-padding,
     # which it warns it cannot do without the sampler's dataset length, is not needed.
     warnings.filterwarnings("ignore", message="DistributedSampler's dataset does not have length defined")
+    _save_resolved_config(cfg)
     install_atomic_checkpoint_writes()
     if cfg.save_folder and cfg.autoresume and dist.get_global_rank() == 0:  # a run that continues this folder
         repair_save_folder(cfg.save_folder)

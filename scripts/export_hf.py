@@ -18,11 +18,21 @@ from llmshearing.export import export_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Composer checkpoint file or save folder")
-    p.add_argument("--output", required=True, help="Hugging Face model directory to write")
+    from llmshearing.cli import run
+
+    return run(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from llmshearing.cli import parser
+
+    p = parser(__doc__)
+    p.add_argument("--checkpoint", required=True,
+                   help="Composer checkpoint file, sharded checkpoint folder, or a run's checkpoints folder (its latest)")
+    p.add_argument("--output", "--out", dest="output", required=True, help="Hugging Face model directory to write")
     p.add_argument("--tokenizer", default=None, help="tokenizer to include (default: the one the run used)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype; auto: the source model's declared dtype (float32 after random init or GGUF)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the export to this Hub repository")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
@@ -32,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    export_checkpoint(args.checkpoint, args.output, args.tokenizer, args.overwrite, getattr(torch, args.dtype))
+    export_checkpoint(args.checkpoint, args.output, args.tokenizer, args.overwrite,
+                      None if args.dtype == "auto" else getattr(torch, args.dtype))
     print(args.output)
     if args.push_to_hub:
         from llmshearing.hub import main as push

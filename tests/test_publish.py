@@ -4,6 +4,7 @@ everything before creating anything (the dry run and the error paths: no network
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,50 @@ def test_exports_generate_with_the_kv_cache_by_default(exports):
                                               with_kwargs=True)
         model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, do_sample=False)
         assert lengths == [4, 1, 1, 1], lengths  # after the prompt, one new token a step: the cache is used
+
+
+def test_cards_say_what_each_export_went_through_and_how_to_use_it(exports):
+    src, pruned, final = exports
+    p_text, f_text = (pruned / "README.md").read_text(), (final / "README.md").read_text()
+    assert "# pruned\n" in p_text and "# final\n" in f_text  # the export's own name, not "<source>, sheared"
+    assert "targeted structured pruning with learned masks." in p_text and "continued pre-training" not in p_text
+    assert "targeted structured pruning with learned masks, then continued pre-training." in f_text
+    assert "AutoModelForCausalLM.from_pretrained(" in p_text and "model.generate(" in p_text
+
+
+def test_provenance_names_version_commit_seed_config_and_data(exports, mds_data):
+    import hashlib
+
+    import llmshearing
+
+    stage = json.loads((exports[2] / "llmshearing.json").read_text())["stages"][-1]
+    assert stage["llmshearing_version"] == llmshearing.__version__ and stage["seed"] == 17
+    assert stage["commit"] is None or len(stage["commit"]) == 40
+    assert stage["config"]["max_duration"] == "2ba" and stage["config"]["model"]["pretrained"] == str(exports[1])
+    want = hashlib.sha256((Path(mds_data) / "manifest.json").read_bytes()).hexdigest()
+    assert stage["data"]["manifest_sha256"] == want and stage["data"]["domains"] == ["code", "docstrings", "reference"]
+    assert stage["data"]["tokenizer"]["vocab_size"] == 512
+
+
+def test_the_resolved_config_is_saved_in_the_run_folder(exports, tmp_path_factory):
+    from omegaconf import OmegaConf
+
+    run = next(p for p in tmp_path_factory.getbasetemp().glob("publish*/cpt"))
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert cfg.max_duration == "2ba" and cfg.dynamic_loading.reference_losses == [4, 4, 4]
+    assert "includes" not in cfg and "???" not in (run / "config.yaml").read_text()
+
+
+def test_the_export_dtype_is_the_sources_declared_one(mds_data, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = _source(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model.save_pretrained(src)  # a bf16 release, like the LLaMA-3 / SmolLM2 checkpoints on the Hub
+    out = export_checkpoint(_train(REPO / "yamls/prune/tiny_cpu.yaml", mds_data, tmp_path / "prune",
+                                   f"variables.source={src}"), tmp_path / "pruned")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    out32 = export_checkpoint(tmp_path / "prune" / "checkpoints", tmp_path / "pruned32", dtype=torch.float32)
+    assert json.loads((out32 / "config.json").read_text())["dtype"] == "float32"

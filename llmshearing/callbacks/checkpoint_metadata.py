@@ -37,17 +37,21 @@ class CheckpointMetadata(Callback):
         provenance: the source's ``llmshearing.json`` when it is an llmshearing export (its own stages).
         stage: ``pruning``, ``continued_pretraining`` or ``training``.
         distillation: the teacher, when the run distils.
+        run: what else an export's provenance records: package version and commit, seed, the resolved run config,
+            the data's identity (manifest hash, domains, tokenizer) and the source's declared dtype.
 
     Logs nothing. On resume, a checkpoint of a different model shape is refused.
     """
 
     def __init__(self, model_config: PretrainedConfig, tokenizer: Optional[str], domains: Sequence[str],
                  source: Optional[str] = None, provenance: Optional[dict[str, Any]] = None,
-                 stage: str = "training", distillation: Optional[str] = None) -> None:
+                 stage: str = "training", distillation: Optional[str] = None,
+                 run: Optional[dict[str, Any]] = None) -> None:
         self.model_config = model_config.to_dict()
         self.tokenizer = tokenizer
         self.domains = list(domains)
         self.source, self.provenance, self.stage, self.distillation = source, provenance, stage, distillation
+        self.run = run or {}
 
     def state_dict(self) -> dict[str, Any]:
         # A fresh copy with JSON's string keys: a sharded checkpoint is loaded *into* the returned dict, which
@@ -55,7 +59,7 @@ class CheckpointMetadata(Callback):
         return json.loads(json.dumps(
             {"hf_config": self.model_config, "tokenizer": self.tokenizer, "domains": self.domains,
              "source": self.source, "source_provenance": self.provenance, "stage": self.stage,
-             "distillation": self.distillation}))
+             "distillation": self.distillation, "run": self.run}))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_same_shape(state.get("hf_config", {}), self.model_config)

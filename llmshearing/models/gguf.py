@@ -230,14 +230,21 @@ def resolve_pretrained(spec: Optional[str]) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Convert a GGUF model (a .gguf path or a short name) to a Hugging Face "
-                                            "directory with its tokenizer.")
+    from llmshearing.cli import run
+
+    return run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from llmshearing.cli import parser
+
+    p = parser("Convert a GGUF model (a .gguf path or a short name) to a Hugging Face directory with its tokenizer.")
     p.add_argument("source", help=f"a .gguf file or one of {sorted(KNOWN)}")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--output", "--out", dest="output", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(convert_gguf(args.source, args.out, overwrite=args.overwrite))
+    print(convert_gguf(args.source, args.output, overwrite=args.overwrite))
     return 0
 
 

@@ -1,0 +1,73 @@
+"""The comparison statistics of the benchmarks (benchmarks/stats.py) and the document clusters of a split."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.stats import clustered_se, compare, crossover, t_critical, verdict
+
+
+def test_t_critical_is_students_for_the_seeds_degrees_of_freedom():
+    assert t_critical(2) == pytest.approx(4.303)  # 3 seeds
+    assert t_critical(4) == pytest.approx(2.776)
+    assert t_critical(27) == pytest.approx(2.060)  # the next smaller tabulated df: conservative
+    assert t_critical(500) == 1.96 and t_critical(0) == math.inf
+
+
+def test_clustered_se_equals_the_plain_se_for_singletons_and_grows_with_correlated_clusters():
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=200)
+    plain = d.std(ddof=1) / math.sqrt(len(d))
+    assert clustered_se(d, np.arange(200)) == pytest.approx(plain, rel=1e-9)  # G/(G-1) = n/(n-1): the same
+    shared = np.repeat(rng.normal(size=10), 20) + 0.1 * rng.normal(size=200)  # 10 documents of 20 sequences
+    docs = np.repeat(np.arange(10), 20)
+    assert clustered_se(shared, docs) > 3 * clustered_se(shared, np.arange(200))
+    assert math.isnan(clustered_se(d, np.zeros(200)))  # one document: the set cannot tell its own error
+
+
+def test_compare_pairs_seeds_adds_the_test_error_and_uses_the_seeds_df():
+    docs = np.repeat(np.arange(8), 4)
+    base = np.linspace(3, 4, 32)
+    a = {s: base - 0.10 + 0.01 * s for s in range(3)}
+    b = {s: base.copy() for s in range(3)}
+    r = compare(a, b, docs)
+    assert r["diff"] == pytest.approx(-0.09) and r["df"] == 2 and r["n_seeds"] == 3
+    assert r["se_seed"] == pytest.approx(np.std([-0.10, -0.09, -0.08], ddof=1) / math.sqrt(3))
+    assert r["se_test"] == pytest.approx(0.0, abs=1e-12)  # the same shift on every sequence
+    assert r["t"] == pytest.approx(r["diff"] / r["se_seed"])
+    assert verdict(r["diff"], r["se"], r["df"], "A", "B") == "A lower"  # |t| = 15.6 > 4.30
+    assert verdict(-0.09, 0.025, 2) == "none"  # |t| = 3.6: "beats" at 2 SE would have been claimed
+    assert verdict(0.09, 0.01, 2, "A", "B") == "B lower"
+    assert compare({0: base}, {0: base + 0.01}, docs)["df"] == 0  # one seed: the test error alone
+
+
+def test_crossover_interpolates_in_log_tokens_and_says_when_not_reached():
+    budgets, losses = [1e6, 2e6, 4e6], [4.0, 3.6, 3.4]
+    assert crossover(budgets, losses, 3.6) == pytest.approx(2e6)
+    mid = crossover(budgets, losses, 3.5)
+    assert mid == pytest.approx(math.exp((math.log(2e6) + math.log(4e6)) / 2))
+    assert crossover(budgets, losses, 4.5) == pytest.approx(1e6)
+    assert crossover(budgets, losses, 3.3) is None
+
+
+def test_sequence_documents_count_the_end_of_document_tokens_before_each_sequence(mds_data):
+    from llmshearing.data.dataset import DomainTokenDataset, load_manifest
+    from llmshearing.evaluate import sequence_documents, sequence_losses
+
+    docs = sequence_documents(mds_data, "test", max_sequences_per_domain=20)
+    manifest = load_manifest(mds_data)
+    eos = manifest["tokenizer"]["eos_token_id"]
+    ds = DomainTokenDataset(mds_data, "test", list(docs), manifest["seq_len"], manifest=manifest)
+    for k, (domain, ids) in enumerate(docs.items()):
+        assert list(ids) == sorted(ids) and ids[0] == 0  # consecutive sequences, documents in order
+        stream = np.concatenate([ds[int(ds.offsets[k]) + i]["input_ids"].numpy() for i in range(len(ids))])
+        starts = np.arange(len(ids)) * manifest["seq_len"]
+        assert [int((stream[:s] == eos).sum()) for s in starts] == list(ids)
+    from tests.helpers import make_tiny_model
+
+    model = make_tiny_model("llama2_mha", vocab_size=512)
+    losses = sequence_losses(model, mds_data, "test", max_sequences_per_domain=20)
+    assert {d: len(v) for d, v in losses.items()} == {d: len(v) for d, v in docs.items()}
