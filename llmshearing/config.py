@@ -47,6 +47,18 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_time(key: str, value: str) -> None:
+    """A Composer duration: a number with a unit (``300ba``, ``1000000tok``, ``0.2dur``)."""
+    from composer.core import Time
+
+    try:
+        Time.from_timestring(str(value))
+    except ValueError:
+        hint = f"; did you mean {value}ba (batches) or {value}tok (tokens)?" if str(value).strip().isdigit() else ""
+        raise ConfigError(f"{key}={value!r} is not a duration: give a number with a unit: ba (batches), tok (tokens), "
+                          f"sp (samples) or dur (a fraction of the run){hint}") from None
+
+
 @dataclass
 class ModelConfig:
     """Which transformers model to train.
@@ -77,6 +89,13 @@ class ModelConfig:
         _require(
             self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
             f"model.attn_implementation={self.attn_implementation!r}: use sdpa, eager or flash_attention_2",
+        )
+        import importlib.util
+
+        _require(
+            self.attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not installed: "
+            "pip install -e '.[gpu]' on a CUDA machine, or use model.attn_implementation=sdpa",
         )
         _require(
             self.pretrained is not None or bool(self.config),
@@ -348,6 +367,11 @@ class RunConfig:
     progress_bar: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("max_duration", "eval_interval", "save_interval", "console_log_interval"):
+            _check_time(f"{key}", getattr(self, key))
+        _check_time("scheduler.t_warmup", self.scheduler.t_warmup)
+        if self.pruning is not None:
+            _check_time("pruning.lagrangian_warmup", self.pruning.lagrangian_warmup)
         _require(self.global_train_batch_size > 0, "global_train_batch_size must be > 0")
         _require(self.device_eval_batch_size > 0, "device_eval_batch_size must be > 0")
         if isinstance(self.device_train_microbatch_size, str):
@@ -399,6 +423,14 @@ class RunConfig:
             check_mask_samples(self, world_size=1)
         unknown_loggers = set(self.loggers) - {"wandb", "mlflow", "tensorboard"}
         _require(not unknown_loggers, f"loggers: unknown logger(s) {sorted(unknown_loggers)}; use wandb, mlflow, tensorboard")
+        import importlib.util
+
+        for name, module, install in (("wandb", "wandb", "pip install -e '.[wandb]'"),
+                                      ("mlflow", "mlflow", "pip install mlflow"),
+                                      ("tensorboard", "tensorboard", "pip install tensorboard")):
+            _require(name not in self.loggers or importlib.util.find_spec(module) is not None,
+                     f"loggers.{name} needs the {module} package, which is not installed: {install} (or remove "
+                     f"loggers.{name})")
         if self.dynamic_loading is not None and self.dynamic_loading.reference_losses is not None:
             if self.data.domains is not None:
                 n_ref, n_dom = len(self.dynamic_loading.reference_losses), len(self.data.domains)
@@ -444,7 +476,17 @@ def load_yaml(path: str | Path, overrides: typing.Sequence[str] = ()) -> DictCon
     try:
         resolved = om.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as e:  # omegaconf raises several types; all mean the same to a user
-        raise ConfigError(f"{path}: could not resolve the config: {e}") from e
+        from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+        key = getattr(e, "full_key", None)
+        if isinstance(e, MissingMandatoryValue) and key:
+            raise ConfigError(f"{key} is required ({Path(path).name} leaves it ???): give it on the command line, "
+                              f"e.g. {key}=<value>") from None
+        if isinstance(e, InterpolationResolutionError) and "???" in str(e) or "Missing mandatory value" in str(e):
+            missing = str(e).split("Missing mandatory value:")[-1].split("\n")[0].strip() or key
+            raise ConfigError(f"{missing} is required ({Path(path).name} leaves it ???; {key} refers to it): give it "
+                              f"on the command line, e.g. {missing}=<value>") from None
+        raise ConfigError(f"{path}: could not resolve the config: {' '.join(str(e).split())}") from None
     return om.create(resolved)
 
 

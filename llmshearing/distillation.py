@@ -34,13 +34,7 @@ __all__ = ["Teacher", "check_tokenizers_agree", "chunked_kl", "load_teacher"]
 log = logging.getLogger(__name__)
 
 # texts whose encodings must agree between teacher and student tokenizers (code, numbers, accents, whitespace)
-SAMPLE_TEXTS = [
-    "The capital of France is Paris.",
-    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
-    "In 1905, Albert Einstein published four papers; E = mc^2 is one result.",
-    "Café, naïve, Zürich — 東京 and Москва.",
-    "   indented\ttabs and  double  spaces\n\n",
-]
+from llmshearing.data.tokenizer import PROBE_TEXTS as SAMPLE_TEXTS  # noqa: E402  (one list of probe texts)
 
 
 def chunked_kl(student_logits: torch.Tensor, teacher_hidden: torch.Tensor,

@@ -123,6 +123,22 @@ def _save_resolved_config(cfg: RunConfig) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
+def _check_save_folder(cfg: RunConfig) -> None:
+    """A folder with an earlier run's checkpoints is continued (autoresume) or overwritten (save_overwrite) only
+    when asked: otherwise Composer would fail later with "...or set overwrite=True" (a key this config calls
+    save_overwrite)."""
+    if cfg.save_folder is None or cfg.autoresume or cfg.save_overwrite:
+        return
+    from llmshearing.checkpointing import earlier_checkpoints
+
+    found = earlier_checkpoints(cfg.save_folder, 0)
+    if found:
+        raise ConfigError(
+            f"save_folder {cfg.save_folder} already holds checkpoints of a run (latest {found[-1].name}): "
+            "autoresume=true continues that run, save_overwrite=true starts over in the folder, or give another "
+            "variables.run_dir")
+
+
 def _metrics_path(cfg: RunConfig) -> Optional[str]:
     if cfg.metrics_file != "auto":
         return cfg.metrics_file
@@ -151,15 +167,49 @@ def _loggers(cfg: RunConfig) -> list[LoggerDestination]:
     return out
 
 
-def _check_vocab(manifest: dict, model: torch.nn.Module, data_root: str) -> None:
+def _check_vocab(manifest: dict, model_config, data_root: str) -> None:
     n_tok = manifest["tokenizer"]["vocab_size"]
-    n_model = model.config.vocab_size
+    n_model = model_config.vocab_size
     if n_tok > n_model:
         raise ConfigError(
             f"the data in {data_root} was tokenized with a {n_tok}-token vocabulary "
             f"({manifest['tokenizer']['path']}) but the model's vocab_size is {n_model}; "
             "prepare the data with the model's own tokenizer"
         )
+
+
+def _run_tokenizer(cfg: RunConfig) -> Optional[str]:
+    """The tokenizer this run's model reads text with: ``tokenizer``, else the source's own (if it has one)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.model.pretrained:
+        from llmshearing.models.gguf import resolve_pretrained
+
+        path = Path(resolve_pretrained(cfg.model.pretrained))
+        if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return str(path)
+    return None
+
+
+def _check_tokenizer(cfg: RunConfig, manifest: dict) -> None:
+    """The data must be tokenized as the model reads text: the tokenizer's vocabulary size and its encodings of a few
+    probe texts (recorded in the manifest) must match the run's tokenizer. A model without one (random init) is only
+    held to the vocabulary size (``_check_vocab``)."""
+    from llmshearing.data.tokenizer import fingerprint, load_tokenizer
+
+    path = _run_tokenizer(cfg)
+    recorded = manifest["tokenizer"]
+    if path is None:
+        return
+    tok = load_tokenizer(path)
+    fix = (f"prepare the data with this model's tokenizer (python data_prep/prepare_data.py --tokenizer {path} ...), "
+           "or train with the tokenizer the data was made with")
+    if len(tok) != recorded["vocab_size"]:
+        raise ConfigError(f"the data in {cfg.data.local} was tokenized with {recorded['path']} (vocabulary "
+                          f"{recorded['vocab_size']}), this run's tokenizer {path} has {len(tok)} tokens; {fix}")
+    if "fingerprint" in recorded and fingerprint(tok) != recorded["fingerprint"]:
+        raise ConfigError(f"the data in {cfg.data.local} was tokenized with {recorded['path']}, which encodes text "
+                          f"differently from this run's tokenizer {path} (same vocabulary size); {fix}")
 
 
 def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Trainer:
@@ -186,6 +236,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
 
         fsdp = plan_fsdp(cfg.fsdp, "cuda" if _device(cfg) == "gpu" else "cpu")
 
+    _check_save_folder(cfg)
     manifest = load_manifest(cfg.data.local, cfg.data.remote)
     domains, proportions = resolve_domains(cfg.data, manifest)
     if cfg.dynamic_loading is not None and cfg.dynamic_loading.reference_losses is not None:
@@ -224,8 +275,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     # With fsdp.sync_module_states (shipped) rank 0 alone reads the source; the others build it on the meta device
     # and receive their shards by broadcast when Composer wraps the model (8 ranks x a 27 GB fp32 7B would not fit
     # a node's host memory).
+    _check_vocab(manifest, source_config, cfg.data.local)
+    _check_tokenizer(cfg, manifest)
     hf_model = build_hf_model(cfg.model, empty=fsdp is not None and fsdp.rank0_loads and dist.get_global_rank() != 0)
-    _check_vocab(manifest, hf_model, cfg.data.local)
     model = ComposerCausalLM(hf_model, domains=domains, **_distillation(cfg, manifest, hf_model))
 
     train_loader = build_train_dataloader(
@@ -377,6 +429,23 @@ def train_from_yaml(path: str, overrides: Sequence[str] = (), fit: bool = True) 
     return trainer
 
 
+TRAIN_HELP = """usage: composer train.py <config.yaml> [key=value ...] [--debug]
+       python train.py <config.yaml> [key=value ...]        (one process)
+       bash scripts/launch.sh <config.yaml> [key=value ...]  (a node's GPUs, or several nodes)
+
+Trains one stage (pruning, continued pre-training or pre-training) as the YAML describes; key=value overrides any
+key (dotted: pruning.target.hidden_size=2560, data.domains=[cc,wiki]). Paths come from the YAML's variables:
+variables.source=<model folder, Hub id or .gguf> variables.data=<prepared data> variables.run_dir=<run folder>.
+
+  yamls/prune_2.7b.yaml, prune_1.3b.yaml, prune_llama3_8b_gqa.yaml, ...   GPU pruning (8 GPUs, FSDP)
+  yamls/continue_pretrain_2.7b.yaml, ...                                 GPU continued pre-training
+  yamls/prune/cpu.yaml, yamls/continue_pretrain/tiny_cpu.yaml            CPU configs
+
+Every key: README "Configuration reference". A configuration error is reported on one line before anything loads
+(exit 2); --debug shows its traceback. A run resumes from <run_dir>/checkpoints with autoresume=true (the YAMLs'
+default); a finished run says so and exits 0."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``composer train.py <yaml> [key=value ...] [--debug]``.
 
@@ -386,21 +455,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """
     import sys
 
-    from llmshearing.models.adapters import UnsupportedModel
+    from llmshearing.cli import one_line, user_errors
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     if not args or args[0] in ("-h", "--help"):
-        print("usage: composer train.py <config.yaml> [key=value ...] [--debug]")
+        print(TRAIN_HELP)
         raise SystemExit(0 if args else 2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         trainer = build_trainer(load_config(args[0], args[1:]))
-    except (ConfigError, UnsupportedModel, FileNotFoundError, FileExistsError, ValueError) as e:
+    except user_errors() as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         print("(configuration checked before training; nothing was trained. --debug shows the traceback)",
               file=sys.stderr)
         raise SystemExit(2) from None

@@ -47,3 +47,128 @@ def test_running_a_finished_stage_again_says_so_and_exits_0(mds_data, tmp_path, 
     main(args)  # before: Composer's "The max_duration (2ba) is less than or equal to the elapsed training duration"
     out = capsys.readouterr().out
     assert "this run is finished: it resumed" in out and "at 2 batches" in out and "raise max_duration" in out
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command, argv, expected", [
+    ("scripts.export_hf", ["--checkpoint", "/nowhere/ep0-ba2-rank0.pt", "--output", "/tmp/x"], "does not exist"),
+    ("llmshearing.evaluate", ["--model", "/nowhere", "--data", "/nowhere"], "not a Hugging Face model directory"),
+    ("llmshearing.reference_losses", ["measure", "--model", "/nowhere", "--data", "/nowhere"], "/nowhere"),
+    ("llmshearing.plots", ["--run", "/nowhere"], "no such run folder"),
+    ("llmshearing.models.gguf", ["/nowhere/model.gguf", "--output", "/tmp/x"], "/nowhere/model.gguf"),
+    ("llmshearing.hub", ["/nowhere", "--push-to-hub", "me/x", "--dry-run"], "/nowhere"),
+    ("data_prep.prepare_data", ["--input", "/nowhere", "--output", "/tmp/x", "--tokenizer", "/nowhere"], "/nowhere"),
+    ("llmshearing.quickstart", ["--source", "/nowhere", "--target", "hidden_size=8"], "/nowhere"),
+])
+def test_every_command_reports_an_input_error_as_one_line_and_exits_2(command, argv, expected, capsys):
+    import importlib
+    import sys
+
+    if command.startswith(("scripts.", "data_prep.")):
+        sys.path.insert(0, str(REPO))
+    main = importlib.import_module(command).main
+    assert main(argv) == 2
+    assert expected in _error_line(capsys)
+    with pytest.raises(Exception):  # --debug: the traceback
+        main([*argv, "--debug"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["loggers.wandb.project=x"], "loggers.wandb needs the wandb package"),
+    (["model.attn_implementation=flash_attention_2"], "needs the flash-attn package"),
+    (["max_duration=300"], "max_duration='300' is not a duration.*did you mean 300ba"),
+    (["variables.source=null", "variables.vocab_size=512", "data.domains=[cc,wiki]"],
+     r"data.domains \['cc', 'wiki'\] are not in the prepared dataset .* override data.domains=\[code,docstrings,"
+     r"reference\], data.proportions=\[...\] and dynamic_loading.reference_losses"),
+])
+def test_train_reports_configuration_errors_in_one_line_before_loading(overrides, expected, mds_data, tmp_path,
+                                                                       capsys):
+    import importlib.util
+    import re
+
+    from llmshearing.trainer import main
+
+    if "wandb" in expected and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed")
+    if "flash-attn" in expected and importlib.util.find_spec("flash_attn"):
+        pytest.skip("flash-attn is installed")
+    with pytest.raises(SystemExit) as e:
+        main(_tiny_prune_args(mds_data, tmp_path, *overrides))
+    assert e.value.code == 2
+    assert re.search(expected, _error_line(capsys))
+
+
+def test_train_names_a_missing_variable_and_an_occupied_run_folder(mds_data, tmp_path, capsys):
+    from llmshearing.trainer import main
+
+    cpt = [str(REPO / "yamls" / "continue_pretrain" / "tiny_cpu.yaml"), f"variables.data={mds_data}",
+           f"variables.run_dir={tmp_path / 'cpt'}", f"variables.source={tmp_path}"]
+    with pytest.raises(SystemExit):
+        main(cpt)  # before: OmegaConf's "Missing mandatory value: reference_losses"
+    assert "variables.reference_losses is required (tiny_cpu.yaml leaves it ???)" in _error_line(capsys)
+    main(_tiny_prune_args(mds_data, tmp_path))  # a run with checkpoints in run/checkpoints
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_tiny_prune_args(mds_data, tmp_path, "autoresume=false"))  # before: Composer's "...set overwrite=True"
+    line = _error_line(capsys)
+    assert "already holds checkpoints of a run (latest ep0-ba2-rank0.pt)" in line and "save_overwrite=true" in line
+
+
+def test_a_folder_without_a_tokenizer_is_one_short_line(tmp_path):
+    from llmshearing.data.tokenizer import load_tokenizer
+
+    save_tiny_cpu_source(tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer") as e:
+        load_tokenizer(str(tmp_path / "model"))
+    assert len(str(e.value)) < 400
+
+
+def test_data_tokenized_otherwise_than_the_model_reads_is_refused_before_training(corpus_dir, mds_data, tmp_path):
+    """Before: a source of vocabulary 49,152 trained on data of the quickstart's 2,048-token tokenizer, silently."""
+    from llmshearing.config import ConfigError, load_config
+    from llmshearing.data.train_tokenizer import train_tokenizer
+    from llmshearing.trainer import build_trainer
+    from tests.conftest import SPLIT
+
+    bigger = train_tokenizer(corpus_dir, tmp_path / "tok600", vocab_size=600, **SPLIT)
+    args = _tiny_prune_args(mds_data, tmp_path)
+    with pytest.raises(ConfigError, match=r"tokenized with .* \(vocabulary 512\), this run's tokenizer .* has 600"):
+        build_trainer(load_config(args[0], [*args[1:], f"tokenizer={bigger}", "variables.vocab_size=600"]))
+    other = train_tokenizer(corpus_dir, tmp_path / "tok512", vocab_size=512, seed=5, val_fraction=0.3,
+                            test_fraction=0.3)
+    with pytest.raises(ConfigError, match="encodes text differently"):
+        build_trainer(load_config(args[0], [*args[1:], f"tokenizer={other}"]))
+
+
+@pytest.mark.slow  # two short quickstarts (~30 s each)
+def test_the_quickstart_prepares_again_when_its_input_changes(corpus_dir, small_tokenizer, tmp_path, capsys):
+    """Before: a second run with the same output and another input reused the first run's prepared data and reported
+    the first input's domains, without a word."""
+    import shutil
+
+    from llmshearing.data.tokenizer import load_tokenizer
+    from llmshearing.quickstart import main
+
+    src = save_tiny_cpu_source(tmp_path / "src")
+    load_tokenizer(small_tokenizer).save_pretrained(src)
+    two = tmp_path / "two_domains"
+    for d in ("code", "reference"):
+        shutil.copytree(corpus_dir / d, two / ("wiki" if d == "code" else "news"))
+    args = ["--output", str(tmp_path / "qs"), "--source", str(src), "--target", "num_hidden_layers=2",
+            "hidden_size=48", "num_attention_heads=2", "intermediate_size=86", "--prune-steps", "2",
+            "--cpt-steps", "2", "--seq-len", "64", "--batch-size", "4"]
+    assert main([*args, "--input", str(corpus_dir)]) == 0
+    first = capsys.readouterr().out
+    assert "| model | parameters | test loss | code | docstrings | reference |" in first
+    assert len(first.splitlines()) < 80  # banners, progress bars and the summary; the logs are in the run folders
+    assert (tmp_path / "qs" / "prune" / "log.txt").stat().st_size > 1000
+    assert main([*args, "--input", str(two)]) == 0
+    second = capsys.readouterr().out
+    assert "data: " in second and "was made from other inputs (corpus, corpus_files changed): making it again" in second
+    assert "| model | parameters | test loss | news | wiki |" in second

@@ -22,8 +22,11 @@ def resolve_domains(cfg: DataConfig, manifest: dict) -> tuple[list[str], list[fl
     domains = list(cfg.domains) if cfg.domains is not None else list(manifest["domains"])
     unknown = [d for d in domains if d not in manifest["domains"]]
     if unknown:
+        have = list(manifest["domains"])
         raise ConfigError(
-            f"data.domains {unknown} are not in the prepared dataset {cfg.local} (it has {list(manifest['domains'])})"
+            f"data.domains {unknown} are not in the prepared dataset {cfg.local} (it has {have}); for this data "
+            f"override data.domains=[{','.join(have)}], data.proportions=[...] and "
+            "dynamic_loading.reference_losses=[...] (one value per domain, in that order)"
         )
     if cfg.proportions is not None:
         if len(cfg.proportions) != len(domains):

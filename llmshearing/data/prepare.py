@@ -50,13 +50,13 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from streaming import MDSWriter
 from tqdm import tqdm
 
-from llmshearing.data.tokenizer import load_tokenizer, token_dtype, vocab_size
+from llmshearing.data.tokenizer import fingerprint, load_tokenizer, token_dtype, vocab_size
 
 __all__ = ["DataPrepError", "PrepareResult", "prepare_dataset", "read_manifest", "split_of", "iter_documents", "MANIFEST", "FORMAT",
            "SPLITS", "HELDOUT"]
@@ -554,6 +554,20 @@ def prepare_dataset(
         raise
 
 
+def _inputs_identity(input_dir: str | Path, files: dict[str, list[Path]]) -> dict[str, Any]:
+    """What the dataset was made from: the input folder and a hash of its files' names, sizes and modification times
+    (a run that reuses prepared data can tell whether its input changed)."""
+    root = Path(input_dir).resolve()
+    entries = []
+    for d, fs in sorted(files.items()):
+        for f in sorted(fs):
+            st = Path(f).stat()
+            entries.append(f"{d}/{Path(f).resolve().relative_to(root) if Path(f).resolve().is_relative_to(root) else f}"
+                           f"|{st.st_size}|{st.st_mtime_ns}")
+    return {"path": str(root), "files_sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest(),
+            "domains": sorted(files)}
+
+
 def _remove_stale_temporaries(output_dir: Path) -> None:
     """Remove temporary folders of earlier, killed runs for ``output_dir``: only folders data prep created
     (they hold :data:`OWNER_MARK`) whose process is gone."""
@@ -731,7 +745,9 @@ def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, se
             "vocab_size": n_vocab,
             "bos_token_id": tok.bos_token_id if add_bos else None,
             "eos_token_id": tok.eos_token_id,
+            "fingerprint": fingerprint(tok),  # training checks the model's tokenizer encodes these alike
         },
+        "inputs": _inputs_identity(input_dir, files),
         "seed": seed,
         "split_unit": "document",  # every piece of a document is in one split (except in not_document_disjoint)
         "not_document_disjoint": sorted(tail_split),

@@ -7,7 +7,23 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, LlamaTokenizerFast, PreTrainedTokenizerBase
 
-__all__ = ["load_tokenizer", "token_dtype"]
+__all__ = ["PROBE_TEXTS", "fingerprint", "load_tokenizer", "token_dtype"]
+
+# Texts whose encodings identify a tokenizer (code, numbers, accents, CJK / Cyrillic, whitespace): two tokenizers that
+# encode all of them alike give the same ids for the purposes of training and distillation.
+PROBE_TEXTS = [
+    "The capital of France is Paris.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "In 1905, Albert Einstein published four papers; E = mc^2 is one result.",
+    "Café, naïve, Zürich — 東京 and Москва.",
+    "   indented\ttabs and  double  spaces\n\n",
+]
+
+
+def fingerprint(tok: PreTrainedTokenizerBase) -> list[list[int]]:
+    """The token ids of :data:`PROBE_TEXTS` (no special tokens): recorded in a dataset's manifest, compared with the
+    model's tokenizer before training."""
+    return [list(tok(text, add_special_tokens=False)["input_ids"]) for text in PROBE_TEXTS]
 
 
 @functools.lru_cache(maxsize=8)
@@ -32,7 +48,16 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
             vocab_file=str(p), from_slow=True, legacy=True, add_prefix_space=True, add_bos_token=True, add_eos_token=False
         )
     elif p.is_dir():
-        tok = AutoTokenizer.from_pretrained(str(p))
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+        if not any((p / n).is_file() for n in names) and not any(p.glob("*.tiktoken")):
+            raise FileNotFoundError(
+                f"{path} has no tokenizer (none of {', '.join(names)}): point the tokenizer (--tokenizer, tokenizer=) "
+                "at a folder with one, usually the source model's")
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p))
+        except (OSError, ValueError, TypeError) as e:
+            raise FileNotFoundError(f"{path}: the tokenizer there cannot be loaded ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())[:300]})") from None
     else:
         raise FileNotFoundError(
             f"tokenizer {path!r} not found: give a Hugging Face tokenizer directory or a SentencePiece .model file"

@@ -95,8 +95,9 @@ def prune_state_dict(
     weak = {k: n for k, n in masks.weak_kept().items() if n}
     if weak:
         log.warning(
-            "kept units whose mask value is below 0.1 (nearly dead capacity in the pruned model): %s; the masks had "
-            "not converged to the target -- prune longer or with a larger lambda_lr", weak,
+            "kept units whose mask value is below 0.1 (nearly dead capacity in the pruned model): %s. The target "
+            "counts a unit at the lower clamp as P(z != 0) = 0.047, so it can be met with fewer live units than kept "
+            "slots; pruning.log_alpha_min=-9.2 makes such units count ~0 (README, configuration reference)", weak,
         )
     hd = head_dim(config)
     H, G = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
