@@ -351,6 +351,7 @@ class RunConfig:
     device_eval_batch_size: int = 8
     eval_interval: str = "100ba"
     eval_subset_num_batches: int = -1
+    eval_first: bool = True
     precision: str = "auto"
     grad_clip_norm: float = 1.0
     fsdp: Optional[dict] = None

@@ -4,10 +4,10 @@
 
 | figure | from |
 | --- | --- |
-| ``domain_losses.png`` | per-domain eval loss over steps, with the reference loss when dynamic loading logged one |
+| ``domain_losses.png`` | per-domain eval loss over steps (from the evaluation before training), each domain's reference loss as its own dashed line labelled at the right edge; beside it the overall loss of the evaluated model and, while pruning, of the exported (top-k) model |
 | ``domain_weights.png`` | dynamic-loading domain weights over steps |
 | ``sparsity.png`` | expected vs target size of each pruned structure over steps |
-| ``kept_units.png`` | final per-layer kept heads and FFN channels, and which layers are kept |
+| ``kept_units.png`` | final per-layer kept heads and FFN channels; pruned layers have no bars (marked x) |
 
 A figure whose metrics the run did not log is skipped (and said so).
 """
@@ -60,18 +60,38 @@ def plot_run(run: str | Path, out: str | Path, metrics_file: Optional[str | Path
 
     domains = sorted({m.group(1) for k in metrics if (m := EVAL.match(k))})
     if domains:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+        refs: list[tuple[float, str, str]] = []
         for i, d in enumerate(domains):
             steps, losses = _series(metrics, f"metrics/eval/LanguageCrossEntropy_{d}")
-            (line,) = ax.plot(steps, losses, marker="o", ms=3, label=d)
+            (line,) = ax.plot(steps, losses, marker="o", ms=3, label=f"{d}")
+            evals = metrics[f"metrics/eval/LanguageCrossEntropy_{d}"]
             s2, excess = _series(metrics, f"dynamic_loading/excess_loss_{d}")
-            if excess:
-                ref = [metrics[f"metrics/eval/LanguageCrossEntropy_{d}"][s] - e for s, e in zip(s2, excess)
-                       if s in metrics[f"metrics/eval/LanguageCrossEntropy_{d}"]]
-                if ref:
-                    ax.axhline(ref[-1], color=line.get_color(), ls="--", lw=1)
-        ax.set(xlabel="step", ylabel="eval loss", title="per-domain eval loss (dashed: reference)")
-        ax.legend(fontsize=8)
+            ref = [evals[s] - e for s, e in zip(s2, excess) if s in evals]
+            if ref:
+                dashes = [(0, (6, 2)), (0, (3, 2)), (0, (1, 2)), (0, (6, 2, 1, 2))][i % 4]
+                ax.axhline(ref[-1], color=line.get_color(), ls=dashes, lw=1.2, alpha=0.8,
+                           label=f"{d}: reference loss")
+                refs.append((ref[-1], d, line.get_color()))
+        # reference labels at the right edge, spread apart where two domains' references (nearly) coincide
+        lo, hi = ax.get_ylim()
+        gap, placed = (hi - lo) * 0.045, []
+        for value, d, color in sorted(refs):
+            y = max([value, *(p + gap for p in placed)]) if placed and value - placed[-1] < gap else value
+            placed.append(y)
+            ax.annotate(f"ref {d}", xy=(1.0, value), xycoords=("axes fraction", "data"), xytext=(4, (y - value)
+                        / max(hi - lo, 1e-9) * ax.bbox.height), textcoords="offset points", color=color, fontsize=7,
+                        va="center", annotation_clip=False)
+        ax.set(xlabel="step", ylabel="eval loss (nats/token)", title="validation loss per domain")
+        ax.legend(fontsize=7, ncol=2)
+        for key, label, style in (("metrics/eval/LanguageCrossEntropy", "evaluated model (expected masks while "
+                                   "pruning)", "-"),
+                                  ("metrics/eval_target/LanguageCrossEntropy", "exported model (top-k masks)", "--")):
+            steps, losses = _series(metrics, key)
+            if steps:
+                ax2.plot(steps, losses, ls=style, marker="o", ms=3, label=label)
+        ax2.set(xlabel="step", ylabel="eval loss (nats/token)", title="all domains")
+        ax2.legend(fontsize=7)
         save(fig, "domain_losses.png")
     else:
         print("no per-domain eval losses logged: domain_losses.png skipped")
@@ -118,18 +138,21 @@ def plot_run(run: str | Path, out: str | Path, metrics_file: Optional[str | Path
         import torch
 
         det = torch.load(masks_file, map_location="cpu", weights_only=False)["deterministic"]
-        layers = det["layer_keep"].bool()
-        heads = det["head_keep"].sum(1).tolist()
-        channels = det["intermediate_keep"].sum(1).tolist()
+        layers = det["layer_keep"].bool().tolist()
+        heads = [h if k else 0 for h, k in zip(det["head_keep"].sum(1).tolist(), layers)]  # a pruned layer keeps none
+        channels = [c if k else 0 for c, k in zip(det["intermediate_keep"].sum(1).tolist(), layers)]
         x = list(range(len(heads)))
-        colors = ["tab:blue" if k else "lightgray" for k in layers.tolist()]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        axes[0].bar(x, heads, color=colors)
-        axes[0].set(xlabel="layer (gray: pruned)", ylabel="kept query heads", title="heads per layer")
-        axes[1].bar(x, channels, color=colors)
-        axes[1].set(xlabel="layer (gray: pruned)", ylabel="kept FFN channels", title="FFN channels per layer")
+        axes[0].bar(x, heads, color="tab:blue")
+        axes[0].set(xlabel="layer (x: pruned)", ylabel="kept query heads", title="heads per layer")
+        axes[1].bar(x, channels, color="tab:blue")
+        axes[1].set(xlabel="layer (x: pruned)", ylabel="kept FFN channels", title="FFN channels per layer")
         for ax in axes:
             ax.set_xticks(x)
+            gone = [i for i, k in enumerate(layers) if not k]
+            if gone:
+                ax.scatter(gone, [0] * len(gone), marker="x", color="tab:red", zorder=3, label="pruned layer")
+                ax.legend(fontsize=7)
         fig.suptitle(f"{masks_file.parent.parent.parent.name}: masks at step {masks_file.stem[2:]}, "
                      f"hidden {int(det['hidden_keep'].sum())}/{det['hidden_keep'].numel()}")
         save(fig, "kept_units.png")

@@ -394,7 +394,23 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
                      cfg.save_num_checkpoints_to_keep)
     trainer.logger.log_hyperparameters({"run_config": to_plain(cfg)})
     trainer.fsdp_plan = fsdp  # what the fsdp block became (None without one)
+    if cfg.eval_first:
+        _evaluate_before_training(trainer)
     return trainer
+
+
+def _evaluate_before_training(trainer: Trainer) -> None:
+    """``fit()`` evaluates once before the first step of a run that starts at batch 0 (the step-0 point of every
+    loss curve; dynamic loading and the masks do not change on it). Composer evaluates only after steps."""
+    fit = trainer.fit
+
+    def fit_after_evaluating(*args: Any, **kwargs: Any) -> None:
+        if int(trainer.state.timestamp.batch) == 0 and not getattr(trainer, "_llmshearing_evaluated_first", False):
+            trainer._llmshearing_evaluated_first = True
+            trainer.eval()
+        return fit(*args, **kwargs)
+
+    trainer.fit = fit_after_evaluating
 
 
 def finished(trainer: Trainer) -> Optional[str]:

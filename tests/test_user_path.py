@@ -172,3 +172,32 @@ def test_the_quickstart_prepares_again_when_its_input_changes(corpus_dir, small_
     second = capsys.readouterr().out
     assert "data: " in second and "was made from other inputs (corpus, corpus_files changed): making it again" in second
     assert "| model | parameters | test loss | news | wiki |" in second
+
+
+def test_runs_evaluate_before_training_without_changing_it_and_plots_show_it(mds_data, tmp_path):
+    """The step-0 point of every curve (evaluated before the first step: the pruning source's own loss) without
+    changing the run: dynamic loading does not re-weight on it, the masks do not move."""
+    import torch
+
+    from llmshearing.callbacks import read_metrics
+    from llmshearing.config import load_config
+    from llmshearing.plots import plot_run
+    from llmshearing.trainer import build_trainer
+
+    finals = {}
+    for first in (True, False):
+        args = _tiny_prune_args(mds_data, tmp_path / str(first), "max_duration=4ba", "eval_interval=2ba",
+                                f"eval_first={str(first).lower()}", "dynamic_loading.update=doremi",
+                                "dynamic_loading.reference_losses=[4.0,4.0,4.0]")
+        trainer = build_trainer(load_config(args[0], args[1:]))
+        trainer.fit()
+        finals[first] = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+        trainer.close()
+    assert all(torch.equal(finals[True][k], v) for k, v in finals[False].items())
+    m = read_metrics(tmp_path / "True" / "run" / "metrics.jsonl")
+    assert sorted(m["metrics/eval/LanguageCrossEntropy_code"]) == [0, 2, 4]
+    assert 0 in m["metrics/eval_target/LanguageCrossEntropy"] and 0 in m["dynamic_loading/excess_loss_code"]
+    assert m["dynamic_loading/weight_code"][0] == m["dynamic_loading/weight_code"].get(1, m["dynamic_loading/weight_code"][0])
+    assert 0 not in read_metrics(tmp_path / "False" / "run" / "metrics.jsonl")["metrics/eval/LanguageCrossEntropy_code"]
+    names = [p.name for p in plot_run(tmp_path / "True" / "run", tmp_path / "plots")]
+    assert {"domain_losses.png", "domain_weights.png", "sparsity.png", "kept_units.png"} <= set(names)

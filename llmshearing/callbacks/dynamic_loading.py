@@ -89,10 +89,15 @@ class DynamicLoading(Callback):
             bad = [d for d, l in zip(self.domains, losses) if not np.isfinite(l)]
             log.warning("no finite eval loss for domains %s; proportions unchanged", bad)
             return
+        batch = int(state.timestamp.batch)
+        if batch == 0:  # the evaluation before training (eval_first): the starting point, nothing to re-weight
+            if self.reference_losses is not None:
+                logger.log_metrics({f"dynamic_loading/excess_loss_{d}": float(l - r)
+                                    for d, l, r in zip(self.domains, losses, self.reference_losses)})
+            return
         new = self.sampler.proportions
         if self.update == "doremi":
             new = doremi_update(self.sampler.proportions, losses, self.reference_losses, self.smoothing)
-        batch = int(state.timestamp.batch)
         effective = self.sampler.set_proportions(new, consumed_batches=batch)
         record: dict[str, Any] = {"batch": batch, "effective_batch": effective}
         out = {"dynamic_loading/effective_batch": effective}
