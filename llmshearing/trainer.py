@@ -145,6 +145,31 @@ def _metrics_path(cfg: RunConfig) -> Optional[str]:
     return None if cfg.save_folder is None else os.path.join(os.path.dirname(cfg.save_folder.rstrip("/")) or ".", "metrics.jsonl")
 
 
+def _wandb_logger(kwargs: dict[str, Any]) -> LoggerDestination:
+    """Composer's ``WandBLogger``, fitted to current wandb: Composer 0.32 asks the run for ``get_url()`` (wandb >= 0.22
+    names it ``url``), and autoresume asks every logger for a remote checkpoint, which wandb cannot answer offline
+    (``WANDB_MODE=offline``) or without an API key: there it means "none", not a failed run."""
+    from composer.loggers import WandBLogger
+    from wandb.sdk.wandb_run import Run
+
+    if not hasattr(Run, "get_url"):
+        Run.get_url = lambda self: self.url
+
+    class Logger(WandBLogger):
+        def download_file(self, remote_file_name: str, destination: str, overwrite: bool = False,
+                          progress_bar: bool = True) -> None:
+            import wandb
+
+            if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+                raise FileNotFoundError(f"wandb is {os.environ['WANDB_MODE']}: no remote checkpoint {remote_file_name}")
+            try:
+                return super().download_file(remote_file_name, destination, overwrite, progress_bar)
+            except (wandb.errors.UsageError, wandb.errors.CommError) as e:
+                raise FileNotFoundError(f"wandb has no checkpoint {remote_file_name} to give ({e})") from e
+
+    return Logger(**kwargs)
+
+
 def _loggers(cfg: RunConfig) -> list[LoggerDestination]:
     out: list[LoggerDestination] = []
     path = _metrics_path(cfg)
@@ -153,9 +178,7 @@ def _loggers(cfg: RunConfig) -> list[LoggerDestination]:
     for name, kwargs in cfg.loggers.items():
         kwargs = dict(kwargs or {})
         if name == "wandb":
-            from composer.loggers import WandBLogger
-
-            out.append(WandBLogger(**kwargs))
+            out.append(_wandb_logger(kwargs))
         elif name == "mlflow":
             from composer.loggers import MLFlowLogger
 

@@ -88,16 +88,15 @@ def test_every_command_reports_an_input_error_as_one_line_and_exits_2(command, a
      r"reference\], data.proportions=\[...\] and dynamic_loading.reference_losses"),
 ])
 def test_train_reports_configuration_errors_in_one_line_before_loading(overrides, expected, mds_data, tmp_path,
-                                                                       capsys):
+                                                                       capsys, monkeypatch):
     import importlib.util
     import re
 
     from llmshearing.trainer import main
 
-    if "wandb" in expected and importlib.util.find_spec("wandb"):
-        pytest.skip("wandb is installed")
-    if "flash-attn" in expected and importlib.util.find_spec("flash_attn"):
-        pytest.skip("flash-attn is installed")
+    find_spec = importlib.util.find_spec  # as on a machine without these packages
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("wandb", "flash_attn") else find_spec(name, *a))
     with pytest.raises(SystemExit) as e:
         main(_tiny_prune_args(mds_data, tmp_path, *overrides))
     assert e.value.code == 2
@@ -201,3 +200,57 @@ def test_runs_evaluate_before_training_without_changing_it_and_plots_show_it(mds
     assert 0 not in read_metrics(tmp_path / "False" / "run" / "metrics.jsonl")["metrics/eval/LanguageCrossEntropy_code"]
     names = [p.name for p in plot_run(tmp_path / "True" / "run", tmp_path / "plots")]
     assert {"domain_losses.png", "domain_weights.png", "sparsity.png", "kept_units.png"} <= set(names)
+
+
+def test_a_run_logs_to_wandb_offline(mds_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from llmshearing.config import load_config
+    from llmshearing.trainer import build_trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = _tiny_prune_args(mds_data, tmp_path, "loggers.wandb.project=llmshearing-test", "max_duration=2ba")
+    trainer = build_trainer(load_config(args[0], args[1:]))
+    trainer.fit()
+    trainer.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+    (log_file,) = runs[0].glob("*.wandb")  # the run's records, to sync later with `wandb sync`
+    records = log_file.read_bytes()
+    for key in (b"loss/train/total", b"pruning/expected_params", b"metrics/eval/LanguageCrossEntropy_code",
+                b"dynamic_loading/weight_code"):
+        assert key in records, key
+
+
+def test_data_prep_reads_a_hugging_face_dataset_as_the_folder_it_would_read(corpus_dir, small_tokenizer, tmp_path,
+                                                                           capsys):
+    datasets = pytest.importorskip("datasets")
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from data_prep.prepare_data import main
+
+    rows = []
+    for d in ("code", "reference"):
+        for f in sorted((corpus_dir / d).glob("*.jsonl")):
+            rows += [{"text": json.loads(line)["text"], "meta": {"set": d}} for line in f.read_text().splitlines()]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    folder = tmp_path / "folder"
+    for d in ("code", "reference"):  # the same rows, as a JSONL folder
+        (folder / d).mkdir(parents=True)
+        (folder / d / "part-00000.jsonl").write_text(
+            "".join(json.dumps({"text": r["text"]}) + "\n" for r in rows if r["meta"]["set"] == d))
+    common = ["--tokenizer", small_tokenizer, "--seq-len", "64"]
+    assert main(["--hf-dataset", str(tmp_path / "hf"), "--domain-column", "meta.set", "--output",
+                 str(tmp_path / "from_hf"), *common]) == 0
+    assert main(["--input", str(folder), "--output", str(tmp_path / "from_folder"), *common]) == 0
+    a = json.loads((tmp_path / "from_hf" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "from_folder" / "manifest.json").read_text())
+    assert a["domains"] == b["domains"] and list(a["domains"]) == ["code", "reference"]
+    assert a["inputs"]["hf_dataset"] == str(tmp_path / "hf") and a["inputs"]["rows"] == len(rows)
+    assert not list(tmp_path.glob(".from_hf.hf-input-*"))  # the temporary JSONL is gone
+    capsys.readouterr()
+    assert main(["--hf-dataset", str(tmp_path / "hf"), "--output", str(tmp_path / "x"), *common]) == 2
+    assert "--domain-column COLUMN" in _error_line(capsys)

@@ -480,6 +480,7 @@ def prepare_dataset(
     overwrite: bool = False,
     progress: bool = True,
     skip_bad_files: bool = False,
+    input_identity: Optional[dict[str, Any]] = None,
 ) -> PrepareResult:
     """Tokenize and pack a RedPajama-style folder into per-domain MDS datasets (see module docstring).
 
@@ -505,6 +506,7 @@ def prepare_dataset(
         progress: show a progress bar.
         skip_bad_files: leave out an input file that cannot be read to its end (a truncated or corrupt compressed
             file) and list it in the manifest (``skipped_files``) instead of stopping.
+        input_identity: what the input was, for the manifest (default: the input folder and its files).
 
     Raises:
         DataPrepError: bad input (a :class:`BadInputFile` for an unreadable file), naming it and the fix; checks
@@ -548,7 +550,7 @@ def prepare_dataset(
     try:
         return _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, seq_len, files, fractions,
                              heldout, val_fraction, test_fraction, max_doc_chars, max_tokens, seed, workers,
-                             chunk_bytes, add_bos, compression, progress, skip_bad_files, t_start)
+                             chunk_bytes, add_bos, compression, progress, skip_bad_files, t_start, input_identity)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary output, on every error (Ctrl-C included)
         raise
@@ -601,7 +603,7 @@ def _replace_atomically(tmp: Path, output_dir: Path) -> None:
 
 def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, seq_len, files, fractions, heldout,
                   val_fraction, test_fraction, max_doc_chars, max_tokens, seed, workers, chunk_bytes, add_bos,
-                  compression, progress, skip_bad_files, t_start) -> PrepareResult:
+                  compression, progress, skip_bad_files, t_start, input_identity=None) -> PrepareResult:
     """The body of :func:`prepare_dataset`, writing into ``tmp`` (which the caller removes on any error)."""
     packers = {
         (d, split): _Packer(tmp / split / d, seq_len, dtype, compression) for d in files for split in SPLITS
@@ -747,7 +749,7 @@ def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, se
             "eos_token_id": tok.eos_token_id,
             "fingerprint": fingerprint(tok),  # training checks the model's tokenizer encodes these alike
         },
-        "inputs": _inputs_identity(input_dir, files),
+        "inputs": input_identity or _inputs_identity(input_dir, files),
         "seed": seed,
         "split_unit": "document",  # every piece of a document is in one split (except in not_document_disjoint)
         "not_document_disjoint": sorted(tail_split),
