@@ -20,9 +20,21 @@ def test_every_shipped_yaml_validates(path):
         "cpu.yaml": [f"pruning.target.{k}={v}" for k, v in
                      dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=1, intermediate_size=8).items()],
         "continue_pretrain_smollm2.yaml": ["variables.reference_losses=[2.0,1.0,2.0,2.0,2.0,2.0,2.0]"],  # 7 domains
+        "prune_custom.yaml": [*(f"pruning.target.{k}={v}" for k, v in dict(
+            num_hidden_layers=1, hidden_size=8, num_attention_heads=1, num_key_value_heads=1,
+            intermediate_size=8).items()), "data.domains=[web,code]", "data.proportions=[0.5,0.5]",
+            "dynamic_loading.reference_losses=[2.0,1.0]"],  # the template: what a user fills in
     }.get(path.name, [])
     cfg = load_config(path, VARS + extra)
     assert cfg.max_duration and cfg.global_train_batch_size > 0
+
+
+def test_the_custom_template_names_every_key_a_user_must_fill():
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape("pruning.target.num_hidden_layers is required (prune_custom.yaml "
+                                                    "leaves it ???)")):
+        load_config(REPO / "yamls" / "prune_custom.yaml", VARS)
 
 
 def test_model_description_yamls_build_configs():
@@ -113,7 +125,7 @@ def test_includes_merge_in_order_and_cycles_are_reported(tmp_path):
 
 def test_missing_variable_is_reported(tmp_path):
     text = BASE.replace("{local: /d}", '{local: "${variables.data}"}') + "variables:\n  data: ???\n"
-    with pytest.raises(ConfigError, match="could not resolve"):
+    with pytest.raises(ConfigError, match=r"variables.data is required .*data.local refers to it.* variables.data="):
         load_config(_write(tmp_path, text))
 
 
