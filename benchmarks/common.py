@@ -81,6 +81,31 @@ def train_counted(yaml: str, overrides: list[str], callbacks: Sequence[Callback]
     return out
 
 
+def matmul_params_of(path: str | Path) -> tuple[int, Any]:
+    """(weights a token multiplies, config) of a model folder, counted as training's FLOPs count them
+    (``ComposerCausalLM.flops_per_batch``: every weight but the embedding lookup, a tied LM head once more)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmshearing.models.composer_causal_lm import _matmul_params
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return _matmul_params(model), model.config
+
+
+def step_flops(n_params: int, config, tokens: int, seq: int, weight_grads: bool = True, teacher: int = 0,
+               teacher_config=None) -> float:
+    """FLOPs of one training step over ``tokens``: 6 N per token (4 N without weight gradients) plus attention, and
+    with a teacher its forward, 2 N_teacher plus its attention."""
+    from llmshearing.models.composer_causal_lm import _attention_flops
+
+    per_token = (6 if weight_grads else 4) * n_params + 3 * _attention_flops(config, seq)
+    if teacher:
+        per_token += 2 * teacher + _attention_flops(teacher_config, seq)
+    return float(per_token * tokens)
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

@@ -52,7 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import REDPAJAMA, train_counted, write_json  # noqa: E402
+from benchmarks.common import REDPAJAMA, matmul_params_of, step_flops, train_counted, write_json  # noqa: E402
 from benchmarks.stats import compare, t_critical, verdict  # noqa: E402
 from llmshearing.quickstart import KNOWN_TARGETS  # noqa: E402
 
@@ -119,28 +119,6 @@ class Stages:
 
     def seconds(self, name: str, spec: dict[str, Any]) -> float:
         return self.state["stages"].get(f"{name}#{_sha(spec)}", {}).get("seconds", float("nan"))
-
-
-def _matmul_flops_params(path: Path) -> tuple[int, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from llmshearing.models.composer_causal_lm import _matmul_params
-
-    import torch
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    return _matmul_params(model), model.config
-
-
-def _step_flops(n_params: int, config, tokens: int, seq: int, weight_grads: bool = True, teacher: int = 0,
-                teacher_config=None) -> float:
-    from llmshearing.models.composer_causal_lm import _attention_flops
-
-    per_token = (6 if weight_grads else 4) * n_params + 3 * _attention_flops(config, seq)
-    if teacher:
-        per_token += 2 * teacher + _attention_flops(teacher_config, seq)
-    return float(per_token * tokens)
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, top to bottom
@@ -220,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
               f"device_train_microbatch_size={args.batch}", f"device_eval_batch_size={args.batch}",
               f"data.eval_sequences_per_domain={min(args.eval_sequences, 16)}", "autoresume=false",
               f"device={args.device}", "save_overwrite=true", "progress_bar=false", "console_log_interval=50ba"]
-    n_src, src_cfg = _matmul_flops_params(source)
+    n_src, src_cfg = matmul_params_of(source)
     tokens_per_step = args.batch * args.seq_len
 
     # -- selections -----------------------------------------------------------------------------------
@@ -268,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
             kd = any(o.startswith("distillation.") for o in levers)
             frozen = "pruning.freeze_weights=true" in levers
-            flops = counted["batches"] * _step_flops(n_src, src_cfg, tokens_per_step, args.seq_len,
+            flops = counted["batches"] * step_flops(n_src, src_cfg, tokens_per_step, args.seq_len,
                                                      weight_grads=not frozen, teacher=n_src if kd else 0,
                                                      teacher_config=src_cfg)
             return {"dir": str(out), "keep": keep, "expected_shape": expected, "flops": flops, **counted}
@@ -293,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 shutil.rmtree(run / "checkpoints", ignore_errors=True)
             else:
                 out = Path(selected["dir"])
-            n_tgt, tgt_cfg = _matmul_flops_params(out)
-            flops = counted["batches"] * _step_flops(n_tgt, tgt_cfg, tokens_per_step, args.seq_len)
+            n_tgt, tgt_cfg = matmul_params_of(out)
+            flops = counted["batches"] * step_flops(n_tgt, tgt_cfg, tokens_per_step, args.seq_len)
             return {"dir": str(out), "recovery": counted, "recovery_flops": flops, **evaluate(out)}
 
         return f"recover_{name}_s{seed}", spec, fn

@@ -22,9 +22,13 @@ Protocol:
   train. Dynamic loading's reference losses are the source's *validation* losses; every number reported
   here is on *test* (at most ``TEST_SEQUENCES`` sequences per domain, fixed before any run).
 - every arm is a run (or two, for ``sheared``) whose cosine schedule ends at its own budget: no mid-run
-  evaluation stands in for a budget. Scratch is run at ``T`` (every seed) and at 2T and 3T (seed 0); the
-  tokens scratch needs to match ``sheared`` are interpolated between those final losses (log tokens).
-- learning rates: one small sweep (``--lrs``) on the validation split, at budget ``T`` and seed 0, for each
+  evaluation stands in for a budget. Scratch is run at ``T``, 2T and 3T with the same seeds; the tokens scratch
+  needs to match an arm are interpolated in log tokens between those final losses, on the seed means and seed by
+  seed (``benchmarks/stats.py``: ``crossover``).
+- every arm's tokens include everything it needed after the source: ``learned masks on source`` counts the pruning
+  run its masks come from.
+- learning rates: one small sweep (``--lrs``, chosen to bracket the optimum: a best rate at the grid's edge is
+  reported as such) on the validation split, at budget ``T`` and seed 0, for each
   of the two kinds of training: from random init (scratch) and from a selected model (continued
   training: tuned on the ``random`` arm, then used by every continued-training arm, ``sheared`` included).
   The pruning stage keeps its config's mask dynamics (mask/lambda lr 1.0, 10% warmup, reference init and clamp)
@@ -33,8 +37,12 @@ Protocol:
   random selection; the magnitude selection is deterministic.
 - tokens and passes over the training data come from the trainer's timestamps and the batch sampler.
 - a difference is reported as mean over seeds +- a standard error that adds the between-seed error and the
-  test-set sampling error of the seed-averaged paired per-sequence differences (batch means over blocks of
-  consecutive sequences); within 2 standard errors it is called "none".
+  test-set sampling error of the seed-averaged paired per-sequence differences, clustered by the document each
+  test sequence comes from; a verdict names the lower arm only when |t| exceeds Student's two-sided 95% point at
+  the seeds' degrees of freedom (4.30 with 3 seeds); the worst-domain comparison adds that domain's test error.
+- every cached run is keyed by everything that changes its result (its config overrides: steps, budget, sequence
+  length, batch, seed, learning rates, calibration, evaluation sequences; the run it continues; the code's stage
+  version), so a changed setting runs again instead of reusing a stale result.
 
     python -m benchmarks.replication --out runs/benchmarks/replication.json       # ~2.5 h on 2 cores
     python -m benchmarks.replication --report-only                                 # tables from finished runs
@@ -67,12 +75,19 @@ log = logging.getLogger("replication")
 BATCH, SEQ = 32, 128
 TARGET = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=3, intermediate_size=224)
 SE_BOUND = 0.005  # nats: the paired per-domain standard error the test set is meant to resolve
-SE_BLOCK = 16  # consecutive test sequences per block in the batch-means standard error
+STAGE_VERSION = 2  # part of every run's cache key: bump when a run's code changes what it produces
 CALIBRATION = 64  # training sequences scored for activation importance (one-shot and importance init)
 
 
+def _sha(obj) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class Bench:
-    """Runs (cached), their exports, and their test-set per-sequence losses."""
+    """Runs (cached under a key of everything that defines them), their exports, and their test-set per-sequence
+    losses. ``run`` and ``save_oneshot`` return the keyed name every other method takes."""
 
     def __init__(self, cache: Path, work: Path, data: Path, source: Path) -> None:
         self.cache, self.work, self.data, self.source = cache, work, data, source
@@ -89,12 +104,16 @@ class Bench:
     def done(self, name: str) -> bool:
         return self.stats(name) is not None and (self.model_dir(name) / "config.json").is_file()
 
-    def run(self, name: str, yaml: str, overrides: list[str], after: Optional[str] = None) -> Path:
-        """Train ``name`` (unless cached) and export it. ``after``: the run whose tokens precede it (for totals)."""
+    def run(self, name: str, yaml: str, overrides: list[str], after: Optional[str] = None, train: bool = True) -> str:
+        """Train ``name`` (unless cached) and export it; returns its keyed name. ``after``: the run whose tokens
+        precede it (for totals); ``train`` False: only the keyed name (reporting)."""
         from llmshearing.export import export_checkpoint
 
-        if self.done(name):
-            return self.model_dir(name)
+        key = _sha({"yaml": yaml, "overrides": overrides, "after": after, "batch": BATCH, "seq": SEQ,
+                    "common": common_overrides(self.cache), "version": STAGE_VERSION})
+        name = f"{name}-{key}"
+        if self.done(name) or not train:
+            return name
         run = self.work / name
         shutil.rmtree(run, ignore_errors=True)
         log.info("run %s", name)
@@ -107,11 +126,12 @@ class Bench:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # keep metrics.jsonl and masks, drop the optimizer
         counted["after"] = after
         (self.work / f"{name}.json").write_text(json.dumps(counted, indent=1))
-        return self.model_dir(name)
+        return name
 
-    def save_oneshot(self, name: str, method: str, seed: int, masks_of: Optional[str] = None) -> Path:
+    def save_oneshot(self, name: str, method: str, seed: int, masks_of: Optional[str] = None, train: bool = True) -> str:
         """The source pruned to ``TARGET`` by a one-shot ``method``, or (``method="learned"``) by the final masks of
-        the pruning run ``masks_of`` with every kept unit at 1 (the selection alone, without co-trained weights)."""
+        the pruning run ``masks_of`` with every kept unit at 1 (the selection alone, without co-trained weights);
+        returns its keyed name. Its own tokens are 0; a learned selection's run counts the pruning run's (``after``)."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -120,8 +140,12 @@ class Bench:
         from llmshearing.pruning.baselines import select_masks
         from llmshearing.pruning.masks import DeterministicMasks
 
+        key = _sha({"method": method, "seed": seed if method == "random" else None, "masks_of": masks_of,
+                    "calibration": CALIBRATION if method == "activation" else None, "target": TARGET,
+                    "version": STAGE_VERSION})
+        name = f"{name}-{key}"
         out = self.model_dir(name)
-        if not (out / "config.json").is_file():
+        if not (out / "config.json").is_file() and train:
             src = AutoModelForCausalLM.from_pretrained(self.source, dtype=torch.float32)
             if method == "learned":
                 final = max((self.work / masks_of / "masks").glob("ba*.pt"), key=lambda p: int(p.stem[2:]))
@@ -132,8 +156,9 @@ class Bench:
                 calib = calibration_batch(str(self.data), CALIBRATION, SEQ) if method == "activation" else None
                 masks = select_masks(src, TARGET, method, seed=seed, calibration=calib)
             materialize(src, masks).save_pretrained(out)
-            (self.work / f"{name}.json").write_text(json.dumps({"batches": 0, "samples": 0, "tokens": 0}))
-        return out
+            (self.work / f"{name}.json").write_text(json.dumps({"batches": 0, "samples": 0, "tokens": 0,
+                                                                "after": masks_of}))
+        return name
 
     def expected_shape_error(self, name: str) -> Optional[dict[str, float]]:
         """Relative gap between a pruning run's last logged expected sizes and the target, per structure."""
@@ -174,7 +199,7 @@ class Bench:
         """Per-sequence test losses per domain (cached), in the same order for every model."""
         from llmshearing.evaluate import load_model, sequence_losses
 
-        cached = self.work / f"{name}_test.npz"
+        cached = self.work / f"{name}_test{TEST_SEQUENCES}.npz"
         if cached.is_file():
             with np.load(cached) as z:
                 return {d: z[d] for d in self.domains}
@@ -222,16 +247,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--prune-steps", type=int, default=400)
     p.add_argument("--cpt-steps", type=int, default=600)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="swept on validation, seed 0, budget T")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
+                   help="swept on validation, seed 0, budget T (a grid that brackets the optimum)")
     p.add_argument("--scratch-budgets", type=float, nargs="+", default=[2.0, 3.0],
-                   help="extra scratch budgets (multiples of T), seed 0, each its own fully decayed run")
+                   help="extra scratch budgets (multiples of T), every seed, each its own fully decayed run")
     p.add_argument("--prune-lrs", type=float, nargs="+", default=[1e-4],
                    help="model lrs of the pruning stage swept on validation, seed 0, with the continued-training lr")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     p.add_argument("--kd", action="store_true", help="also run the distillation arms (issue #14)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from llmshearing.evaluate import domain_losses, load_model, paired_difference
+    from benchmarks.stats import clustered_se, compare as paired, crossover as cross, t_critical, verdict
+    from llmshearing.evaluate import domain_losses, load_model, sequence_documents
 
     cache = Path(args.cache).resolve()
     data, source = ensure_data(cache), ensure_source(cache)
@@ -245,45 +272,43 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     target_cfg = [f"model.config.{k}={v}" for k, v in TARGET.items()] + [
         f"model.config.num_key_value_heads={TARGET['num_attention_heads']}"]
 
-    def scratch(steps: int, lr: float, seed: int) -> str:
-        name = f"scratch_{steps}_lr{lr:g}_s{seed}"
-        if not args.report_only:
-            b.run(name, "yamls/pretrain/small_cpu.yaml", [f"max_duration={steps}ba", f"eval_interval={steps}ba",
-                  f"save_interval={steps}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched, *target_cfg])
-        return name
+    train = not args.report_only
 
-    def oneshot_ft(method: str, seed: int, lr: float) -> str:
+    def scratch(steps: int, lr: float, seed: int) -> str:
+        return b.run(f"scratch_{steps}_lr{lr:g}_s{seed}", "yamls/pretrain/small_cpu.yaml", [
+            f"max_duration={steps}ba", f"eval_interval={steps}ba", f"save_interval={steps}ba", f"optimizer.lr={lr}",
+            f"seed={seed}", *sched, *target_cfg], train=train)
+
+    def oneshot_ft(method: str, seed: int, lr: float, steps: Optional[int] = None) -> str:
+        """A one-shot selection + ``steps`` (default: T) of continued training; a learned selection's masks come from
+        the seed's pruning run, whose tokens the arm counts (``after``)."""
         base = {"random": f"random_s{seed}", "learned": f"learned_on_source_s{seed}"}.get(method, method)
-        name = f"{base}_ft_lr{lr:g}_s{seed}"
-        if not args.report_only:
-            masks_of = f"prune_ref_plr{lr_of['pruning']:g}_s{seed}" if method == "learned" else None
-            start = b.save_oneshot(base, method, seed, masks_of=masks_of)
-            b.run(name, "yamls/continue_pretrain/tiny_cpu.yaml", [
-                f"variables.source={start}", f"variables.reference_losses={ref}", f"max_duration={T}ba",
-                f"eval_interval={T // 10}ba", f"save_interval={T}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched])
-        return name
+        masks_of = sheared(seed, lr_of["continued"], True)[0] if method == "learned" else None
+        steps = steps or T
+        start = b.save_oneshot(base, method, seed, masks_of=masks_of, train=train)
+        return b.run(f"{base}_ft{steps}_lr{lr:g}_s{seed}", "yamls/continue_pretrain/tiny_cpu.yaml", [
+            f"variables.source={b.model_dir(start)}", f"variables.reference_losses={ref}", f"max_duration={steps}ba",
+            f"eval_interval={max(steps // 10, 1)}ba", f"save_interval={steps}ba", f"optimizer.lr={lr}", f"seed={seed}",
+            *sched], after=start, train=train)
 
     def sheared(seed: int, lr: float, dynamic: bool, init: str = "reference", plr: Optional[float] = None,
                 kd_prune: bool = False, kd_cpt: bool = False, cpt_steps: Optional[int] = None) -> tuple[str, str]:
         plr = prune_lr if plr is None else plr
         cpt_steps = cpt_steps or args.cpt_steps
         tag = {"reference": "ref", "importance": "imp"}[init]
-        prune = f"prune_{tag}_plr{plr:g}{'_kd' if kd_prune else ''}_s{seed}"
-        name = (f"cpt_{tag}_plr{plr:g}{'_kd' if kd_prune else ''}_{'dynamic' if dynamic else 'constant'}"
-                f"{'_kd' if kd_cpt else ''}{'' if cpt_steps == args.cpt_steps else f'_{cpt_steps}ba'}_lr{lr:g}_s{seed}")
-        if not args.report_only:
-            b.run(prune, "yamls/prune/small_cpu.yaml", [
-                f"variables.source={source}", f"max_duration={args.prune_steps}ba",
-                f"eval_interval={args.prune_steps // 4}ba", f"save_interval={args.prune_steps}ba",
-                "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref}", f"seed={seed}",
-                f"optimizer.lr={plr}", f"pruning.init={init}", f"pruning.calibration_sequences={CALIBRATION}",
-                *(["distillation.kd_weight=1.0"] if kd_prune else [])])  # teacher: the pruning source
-            b.run(name, "yamls/continue_pretrain/tiny_cpu.yaml", [
-                f"variables.source={b.model_dir(prune)}", f"variables.reference_losses={ref}",
-                f"max_duration={cpt_steps}ba", f"eval_interval={cpt_steps // 6}ba",
-                f"save_interval={cpt_steps}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched,
-                *([] if dynamic else ["dynamic_loading.update=constant"]),
-                *([f"distillation.teacher={source}"] if kd_cpt else [])], after=prune)
+        prune = b.run(f"prune_{tag}_plr{plr:g}{'_kd' if kd_prune else ''}_s{seed}", "yamls/prune/small_cpu.yaml", [
+            f"variables.source={source}", f"max_duration={args.prune_steps}ba",
+            f"eval_interval={args.prune_steps // 4}ba", f"save_interval={args.prune_steps}ba",
+            "dynamic_loading.update=doremi", f"dynamic_loading.reference_losses={ref}", f"seed={seed}",
+            f"optimizer.lr={plr}", f"pruning.init={init}", f"pruning.calibration_sequences={CALIBRATION}",
+            *(["distillation.kd_weight=1.0"] if kd_prune else [])], train=train)  # teacher: the pruning source
+        name = b.run(f"cpt_{tag}_plr{plr:g}{'_kd' if kd_prune else ''}_{'dynamic' if dynamic else 'constant'}"
+                     f"{'_kd' if kd_cpt else ''}_{cpt_steps}ba_lr{lr:g}_s{seed}", "yamls/continue_pretrain/tiny_cpu.yaml", [
+            f"variables.source={b.model_dir(prune)}", f"variables.reference_losses={ref}",
+            f"max_duration={cpt_steps}ba", f"eval_interval={cpt_steps // 6}ba",
+            f"save_interval={cpt_steps}ba", f"optimizer.lr={lr}", f"seed={seed}", *sched,
+            *([] if dynamic else ["dynamic_loading.update=constant"]),
+            *([f"distillation.teacher={source}"] if kd_cpt else [])], after=prune, train=train)
         return prune, name
 
     # 1. learning rates, on validation (seed 0, budget T)
@@ -293,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             if b.done(name):
                 sweep[kind][f"{lr:g}"] = b.val_loss(name)
     lr_of = {k: float(min(v, key=v.get)) if v else args.lrs[0] for k, v in sweep.items()}
+    edge = {k: lr_of[k] in (min(args.lrs), max(args.lrs)) and len(v) == len(args.lrs) for k, v in sweep.items()}
     # the pruning stage's model lr: the paper's 1e-4 or the continued-training rate, chosen on validation after
     # the whole sheared chain (pruning + continued training, seed 0, budget T)
     prune_lrs = sorted({*args.prune_lrs, lr_of["continued"]})
@@ -309,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     arms: dict[str, list[str]] = {k: [] for k in (
         "learned (after pruning)", "learned, importance init (after pruning)", "sheared", "sheared (importance init)",
         "sheared_constant", "random", "magnitude", "activation", "learned masks on source", "scratch")}
-    oneshot: dict[str, list[str]] = {"random one-shot": [], "magnitude one-shot": ["magnitude"],
-                                     "activation one-shot": ["activation"], "learned masks on source, one-shot": []}
+    oneshot: dict[str, list[str]] = {
+        "random one-shot": [], "magnitude one-shot": [b.save_oneshot("magnitude", "magnitude", 0, train=False)],
+        "activation one-shot": [b.save_oneshot("activation", "activation", 0, train=False)],
+        "learned masks on source, one-shot": []}
     extra_scratch: dict[int, str] = {}
     cl = lr_of["continued"]
     for seed in range(args.seeds):
@@ -324,22 +352,30 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         arms["magnitude"].append(oneshot_ft("magnitude", seed, cl))
         arms["activation"].append(oneshot_ft("activation", seed, cl))
         arms["scratch"].append(scratch(T, lr_of["scratch"], seed))
-        oneshot["random one-shot"].append(f"random_s{seed}")
+        oneshot["random one-shot"].append(b.save_oneshot(f"random_s{seed}", "random", seed, train=False))
     for seed in range(args.seeds):
-        arms["learned masks on source"].append(oneshot_ft("learned", seed, cl))
-        oneshot["learned masks on source, one-shot"].append(f"learned_on_source_s{seed}")
+        # the selection alone: the pruning run's masks on the source weights, then the T - P steps the sheared arm
+        # continues for, so that (with the pruning run's tokens counted) every arm reads T
+        arms["learned masks on source"].append(oneshot_ft("learned", seed, cl, steps=args.cpt_steps))
+        base = b.save_oneshot(f"learned_on_source_s{seed}", "learned", seed,
+                              masks_of=sheared(seed, cl, True)[0], train=False)
+        oneshot["learned masks on source, one-shot"].append(base)
     for seed in range(args.seeds):
         arms["sheared_constant"].append(sheared(seed, cl, False)[1])
-    for f in args.scratch_budgets:
-        extra_scratch[int(round(f * T))] = scratch(int(round(f * T)), lr_of["scratch"], 0)
+    scratch_by_budget: dict[int, list[str]] = {T: arms["scratch"]}
+    for f in args.scratch_budgets:  # every seed: the crossover compares seed-matched curves
+        steps = int(round(f * T))
+        scratch_by_budget[steps] = [scratch(steps, lr_of["scratch"], seed) for seed in range(args.seeds)]
+        extra_scratch[steps] = scratch_by_budget[steps][0]
     # distillation (issue #14): FLOPs per token of a KD continued-training step over a CE one (the teacher's
     # forward, 2 N_source, on top of 6 N_target), which sets the CE arm of equal compute
-    from llmshearing.models.families import count_params
+    from benchmarks.common import matmul_params_of, step_flops
 
-    n_src = count_params(_shape(source), config=_cfg(source))
-    n_tgt = count_params({**_shape(source), **TARGET, "num_key_value_heads": TARGET["num_attention_heads"]},
-                         config=_cfg(source))
-    kd_cost = (6 * n_tgt + 2 * n_src) / (6 * n_tgt)
+    n_src, src_cfg = matmul_params_of(source)
+    tgt_dir = b.model_dir(b.save_oneshot("magnitude", "magnitude", 0, train=True))  # any selection: the target shape
+    n_tgt, tgt_cfg = matmul_params_of(tgt_dir)
+    ce_step = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ)  # the project's FLOPs count, attention included
+    kd_cost = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ, teacher=n_src, teacher_config=src_cfg) / ce_step
     eq_steps = int(round(args.cpt_steps * kd_cost))
     kd_arms = ("sheared + KD", "sheared + CE, equal compute", "learned, KD in pruning (after pruning)",
                "sheared, KD in pruning", "sheared, KD in both")
@@ -394,34 +430,42 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         if s:
             rows[f"scratch, {steps / T:g}T"] = s
 
+    docs = sequence_documents(data, "test", max_sequences_per_domain=TEST_SEQUENCES)
+    clusters = np.concatenate([k * 1_000_000 + docs[d] for k, d in enumerate(domains)])  # distinct across domains
+
     def compare(a: str, c: str, metric: str = "loss") -> Optional[dict]:
+        """Seed-paired comparison (benchmarks/stats.py): between-seed SE with seeds - 1 df, test SE clustered by
+        document; the worst-domain metric adds the test SE of the domain where arm ``a`` is worst."""
         every = {**arms, **legacy}
-        pairs = [(x, y) for x, y in zip(every.get(a, []), every.get(c, [])) if b.done(x) and b.done(y)]
+        pairs = [(s, x, y) for s, (x, y) in enumerate(zip(every.get(a, []), every.get(c, []))) if b.done(x) and b.done(y)]
         if not pairs:
             return None
-        la = [b.test_losses(x) for x, _ in pairs]
-        lc = [b.test_losses(y) for _, y in pairs]
-        if metric == "loss":
-            per_seed = [_mean_all(x) - _mean_all(y) for x, y in zip(la, lc)]
-            seq_diff = np.mean([np.concatenate([x[d] - y[d] for d in domains]) for x, y in zip(la, lc)], axis=0)
-            _, se_test = paired_difference(seq_diff, np.zeros_like(seq_diff), SE_BLOCK)
-        else:  # worst domain's excess over the source
-            per_seed = [worst_excess(x) - worst_excess(y) for x, y in zip(la, lc)]
-            se_test = float("nan")
+        la = {s: b.test_losses(x) for s, x, _ in pairs}
+        lc = {s: b.test_losses(y) for s, _, y in pairs}
+        flat = lambda per: np.concatenate([per[d] for d in domains])  # noqa: E731
+        r = paired({s: flat(x) for s, x in la.items()}, {s: flat(x) for s, x in lc.items()}, clusters)
+        if metric == "worst_excess":
+            per_seed = [worst_excess(la[s]) - worst_excess(lc[s]) for s in la]
+            worst_d = max(domains, key=lambda d: np.mean([la[s][d].mean() for s in la]) - src_mean[d])
+            dd = np.mean([la[s][worst_d] - lc[s][worst_d] for s in la], axis=0)
+            se_seed = _sem(per_seed)
+            se_test = clustered_se(dd, docs[worst_d])
+            parts = [x for x in (se_seed, se_test) if np.isfinite(x)]
+            se = math.sqrt(sum(x * x for x in parts)) if parts else float("nan")
+            r = {**r, "diff": statistics.mean(per_seed), "se_seed": se_seed, "se_test": se_test, "se": se,
+                 "t": statistics.mean(per_seed) / se if se else float("nan"), "worst_domain": worst_d}
+        else:
+            per_seed = [float(flat(la[s]).mean() - flat(lc[s]).mean()) for s in la]
         per_domain = {}
         for d in domains:
-            dd = np.mean([x[d] - y[d] for x, y in zip(la, lc)], axis=0)
-            per_domain[d] = dict(zip(("diff", "se_test"), paired_difference(dd, np.zeros_like(dd), SE_BLOCK)))
-        m = statistics.mean(per_seed)
-        se_seed = _sem(per_seed)
-        parts = [x for x in (se_seed, se_test) if np.isfinite(x)]
-        se = math.sqrt(sum(x * x for x in parts)) if parts else float("nan")
-        verdict = ("none (within 2 SE)" if not np.isfinite(se) or abs(m) <= 2 * se
-                   else f"{a} {'lower' if m < 0 else 'higher'}")
-        if len(per_seed) < 2:
-            verdict += "; one seed only"
-        return {"a": a, "b": c, "metric": metric, "seeds": len(per_seed), "per_seed": per_seed, "mean": m,
-                "se_seed": se_seed, "se_test": se_test, "se": se, "verdict": verdict, "per_domain": per_domain}
+            dd = np.mean([la[s][d] - lc[s][d] for s in la], axis=0)
+            per_domain[d] = {"diff": float(dd.mean()), "se_test": clustered_se(dd, docs[d])}
+        v = verdict(r["diff"], r["se"], r["df"], a, c)
+        if r["df"] < 1:
+            v += " (one seed: no verdict)"
+        return {"a": a, "b": c, "metric": metric, "seeds": r["n_seeds"], "per_seed": per_seed, "mean": r["diff"],
+                "se_seed": r["se_seed"], "se_test": r["se_test"], "se": r["se"], "t": r["t"], "df": r["df"],
+                "t_critical": t_critical(r["df"]), "verdict": v, "per_domain": per_domain}
 
     comparisons = [c for c in (
         compare("sheared", "scratch"),
@@ -439,25 +483,30 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     # tokens scratch needs to reach an arm's final test loss, between fully decayed scratch runs; and the same in
     # compute: FLOPs of the arm (pruning steps at the source's size, teacher forwards) in scratch-step units
     def crossover_of(arm: str, steps_equiv: float) -> Optional[dict]:
-        if arm not in rows or "scratch" not in rows:
+        """Scratch tokens to reach ``arm``'s test loss: on the seed means of scratch runs at T, 2T, 3T trained with
+        the same seeds, and seed by seed (scratch seed s against the arm's seed s)."""
+        if arm not in rows:
             return None
-        curve = sorted([(T * BATCH * SEQ, rows["scratch"]["loss"])] + [
-            (steps * BATCH * SEQ, rows[f"scratch, {steps / T:g}T"]["loss"]) for steps in extra_scratch
-            if f"scratch, {steps / T:g}T" in rows])
+        budgets = sorted(scratch_by_budget)
+        done = {steps: [n for n in scratch_by_budget[steps] if b.done(n)] for steps in budgets}
+        if not all(done.values()):
+            return None
+        seeds = min(len(v) for v in done.values())
+        curve = [(steps * BATCH * SEQ, statistics.mean(_mean_all(b.test_losses(n)) for n in done[steps][:seeds]))
+                 for steps in budgets]
         target_loss, tok = rows[arm]["loss"], T * BATCH * SEQ
-        needed = None
-        for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
-            if l0 > target_loss >= l1:
-                frac = (l0 - target_loss) / (l0 - l1)
-                needed = math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0)))
-                break
+        needed = cross([t for t, _ in curve], [l for _, l in curve], target_loss)
+        per_seed = []
+        for s, arm_loss in enumerate(rows[arm]["per_seed_loss"][:seeds]):
+            pts = [(steps * BATCH * SEQ, _mean_all(b.test_losses(done[steps][s]))) for steps in budgets]
+            n = cross([t for t, _ in pts], [l for _, l in pts], arm_loss)
+            per_seed.append(None if n is None else n / tok)
         compute_tok = steps_equiv * BATCH * SEQ  # scratch tokens of the same FLOPs as the arm
-        return {"arm": arm, "curve_tokens_loss": curve, "sheared_loss": target_loss, "sheared_tokens": tok,
-                "scratch_tokens_to_match": needed, "ratio": None if needed is None else needed / tok,
-                "compute_equivalent_scratch_tokens": compute_tok,
+        return {"arm": arm, "seeds": seeds, "curve_tokens_loss": curve, "sheared_loss": target_loss,
+                "sheared_tokens": tok, "scratch_tokens_to_match": needed, "ratio": None if needed is None else needed / tok,
+                "per_seed_ratio": per_seed, "compute_equivalent_scratch_tokens": compute_tok,
                 "ratio_in_compute": None if needed is None else needed / compute_tok,
-                "note": None if needed else ("scratch at T is already below it" if curve[0][1] <= target_loss
-                                             else f"not reached by {curve[-1][0] / tok:g}T")}
+                "note": None if needed else f"not reached by {curve[-1][0] / tok:g}T"}
 
     prune_cost = n_src / n_tgt  # a pruning step trains the source-size masked model (6 N_source per token)
     crossovers = [c for c in (
@@ -481,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
              f"T = {T} steps x {BATCH} x {SEQ} = {T * BATCH * SEQ / 1e6:.2f}M tokens after the source. "
              f"Learning rates chosen on validation: scratch {lr_of['scratch']:g}, continued training "
              f"{lr_of['continued']:g}, pruning stage (model weights) {lr_of['pruning']:g} "
-             f"(sweep: {json.dumps(sweep)}).", "",
+             f"(sweep: {json.dumps(sweep)})"
+             + ("; at the edge of the grid, not bracketed: " + ", ".join(k for k, e in edge.items() if e)
+                if any(edge.values()) else "; every swept rate's optimum is inside its grid") + ".", "",
              "| arm | seeds | tokens after source (trainer) | passes over train (code/docstrings/reference) | test loss | "
              + " | ".join(domains) + " | worst excess over source |",
              "|---|---|---|---|---|" + "---|" * len(domains) + "---|"]
@@ -491,22 +542,27 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         lines.append(f"| {k} | {r['seeds']} | {statistics.mean(r['tokens_after_source']) / 1e6:.2f}M | {ps} | "
                      f"{_fmt(r['loss'], r['loss_se'])} | " + " | ".join(f"{r['domains'][d]:.3f}" for d in domains)
                      + f" | {_fmt(r['worst_excess'], r['worst_excess_se'])} |")
-    lines += ["", "| comparison (a - b) | metric | seeds | mean difference | SE (seeds, test) | verdict |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| comparison (a - b) | metric | seeds | mean difference | SE (seeds, test by document) | t (df; 95% "
+              "point) | verdict |", "|---|---|---|---|---|---|---|"]
     for c in comparisons:
         lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {c['seeds']} | {c['mean']:+.4f} | "
-                     f"{c['se']:.4f} ({c['se_seed']:.4f}, {c['se_test']:.4f}) | {c['verdict']} |")
+                     f"{c['se']:.4f} ({c['se_seed']:.4f}, {c['se_test']:.4f}) | {c['t']:+.2f} ({c['df']}; "
+                     f"{c['t_critical']:.2f}) | {c['verdict']} |")
     if crossover:
         lines += ["", "Scratch, final test loss of each fully decayed run: " + ", ".join(
             f"{t / 1e6:.2f}M tokens {l:.3f}" for t, l in crossover["curve_tokens_loss"]) + "."]
     for c in crossovers:
+        per_seed = ", ".join("not reached" if r is None else f"{r:.2f}x" for r in c["per_seed_ratio"])
         lines.append(f"- {c['arm']} {c['sheared_loss']:.3f} at {c['sheared_tokens'] / 1e6:.2f}M tokens "
-                     f"({c['compute_equivalent_scratch_tokens'] / 1e6:.2f}M scratch tokens of the same FLOPs): "
+                     f"({c['compute_equivalent_scratch_tokens'] / 1e6:.2f}M scratch tokens of the same FLOPs), scratch "
+                     f"curve of {c['seeds']} seed(s) per budget: "
                      + (f"scratch needs {c['scratch_tokens_to_match'] / 1e6:.2f}M tokens: {c['ratio']:.2f}x in tokens, "
-                        f"{c['ratio_in_compute']:.2f}x in compute" if c["scratch_tokens_to_match"] else c["note"]) + ".")
+                        f"{c['ratio_in_compute']:.2f}x in compute" if c["scratch_tokens_to_match"] else c["note"])
+                     + f"; seed by seed: {per_seed}.")
     if args.kd or any(rows.get(k) for k in kd_arms):
-        lines.append(f"- distillation: a KD continued-training step costs {kd_cost:.2f}x a CE step in FLOPs "
-                     f"(source {n_src / 1e6:.2f}M, target {n_tgt / 1e6:.2f}M parameters); the equal-compute CE arm "
+        lines.append(f"- distillation: a KD continued-training step costs {kd_cost:.2f}x a CE step in FLOPs (the "
+                     f"project's count: 6 N + attention for the student, 2 N + attention for the teacher; source "
+                     f"{n_src / 1e6:.2f}M, target {n_tgt / 1e6:.2f}M multiplied weights); the equal-compute CE arm "
                      f"trains {eq_steps} steps instead of {args.cpt_steps}.")
     worst_res = max(resolution.items(), key=lambda kv: kv[1]["se_test"] if np.isfinite(kv[1]["se_test"]) else 0,
                     default=None)

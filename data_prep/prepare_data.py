@@ -12,7 +12,6 @@ hf extra: pip install -e '.[hf]'):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys

@@ -11,7 +11,6 @@ split; this reports on ``test`` unless told otherwise).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence

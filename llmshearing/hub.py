@@ -11,7 +11,6 @@ been created. ``dry_run`` lists what would be uploaded and touches no network.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Optional, Sequence

@@ -14,7 +14,6 @@ A figure whose metrics the run did not log is skipped (and said so).
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Sequence
 from pathlib import Path

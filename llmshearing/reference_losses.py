@@ -18,7 +18,6 @@ Both print the ``dynamic_loading.reference_losses`` line to put in a YAML or pas
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math

@@ -7,7 +7,6 @@ model card (README.md) and provenance (llmshearing.json); optionally upload it t
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path

@@ -126,13 +126,28 @@ def test_inference_benchmark_runs_and_its_flops_count_the_tied_head(tmp_path):
     vs = res["sheared"]["vs_source"]
     assert vs["parameters_ratio"] == pytest.approx(res["source"]["parameters"] / res["sheared"]["parameters"])
     assert vs["batch2_generation_speedup"]["ci95"][0] <= vs["batch2_generation_speedup"]["median"]
-    # forward FLOPs: 2 x every matmul weight (LM head included, embedding lookup not) + attention
-    from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(big)
-    d, L, m, H, G, V = 64, 3, 96, 8, 2, 160
-    hd = d // H
-    assert forward_flops_per_token(cfg, 10) == 2 * (L * (2 * d * H * hd + 2 * d * G * hd + 3 * d * m) + V * d) + 4 * L * H * hd * 10
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_inference_flops_per_token_equal_torchs_count_of_a_forward(tied):
+    """The benchmark's formula against an independent count: torch's FlopCounterMode over one full forward of T
+    tokens (eager attention: scores and weighted values over all T x T pairs, as the formula's context T counts);
+    a tied LM head is a matmul like an untied one."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.inference import forward_flops_per_token
+
+    cfg = LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=2, tie_word_embeddings=tied, attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
+    T = 10
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.zeros(1, T, dtype=torch.long), use_cache=False)
+    rotary = 2 * (64 // 8 // 2) * T  # the rotary embedding's frequency matmul (positions x head_dim / 2), once
+    assert counter.get_total_flops() == T * forward_flops_per_token(model.config, T) + rotary
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -17,7 +17,6 @@ conversion is written to a temporary name and renamed, so a crash never leaves a
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import importlib.util

@@ -1,0 +1,96 @@
+"""Statistics of the method comparisons: seeds as the unit of replication, test sequences clustered by document.
+
+- A comparison of arms A and B is paired: per seed, the difference of their test losses on the same sequences.
+  Its mean over seeds has a between-seed standard error with ``n_seeds - 1`` degrees of freedom, and a test-set
+  sampling error: the seed-averaged per-sequence differences, clustered by the document each sequence comes from
+  (consecutive sequences of one document are not independent; a long document can be a quarter of a domain).
+- The two errors add in quadrature; ``t = diff / se`` is compared with the t distribution's two-sided 95% point
+  at the seeds' degrees of freedom (4.30 for 3 seeds): a verdict names the lower arm only when ``|t|`` exceeds it.
+- Scratch crossover: the tokens a from-scratch model needs to reach a loss, interpolated in log tokens between
+  budgets trained with the *same* seeds (a curve of seed means); "not reached" when the largest budget's loss is
+  still above it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["T_975", "clustered_se", "compare", "crossover", "t_critical", "verdict"]
+
+# two-sided 95% points of Student's t (scipy.stats.t.ppf(0.975, df)); df > 30: the normal's 1.96 is within 4%
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t_critical(df: int) -> float:
+    """The two-sided 95% point of Student's t with ``df`` degrees of freedom (the next smaller tabulated df)."""
+    if df < 1:
+        return math.inf
+    return T_975[max(k for k in T_975 if k <= df)] if df <= 30 else 1.96
+
+
+def clustered_se(d: np.ndarray, clusters: np.ndarray) -> float:
+    """Standard error of ``mean(d)`` when the values of one cluster are correlated (cluster-robust, with the
+    ``G / (G - 1)`` small-sample factor). NaN with fewer than 2 clusters: the set cannot tell its own error."""
+    d = np.asarray(d, dtype=np.float64)
+    clusters = np.asarray(clusters)
+    ids = np.unique(clusters)
+    g, n = len(ids), len(d)
+    if g < 2 or n == 0:
+        return float("nan")
+    resid = d - d.mean()
+    sums = np.array([resid[clusters == c].sum() for c in ids])
+    return float(math.sqrt(g / (g - 1) * (sums ** 2).sum()) / n)
+
+
+def verdict(diff: float, se: float, df: int, lower: str = "A", higher: str = "B") -> str:
+    """``"<lower> lower"`` / ``"<higher> lower"`` when ``|diff / se| > t_critical(df)``, else ``"none"``."""
+    if not (math.isfinite(diff) and math.isfinite(se)) or se <= 0:
+        return "undetermined"
+    if abs(diff / se) <= t_critical(df):
+        return "none"
+    return f"{lower} lower" if diff < 0 else f"{higher} lower"
+
+
+def compare(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray], clusters: np.ndarray) -> dict[str, float]:
+    """Paired comparison of two arms' per-sequence test losses (``{seed: losses}``, the same sequences in the same
+    order for every seed and arm; seeds present in both count).
+
+    Returns:
+        ``diff`` (mean over seeds of mean(a - b)), ``se_seed`` (between seeds, NaN with one seed), ``se_test``
+        (clustered by document, of the seed-averaged per-sequence differences), ``se`` (both in quadrature; the
+        test part alone with one seed), ``t``, ``df`` (seeds - 1) and ``n_seeds``.
+    """
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("no seed in common")
+    per_seed = np.stack([np.asarray(a[s], np.float64) - np.asarray(b[s], np.float64) for s in seeds])  # (S, N)
+    means = per_seed.mean(1)
+    diff = float(means.mean())
+    se_seed = float(means.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else float("nan")
+    se_test = clustered_se(per_seed.mean(0), clusters)
+    parts = [x for x in (se_seed, se_test) if math.isfinite(x)]
+    se = math.sqrt(sum(x * x for x in parts)) if parts else float("nan")
+    return {"diff": diff, "se_seed": se_seed, "se_test": se_test, "se": se,
+            "t": diff / se if se and math.isfinite(se) else float("nan"), "df": len(seeds) - 1, "n_seeds": len(seeds)}
+
+
+def crossover(budgets: Sequence[float], losses: Sequence[float], target: float) -> Optional[float]:
+    """Tokens at which a curve of (budget, loss) points, trained with the same seeds at every budget, first reaches
+    ``target``: linear in log tokens between the two budgets that bracket it; the first budget if it is already at
+    or below; None ("not reached") if the largest budget's loss is still above it."""
+    pts = sorted(zip(budgets, losses))
+    if not pts:
+        return None
+    if pts[0][1] <= target:
+        return float(pts[0][0])
+    for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
+        if l1 <= target < l0:
+            w = (l0 - target) / (l0 - l1)
+            return float(math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0))))
+    return None
