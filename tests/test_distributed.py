@@ -6,14 +6,13 @@ What holds, exactly (README, "Correctness"):
   processes' per-device batches (``device_train_microbatch_size`` = global batch / 2 on the single process): both
   then add the same per-micro-batch gradients;
 - otherwise (the shipped CPU YAMLs as they are: one micro-batch of 16 on one process, 8 per process on two) the
-  gradients are the same sums in another order: equal to float rounding (measured ~1e-6);
+  gradients are the same sums in another order: equal to float rounding (measured 1.9e-6 on 2026-11-29; no longer a
+  test: FSDP's float-rounding agreement is tests/test_fsdp.py's);
 - evaluation losses are averaged over the ranks' shares in another order, so they, and the domain weights
   dynamic loading computes from them, agree to float rounding only (~5e-7), in both cases.
 """
 
 from __future__ import annotations
-
-import pytest
 
 from tests.helpers import REPO, run_traced
 
@@ -53,14 +52,3 @@ def test_aligned_micro_batches_train_bit_identically(mds_data, tmp_path):
     d = _diffs(one, two)
     assert d["losses"] == 0.0 and d["tensors"] == 0.0, d
     assert d["proportions"] <= 2e-6, d  # from the evaluation's reduction order
-
-
-@pytest.mark.parametrize("yaml_as_shipped", [YAML])
-def test_the_shipped_cpu_config_as_it_is_matches_to_float_rounding(yaml_as_shipped, mds_data, tmp_path):
-    common = _common(mds_data)  # global batch 16, micro-batch 16 (yamls/parts/cpu_common.yaml): not aligned on 2
-    one = run_traced(tmp_path / "one.pt", yaml_as_shipped, common + [f"variables.run_dir={tmp_path}/one"], nproc=1)
-    two = run_traced(tmp_path / "two.pt", yaml_as_shipped, common + [f"variables.run_dir={tmp_path}/two"], nproc=2)
-    _check_same_run(one, two)
-    d = _diffs(one, two)
-    assert max(d.values()) <= 1e-5, d
-    print("shipped config, -n 2 vs -n 1:", d)

@@ -70,9 +70,9 @@ def test_tiny_pruning_reaches_the_target_and_exports(mds_data, tmp_path):
     assert (tmp_path / "checkpoints" / "masks" / "ba200.pt").exists()
     logged = read_metrics(tmp_path / "metrics.jsonl")  # the run's JSON-lines log, and the figures made from it
     assert abs(logged["pruning/expected_hidden"][200] - expected["hidden_size"]) < 0.05  # logged before the last step
-    assert set(logged["metrics/eval/LanguageCrossEntropy_code"]) == {100, 200}
+    assert set(logged["metrics/eval/LanguageCrossEntropy_code"]) == {0, 100, 200}  # eval_first: step 0 too
     # the expected-mask model (what dynamic loading reads) and the top-k-to-target model are both evaluated
-    assert set(logged["metrics/eval_target/LanguageCrossEntropy_code"]) == {100, 200}
+    assert set(logged["metrics/eval_target/LanguageCrossEntropy_code"]) == {0, 100, 200}
     assert "pruning/weak_kept_intermediate" in logged
     for g in algo.masks.gates.values():  # clamped after every step
         assert -4.6052 - 1e-5 <= float(g.log_alpha.min()) and float(g.log_alpha.max()) <= 4.6052 + 1e-5

@@ -241,7 +241,7 @@ def test_data_prep_reads_a_hugging_face_dataset_as_the_folder_it_would_read(corp
     for d in ("code", "reference"):  # the same rows, as a JSONL folder
         (folder / d).mkdir(parents=True)
         (folder / d / "part-00000.jsonl").write_text(
-            "".join(json.dumps({"text": r["text"]}) + "\n" for r in rows if r["meta"]["set"] == d))
+            "".join(json.dumps({"text": r["text"]}, ensure_ascii=False) + "\n" for r in rows if r["meta"]["set"] == d))
     common = ["--tokenizer", small_tokenizer, "--seq-len", "64"]
     assert main(["--hf-dataset", str(tmp_path / "hf"), "--domain-column", "meta.set", "--output",
                  str(tmp_path / "from_hf"), *common]) == 0
