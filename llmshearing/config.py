@@ -212,6 +212,11 @@ class PruningConfig:
 
     Args:
         target: the target architecture.
+        method: how the kept units are chosen. ``learned`` (default): hard-concrete masks learned with the Lagrangian
+            for ``max_duration``, then materialised at export (the paper). ``activation`` (Minitron's activation
+            importance on ``calibration_sequences`` training sequences), ``magnitude`` or ``random``: a one-shot
+            selection before the first step, after which the run trains the dense target model (continued
+            pre-training) for ``max_duration``; the mask keys below do not apply.
         prune: structures to learn masks for, any of ``layer``, ``head``, ``intermediate``, ``hidden``.
             A structure not listed keeps its source size, so the target must equal the source there.
         lagrangian_warmup: duration over which the target is ramped from the source shape (Composer time
@@ -242,6 +247,7 @@ class PruningConfig:
     """
 
     target: TargetShape = field(default_factory=TargetShape)
+    method: str = "learned"
     prune: list[str] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
     lagrangian_warmup: str = "0.2dur"
     mask_lr: float = 1.0
@@ -263,6 +269,8 @@ class PruningConfig:
         _require(not bad, f"pruning.prune has unknown structures {bad}; choose from {list(allowed)}")
         _require(len(self.prune) > 0, "pruning.prune is empty: list at least one structure to prune")
         _require(self.init in ("reference", "importance"), f"pruning.init={self.init!r}: use 'reference' or 'importance'")
+        _require(self.method in ("learned", "activation", "magnitude", "random"),
+                 f"pruning.method={self.method!r}: use learned, activation, magnitude or random")
         lo, hi = math.log(0.01), math.log(100.0)
         _require(self.log_alpha_min < hi, f"pruning.log_alpha_min={self.log_alpha_min} must be below ln 100 = {hi:.3f}")
         lo = self.log_alpha_min

@@ -98,6 +98,10 @@ def _write_card(out: Path, meta: dict[str, Any], state: dict[str, Any], src_conf
     from llmshearing.model_card import build_card, last_eval_losses, provenance_of, write_provenance
     from llmshearing.models.families import count_params
 
+    selected_from = (meta.get("run") or {}).get("selected_from")  # a one-shot selection's source, before it
+    if selected_from:
+        src_config = type(src_config)(**{k: v for k, v in selected_from.items()
+                                         if k not in ("model_type", "transformers_version")})
     prov = provenance_of(meta, state, describe_shape(src_config), describe_shape(config), params,
                          int(count_params(describe_shape(src_config), config=src_config)))
     write_provenance(out, prov)

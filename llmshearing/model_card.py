@@ -66,6 +66,10 @@ def _hub_id(base: Optional[str]) -> Optional[str]:
 
 
 _STAGE_WORDS = {"pruning": "targeted structured pruning with learned masks",
+                "activation_selection": "one-shot structured pruning by activation importance with continued "
+                                        "pre-training",
+                "magnitude_selection": "one-shot structured pruning by weight magnitude with continued pre-training",
+                "random_selection": "one-shot random structured pruning with continued pre-training",
                 "continued_pretraining": "continued pre-training", "training": "training from random initialisation"}
 
 

@@ -35,6 +35,7 @@ from llmshearing.data import (
     resolve_domains,
 )
 from llmshearing.models import ComposerCausalLM, build_hf_model
+from llmshearing.models.adapters import adapter_for
 from llmshearing.models.families import resolve_hf_config
 
 __all__ = ["build_trainer", "finished", "train_from_yaml"]
@@ -121,6 +122,49 @@ def _save_resolved_config(cfg: RunConfig) -> None:
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))))
     tmp.replace(run_dir / "config.yaml")
+
+
+def _select_one_shot(cfg: RunConfig, domains: list[str], source_config, empty: bool) -> torch.nn.Module:
+    """The dense target model chosen in one shot (``pruning.method``: activation, magnitude or random) from the
+    source: rank 0 loads the source, scores it (activation importance on ``pruning.calibration_sequences`` training
+    sequences, on the GPU when there is one) and materialises the kept units; the selection goes to every rank, so
+    ranks that load the source themselves materialise the same model and empty ranks build its shape on meta."""
+    from llmshearing.models.families import describe_shape
+    from llmshearing.pruning import materialize, resolve_target
+    from llmshearing.pruning.baselines import select_masks
+    from llmshearing.pruning.materialize import pruned_config
+
+    p = cfg.pruning
+    target = resolve_target(describe_shape(source_config), p.target, ["layer", "head", "intermediate", "hidden"])
+    source, masks = None, None
+    if dist.get_global_rank() == 0 or not empty:
+        source = build_hf_model(cfg.model)
+    if dist.get_global_rank() == 0:
+        calibration = None
+        if p.method == "activation":
+            calibration = calibration_batch(cfg.data.local, p.calibration_sequences, cfg.data.max_seq_len, domains,
+                                            remote=cfg.data.remote)
+        scorer = source.to("cuda") if _device(cfg) == "gpu" and p.method == "activation" else source
+        masks = select_masks(scorer, target, p.method, seed=cfg.seed, calibration=calibration)
+        masks = type(masks)(**{k: v.cpu() for k, v in masks.__dict__.items()})
+        source = scorer.to("cpu")
+        log.info("one-shot %s selection: %s -> %s", p.method, describe_shape(source_config), target)
+    if dist.get_world_size() > 1:
+        box = [masks]
+        dist.broadcast_object_list(box, src=0)
+        masks = box[0]
+    if source is None:  # an empty rank: the target's shape, weights from rank 0 by broadcast
+        config = pruned_config(source_config, masks)
+        config._attn_implementation = cfg.model.attn_implementation
+        config.dtype = torch.float32
+        with torch.device("meta"):
+            small = adapter_for(source_config).model_cls(config)
+    else:
+        small = materialize(source, masks)
+        del source
+    if cfg.model.gradient_checkpointing:
+        small.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return small
 
 
 def _check_save_folder(cfg: RunConfig) -> None:
@@ -300,7 +344,12 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     # a node's host memory).
     _check_vocab(manifest, source_config, cfg.data.local)
     _check_tokenizer(cfg, manifest)
-    hf_model = build_hf_model(cfg.model, empty=fsdp is not None and fsdp.rank0_loads and dist.get_global_rank() != 0)
+    empty = fsdp is not None and fsdp.rank0_loads and dist.get_global_rank() != 0
+    learned = cfg.pruning is not None and cfg.pruning.method == "learned"
+    if cfg.pruning is not None and not learned:  # one-shot selection: the run trains the dense target model
+        hf_model = _select_one_shot(cfg, domains, source_config, empty)
+    else:
+        hf_model = build_hf_model(cfg.model, empty=empty)
     model = ComposerCausalLM(hf_model, domains=domains, **_distillation(cfg, manifest, hf_model))
 
     train_loader = build_train_dataloader(
@@ -309,7 +358,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     eval_loader = build_eval_dataloader(cfg.data, manifest, domains, cfg.device_eval_batch_size)
     metric_names = list(model.get_metrics(is_train=False))
     evaluators = [Evaluator(label="eval", dataloader=eval_loader, metric_names=metric_names)]
-    if cfg.pruning is not None and cfg.pruning.eval_target:
+    if learned and cfg.pruning.eval_target:
         # the top-k-to-target model (what materialisation produces), beside the expected-mask one dynamic loading reads
         target_loader = build_eval_dataloader(cfg.data, manifest, domains, cfg.device_eval_batch_size)
         from llmshearing.algorithms.l0_pruning import L0Pruning
@@ -331,17 +380,18 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     callbacks: list[Callback] = [
         CheckpointMetadata(hf_model.config, cfg.tokenizer or manifest["tokenizer"]["path"], domains,
                            source=cfg.model.pretrained, provenance=_provenance(cfg.model.pretrained),
-                           stage="pruning" if cfg.pruning is not None else
+                           stage="pruning" if learned else f"{cfg.pruning.method}_selection" if cfg.pruning else
                            "continued_pretraining" if cfg.model.pretrained else "training",
                            distillation=None if cfg.distillation is None else
                            (cfg.distillation.teacher or cfg.model.pretrained),
-                           run=_run_info(cfg, manifest, source_config)),
+                           run={**_run_info(cfg, manifest, source_config),
+                                **({"selected_from": source_config.to_dict()} if cfg.pruning and not learned else {})}),
         DomainLossMonitor(),
         LossGuard(cfg.save_folder),
         LRMonitor(),
         SpeedMonitor(window_size=10),
     ]
-    if cfg.pruning is not None:
+    if learned:
         from llmshearing.algorithms.l0_pruning import L0Pruning
 
         def calibration() -> torch.Tensor:

@@ -17,9 +17,13 @@ VARS = ["variables.data=/data", "variables.run_dir=/runs", "variables.source=/mo
 @pytest.mark.parametrize("path", RUN_YAMLS, ids=lambda p: str(p.relative_to(REPO / "yamls")))
 def test_every_shipped_yaml_validates(path):
     extra = {  # configs whose target is given on the command line
+        **{name: [f"pruning.target.{k}={v}" for k, v in
+                  dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=1, intermediate_size=8).items()]
+           for name in ("activation_cpu.yaml",)},
         "cpu.yaml": [f"pruning.target.{k}={v}" for k, v in
                      dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=1, intermediate_size=8).items()],
         "continue_pretrain_smollm2.yaml": ["variables.reference_losses=[2.0,1.0,2.0,2.0,2.0,2.0,2.0]"],  # 7 domains
+        "activation_smollm2.yaml": ["variables.reference_losses=[2.0,1.0,2.0,2.0,2.0,2.0,2.0]"],
         "prune_custom.yaml": [*(f"pruning.target.{k}={v}" for k, v in dict(
             num_hidden_layers=1, hidden_size=8, num_attention_heads=1, num_key_value_heads=1,
             intermediate_size=8).items()), "data.domains=[web,code]", "data.proportions=[0.5,0.5]",

@@ -254,3 +254,39 @@ def test_data_prep_reads_a_hugging_face_dataset_as_the_folder_it_would_read(corp
     capsys.readouterr()
     assert main(["--hf-dataset", str(tmp_path / "hf"), "--output", str(tmp_path / "x"), *common]) == 2
     assert "--domain-column COLUMN" in _error_line(capsys)
+
+
+def test_one_shot_activation_selection_is_a_pruning_method_of_the_recipe(mds_data, tmp_path):
+    """pruning.method=activation: the run starts from the source's Minitron selection at the target shape (the same
+    model the one-shot baseline builds) and trains it; its export is a plain model whose card and provenance say so."""
+    import json
+
+    import torch
+
+    from llmshearing.config import load_config
+    from llmshearing.data import calibration_batch
+    from llmshearing.export import export_checkpoint
+    from llmshearing.pruning import materialize
+    from llmshearing.pruning.baselines import select_masks
+    from llmshearing.trainer import build_trainer
+    from transformers import AutoModelForCausalLM
+
+    src = save_tiny_cpu_source(tmp_path / "src")
+    args = _tiny_prune_args(mds_data, tmp_path, f"variables.source={src}", "pruning.method=activation",
+                            "pruning.calibration_sequences=6")
+    trainer = build_trainer(load_config(args[0], args[1:]))
+    model = trainer.state.model.model
+    assert not hasattr(trainer.state.model, "masks") and model.config.hidden_size == 48
+    source = AutoModelForCausalLM.from_pretrained(src)
+    want = materialize(source, select_masks(source, dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=2,
+                                                         intermediate_size=86), "activation",
+                                            calibration=calibration_batch(mds_data, 6, 64,
+                                                                          ["code", "docstrings", "reference"])))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in want.state_dict().items())
+    trainer.fit()
+    trainer.close()
+    out = export_checkpoint(tmp_path / "run" / "checkpoints", tmp_path / "selected")
+    prov = json.loads((out / "llmshearing.json").read_text())
+    assert prov["stages"][0]["stage"] == "activation_selection"
+    assert prov["stages"][0]["shape_before"]["hidden_size"] == 64 and prov["stages"][0]["shape_after"]["hidden_size"] == 48
+    assert "one-shot structured pruning by activation importance" in (out / "README.md").read_text()
