@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     from llmshearing.cli import parser
 
-    p = parser(__doc__)
+    p = parser(__doc__, prog="python data_prep/prepare_data.py")
     p.add_argument("--input", "--data-folder", dest="input",
                    help="folder with one sub-folder per domain (or give --hf-dataset)")
     p.add_argument("--hf-dataset", help="a Hugging Face dataset instead: Hub id, data-file folder or save_to_disk folder")

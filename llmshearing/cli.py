@@ -21,13 +21,21 @@ __all__ = ["HelpFormatter", "MAX_ERROR_CHARS", "one_line", "parser", "run", "use
 MAX_ERROR_CHARS = 1200
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` keeps the module docstring's layout and shows every default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the module docstring's layout and shows every default (unless the help text already says
+    what the default is, or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
-def parser(description: Optional[str], **kwargs) -> argparse.ArgumentParser:
-    """An argument parser with the shared formatter and ``--debug``."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+def parser(description: Optional[str], prog: Optional[str] = None, **kwargs) -> argparse.ArgumentParser:
+    """An argument parser with the shared formatter and ``--debug``; ``prog``: the command as a user types it
+    (``python -m llmshearing.plots``)."""
+    p = argparse.ArgumentParser(description=description, prog=prog, formatter_class=HelpFormatter, **kwargs)
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     return p
 

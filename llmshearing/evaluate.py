@@ -165,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     from llmshearing.cli import parser
 
-    p = parser(__doc__)
+    p = parser(__doc__, prog="python -m llmshearing.evaluate")
     p.add_argument("--model", required=True, action="append",
                    help="Hugging Face model directory, or NAME=DIR; repeat to compare models side by side (--tasks)")
     p.add_argument("--data", help="prepared dataset root (data_prep/prepare_data.py output)")
@@ -173,13 +173,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                    help="held-out split: test (reported results, default) or val (what training tuned on)")
     p.add_argument("--domains", nargs="*", help="domains to evaluate (default: all)")
     p.add_argument("--seq-len", type=int, help="sequence length (default: the data's)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-sequences-per-domain", type=int)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    p.add_argument("--max-sequences-per-domain", type=int,
+                   help="evaluate the first N sequences of each domain (default: all of them)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--json", help="also write the losses to this JSON file")
     p.add_argument("--generate", metavar="PROMPT", help="generate a continuation of PROMPT")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="with --generate: tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="with --generate: 0 is greedy")
     p.add_argument("--tasks", nargs="*", default=None,
                    help="lm-evaluation-harness tasks: shearing_offline (built from --data's test split, no network), "
                         "paper (the paper's list), or any lm-eval task name (needs the eval extra)")
@@ -208,6 +209,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         losses = domain_losses(model, args.data, args.domains, args.seq_len, args.batch_size,
                                args.max_sequences_per_domain, split=args.split)
         tail = set(load_manifest(str(args.data)).get("not_document_disjoint", []))
+        cap = f"first {args.max_sequences_per_domain}" if args.max_sequences_per_domain else "all"
+        print(f"{args.split} split, {cap} sequences of each domain; loss in nats/token")
         print("| domain | loss | perplexity |\n|---|---|---|")
         for d, v in losses.items():
             print(f"| {d}{' *' if d in tail else ''} | {v:.4f} | {math.exp(v):.2f} |")

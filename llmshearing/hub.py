@@ -90,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     from llmshearing.cli import parser
 
-    p = parser(__doc__)
+    p = parser(__doc__, prog="python -m llmshearing.hub")
     p.add_argument("folder", help="an exported model directory")
     p.add_argument("--push-to-hub", "--repo-id", dest="repo_id", required=True, metavar="REPO_ID",
                    help="user-or-org/name on the Hub")

@@ -1,6 +1,6 @@
 """PNG figures of a run from its ``metrics.jsonl`` (and, for pruning runs, its saved masks).
 
-    python -m llmshearing.plots --run runs/quickstart/prune --out runs/quickstart/plots
+    python -m llmshearing.plots --run runs/quickstart/prune --output runs/quickstart/plots/prune
 
 | figure | from |
 | --- | --- |
@@ -167,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     from llmshearing.cli import parser
 
-    p = parser(__doc__)
+    p = parser(__doc__, prog="python -m llmshearing.plots")
     p.add_argument("--run", required=True, help="run directory (holds metrics.jsonl and checkpoints/)")
     p.add_argument("--output", "--out", dest="output", help="output folder (default: <run>/plots)")
     p.add_argument("--metrics", help="metrics file (default: <run>/metrics.jsonl)")

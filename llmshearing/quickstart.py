@@ -114,18 +114,29 @@ class Console:
 
 
 def _progress(console: Console, label: str, total: int):
-    """A Composer callback drawing one progress bar (with the time left) for a training stage."""
+    """A Composer callback showing a training stage's progress and the time left: a bar on a terminal, a line at every
+    tenth of the stage otherwise (a log file gets no carriage returns)."""
     from composer.core import Callback
     from tqdm import tqdm
 
+    tty = console.out.isatty()
+
     class Progress(Callback):
         def fit_start(self, state, logger) -> None:
+            self.t0, self.done, self.next = time.time(), 0, max(total // 10, 1)
             self.bar = tqdm(total=total, desc=label, unit="step", file=console.out, dynamic_ncols=True,
-                            disable=console.verbose, bar_format="{desc}: {percentage:3.0f}%|{bar:30}| {n_fmt}/{total_fmt}"
-                                                                " [{elapsed}<{remaining}, {rate_fmt}]")
+                            disable=console.verbose or not tty,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar:30}| {n_fmt}/{total_fmt} "
+                                       "[{elapsed}<{remaining}, {rate_fmt}]")
 
         def batch_end(self, state, logger) -> None:
             self.bar.update(1)
+            self.done += 1
+            if not tty and not console.verbose and (self.done >= self.next or self.done == total):
+                spent = time.time() - self.t0
+                left = spent / self.done * (total - self.done)
+                console.say(f"   {label}: {self.done}/{total} steps, {spent:.0f} s, ~{left:.0f} s left")
+                self.next += max(total // 10, 1)
 
         def fit_end(self, state, logger) -> None:
             self.bar.close()
@@ -171,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _main(argv: Optional[list[str]] = None) -> int:  # noqa: C901 - the recipe, top to bottom
     from llmshearing.cli import parser
 
-    p = parser(__doc__)
+    p = parser(__doc__, prog="python -m llmshearing.quickstart")
     p.add_argument("--output", "--out", dest="output", default="runs/quickstart", help="where everything is written")
     p.add_argument("--source", help="your source model: a Hugging Face folder, a Hub id, a .gguf file or a GGUF "
                                     "short name such as 'smollm2' (default: pre-train a tiny one)")
@@ -320,7 +331,8 @@ def _main(argv: Optional[list[str]] = None) -> int:  # noqa: C901 - the recipe, 
     console.say(f"   {final}")
 
     # 7. report
-    console.banner(7, total, "summary (losses in nats/token on the test split, never seen in training)")
+    console.banner(7, total, "summary (losses in nats/token on every sequence of the test split, never seen in "
+                             "training; python -m llmshearing.evaluate gives the same)")
     from llmshearing.plots import plot_run
 
     models = {"source": source, "pruned (learned masks)": pruned, "final (pruned + continued)": final}
@@ -328,7 +340,7 @@ def _main(argv: Optional[list[str]] = None) -> int:  # noqa: C901 - the recipe, 
     with console.logged(out / "report.log"):
         for name, path in models.items():
             model = load_model(path)
-            losses = domain_losses(model, data, batch_size=32, max_sequences_per_domain=64, split="test")
+            losses = domain_losses(model, data, batch_size=32, split="test")  # every test sequence
             rows.append((name, model.num_parameters(), losses))
         plots = [plot_run(prune_run, out / "plots" / "prune"), plot_run(cpt_run, out / "plots" / "continue_pretrain")]
     say = console.say
@@ -337,7 +349,8 @@ def _main(argv: Optional[list[str]] = None) -> int:  # noqa: C901 - the recipe, 
     for name, n, losses in rows:
         say(f"| {name} | {n / 1e6:.3f}M | {losses['all']:.3f} | " + " | ".join(f"{losses[d]:.3f}" for d in domains) + " |")
     say("\nreference losses (the source's, validation split): " + ", ".join(f"{d} {v:.3f}" for d, v in zip(domains, reference)))
-    say("\ndomain weights over time (dynamic batch loading, after each evaluation)")
+    say("\ndomain weights over time (dynamic batch loading, after each evaluation; the last row is the evaluation at "
+        "the end of the run)")
     say("| stage | step | " + " | ".join(domains) + " |")
     say("|---|---|" + "---|" * len(domains))
     for stage, run in (("prune", prune_run), ("continue", cpt_run)):

@@ -120,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     from llmshearing.cli import HelpFormatter, parser
 
-    p = parser(__doc__)
+    p = parser(__doc__, prog="python -m llmshearing.reference_losses")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="scaling-law fit per domain, predicted at --target-params",
                        formatter_class=HelpFormatter)

@@ -1,4 +1,4 @@
-# Sourced by the scripts: create .venv and install the pinned stack once (about 2 minutes).
+# Sourced by the scripts: create .venv and install the pinned stack once (3-4 minutes on 2 cores, more on a busy machine).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     from llmshearing.cli import parser
 
-    p = parser(__doc__)
+    p = parser(__doc__, prog="python scripts/export_hf.py")
     p.add_argument("--checkpoint", required=True,
                    help="Composer checkpoint file, sharded checkpoint folder, or a run's checkpoints folder (its latest)")
     p.add_argument("--output", "--out", dest="output", required=True, help="Hugging Face model directory to write")

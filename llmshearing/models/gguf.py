@@ -237,7 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     from llmshearing.cli import parser
 
-    p = parser("Convert a GGUF model (a .gguf path or a short name) to a Hugging Face directory with its tokenizer.")
+    p = parser("Convert a GGUF model (a .gguf path or a short name) to a Hugging Face directory with its tokenizer.",
+               prog="python -m llmshearing.models.gguf")
     p.add_argument("source", help=f"a .gguf file or one of {sorted(KNOWN)}")
     p.add_argument("--output", "--out", dest="output", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
