@@ -27,7 +27,7 @@ Every stage (conversion, data prep, evaluations, selections, pruning runs, recov
 and data's identities, seeds, steps, batch, sequence length, calibration, evaluation sequences, the code's stage
 version), so an interrupted benchmark continues and a changed setting runs again.
 
-    python -m benchmarks.real_model --phase tune                  # seed 0: learned, improved, its ablations (val)
+    python -m benchmarks.real_model --phase tune                  # seed 0: every arm but on-source, ablations (val)
     python -m benchmarks.real_model                               # all arms, seeds 0 1 2, report on test
     python -m benchmarks.real_model --seeds 0 --report-only       # tables from what has run
     python -m benchmarks.real_model --extras                      # + full-size parity, generations, inference
@@ -91,30 +91,46 @@ def _dir_identity(path: Path) -> dict[str, Any]:
 
 
 class Stages:
-    """Cached stages: ``state.json`` maps a key (a hash of everything that defines the stage) to its result."""
+    """Cached stages: ``state.json`` maps a key (a hash of everything that defines the stage) to its result. Several
+    processes may share a work folder (``--arms`` / ``--seeds`` split across them): each re-reads the file under a
+    lock before adding its stage."""
 
     def __init__(self, work: Path) -> None:
         self.file = work / "state.json"
-        self.state: dict[str, Any] = json.loads(self.file.read_text()) if self.file.is_file() else {}
-        if self.state and self.state.get("version") != STAGE_VERSION:
+        self.lock = work / "state.lock"
+        self.state: dict[str, Any] = self._read()
+        if self.state and self.state.get("version") not in (None, STAGE_VERSION):
             log.warning("%s holds stages of another benchmark version: they are kept but not reused", self.file)
         self.state["version"] = STAGE_VERSION
         self.state.setdefault("stages", {})
 
+    def _read(self) -> dict[str, Any]:
+        return json.loads(self.file.read_text()) if self.file.is_file() else {}
+
+    def _refresh(self) -> None:
+        self.state["stages"].update(self._read().get("stages", {}))
+
     def get(self, name: str, spec: dict[str, Any]) -> Optional[dict]:
+        self._refresh()
         hit = self.state["stages"].get(f"{name}#{_sha(spec)}")
         return hit["result"] if hit else None
 
     def run(self, name: str, spec: dict[str, Any], fn: Callable[[], dict]) -> dict:
+        import fcntl
+
         key = f"{name}#{_sha(spec)}"
+        self._refresh()
         if key not in self.state["stages"]:
             t0 = time.time()
             log.info("stage %s", name)
             result = fn()
-            self.state["stages"][key] = {"spec": spec, "result": result, "seconds": time.time() - t0}
-            tmp = self.file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.state, indent=1, default=str))
-            tmp.replace(self.file)
+            with open(self.lock, "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._refresh()
+                self.state["stages"][key] = {"spec": spec, "result": result, "seconds": time.time() - t0}
+                tmp = self.file.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(self.state, indent=1, default=str))
+                tmp.replace(self.file)
         return self.state["stages"][key]["result"]
 
     def seconds(self, name: str, spec: dict[str, Any]) -> float:
@@ -143,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--prune-yaml", default=PRUNE_YAML, help="the pruning config (another source: yamls/prune/cpu.yaml)")
     p.add_argument("--report-only", action="store_true", help="report what has run; run nothing")
+    p.add_argument("--arms", nargs="*", default=None, help="run only these arms (others are reported if cached)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (two processes on 2 cores: 1 each)")
     p.add_argument("--extras", action="store_true", help="also full-size parity, generations and inference speed")
     args = p.parse_args(argv)
     global TARGET
@@ -162,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     from llmshearing.pruning.baselines import select_masks
     from llmshearing.pruning.masks import DeterministicMasks
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     eval_device = "cuda" if args.device == "gpu" else "cpu"
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -296,12 +316,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     def arm_plan(seed: int, tune: bool) -> dict[str, tuple]:
         """arm -> (selection stage (name, spec, fn), recovery steps)."""
         plan: dict[str, tuple] = {}
-        if not tune:
-            for method in ("activation", "random"):
-                spec = one_shot_spec(method, seed)
-                s_name = seed if method == "random" else 0  # activation's selection does not depend on the seed
-                plan[method] = ((f"select_{method}_s{s_name}", spec, lambda m=method, s=s_name: one_shot(m, s)),
-                                args.budget)
+        for method in ("activation", "random"):  # in both phases: levers are judged against them on val too
+            spec = one_shot_spec(method, seed)
+            s_name = seed if method == "random" else 0  # activation's selection does not depend on the seed
+            plan[method] = ((f"select_{method}_s{s_name}", spec, lambda m=method, s=s_name: one_shot(m, s)),
+                            args.budget)
         plan["learned"] = (prune("learned", seed, args.prune_steps, []), args.budget - args.prune_steps)
         plan["improved"] = (prune("improved", seed, args.improved_prune_steps, improved_levers),
                             args.budget - args.improved_prune_steps)
@@ -322,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     seeds = [0] if args.phase == "tune" else args.seeds
     for seed in seeds:
         for arm, ((sel_name, sel_spec, sel_fn), rec_steps) in arm_plan(seed, args.phase == "tune").items():
-            if args.report_only:
+            run_it = not args.report_only and (args.arms is None or arm in args.arms)
+            if not run_it:
                 sel = stages.get(sel_name, sel_spec)
                 if sel is None:
                     continue
@@ -330,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 sel = stages.run(sel_name, sel_spec, sel_fn)
             tag = arm.replace(" ", "_")
             rname, rspec, rfn = recover(tag, seed, sel, sel_spec, rec_steps)
-            rec = stages.get(rname, rspec) if args.report_only else stages.run(rname, rspec, rfn)
+            rec = stages.run(rname, rspec, rfn) if run_it else stages.get(rname, rspec)
             if rec is None:
                 continue
             rec_tokens = rec["recovery"].get("tokens", 0)
