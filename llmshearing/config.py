@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -203,7 +204,10 @@ class TargetShape:
 
     def __post_init__(self) -> None:
         for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
-            _require(getattr(self, name) > 0, f"pruning.target.{name} is required and must be > 0")
+            _require(getattr(self, name) > 0,
+                     f"pruning.target.{name} is required and must be > 0: give the target shape in the YAML or on the "
+                     f"command line, e.g. pruning.target.{name}=<N> (the four fields: num_hidden_layers, hidden_size, "
+                     "num_attention_heads, intermediate_size; num_key_value_heads for GQA)")
 
 
 @dataclass
@@ -440,6 +444,9 @@ class RunConfig:
             _require(name not in self.loggers or importlib.util.find_spec(module) is not None,
                      f"loggers.{name} needs the {module} package, which is not installed: {install} (or remove "
                      f"loggers.{name})")
+        if "wandb" in self.loggers:
+            problem = wandb_credentials_problem()
+            _require(problem is None, f"loggers.wandb: {problem}")
         if self.dynamic_loading is not None and self.dynamic_loading.reference_losses is not None:
             if self.data.domains is not None:
                 n_ref, n_dom = len(self.dynamic_loading.reference_losses), len(self.data.domains)
@@ -448,6 +455,34 @@ class RunConfig:
                     f"dynamic_loading.reference_losses has {n_ref} values but data.domains has {n_dom}; "
                     "give one reference loss per domain, in the same order",
                 )
+
+
+def wandb_credentials_problem() -> Optional[str]:
+    """Why wandb would stop the run at its first step for want of credentials, or None. Only the places wandb reads
+    without asking are looked at (its environment variables, the netrc file, its settings file); with a terminal on
+    stdin wandb asks for the key itself, so nothing is said."""
+    import netrc
+    import sys
+    from urllib.parse import urlparse
+
+    env = os.environ
+    if env.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or env.get("WANDB_DISABLED"):
+        return None
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE") or sys.stdin.isatty():
+        return None
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    home = Path.home()
+    for f in [env.get("NETRC", ""), str(home / ".netrc"), str(home / "_netrc")]:
+        try:
+            if f and Path(f).is_file() and netrc.netrc(f).authenticators(host):
+                return None
+        except (netrc.NetrcParseError, OSError):
+            return None  # a file wandb may read in its own way: let it decide
+    settings = Path(env.get("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))) / "settings"
+    if settings.is_file() and "api_key" in settings.read_text(errors="replace"):
+        return None
+    return (f"no wandb credentials for {host} (WANDB_API_KEY, or `wandb login` once on this machine); or log locally "
+            "with WANDB_MODE=offline and upload later with `wandb sync`")
 
 
 def check_mask_samples(cfg: RunConfig, world_size: int) -> None:

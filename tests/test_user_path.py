@@ -103,6 +103,31 @@ def test_train_reports_configuration_errors_in_one_line_before_loading(overrides
     assert re.search(expected, _error_line(capsys))
 
 
+def test_wandb_without_credentials_is_named_before_loading(tmp_path, monkeypatch):
+    """wandb without a key stops a non-interactive run at its first step with a traceback; say it first, with the
+    ways out. Offline mode, a key in the environment or a netrc entry each make it go through."""
+    import io
+    import sys
+
+    from llmshearing.config import wandb_credentials_problem
+
+    for var in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a terminal
+    problem = wandb_credentials_problem()
+    assert problem and "WANDB_API_KEY" in problem and "WANDB_MODE=offline" in problem
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_credentials_problem() is None
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_credentials_problem() is None
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a key for another host does not count
+    assert "wandb.example.org" in wandb_credentials_problem()
+
+
 def test_train_names_a_missing_variable_and_an_occupied_run_folder(mds_data, tmp_path, capsys):
     from llmshearing.trainer import main
 
