@@ -50,11 +50,15 @@ def _require(cond: bool, msg: str) -> None:
 
 def _check_time(key: str, value: str) -> None:
     """A Composer duration: a number with a unit (``300ba``, ``1000000tok``, ``0.2dur``)."""
-    from composer.core import Time
+    from composer.core import Time, TimeUnit
 
     try:
-        Time.from_timestring(str(value))
+        # a bare number parses as seconds of wall clock ("2" is 2 s), which training cannot be measured in
+        ok = Time.from_timestring(str(value)).unit in (TimeUnit.BATCH, TimeUnit.TOKEN, TimeUnit.SAMPLE,
+                                                        TimeUnit.EPOCH, TimeUnit.DURATION)
     except ValueError:
+        ok = False
+    if not ok:
         hint = f"; did you mean {value}ba (batches) or {value}tok (tokens)?" if str(value).strip().isdigit() else ""
         raise ConfigError(f"{key}={value!r} is not a duration: give a number with a unit: ba (batches), tok (tokens), "
                           f"sp (samples) or dur (a fraction of the run){hint}") from None

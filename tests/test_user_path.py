@@ -83,6 +83,7 @@ def test_every_command_reports_an_input_error_as_one_line_and_exits_2(command, a
     (["loggers.wandb.project=x"], "loggers.wandb needs the wandb package"),
     (["model.attn_implementation=flash_attention_2"], "needs the flash-attn package"),
     (["max_duration=300"], "max_duration='300' is not a duration.*did you mean 300ba"),
+    (["max_duration=2"], "max_duration='2' is not a duration.*did you mean 2ba"),  # Composer: 2 s of wall clock
     (["variables.source=null", "variables.vocab_size=512", "data.domains=[cc,wiki]"],
      r"data.domains \['cc', 'wiki'\] are not in the prepared dataset .* override data.domains=\[code,docstrings,"
      r"reference\], data.proportions=\[...\] and dynamic_loading.reference_losses"),
