@@ -95,9 +95,11 @@ def prune_state_dict(
     weak = {k: n for k, n in masks.weak_kept().items() if n}
     if weak:
         log.warning(
-            "kept units whose mask value is below 0.1 (nearly dead capacity in the pruned model): %s. The target "
-            "counts a unit at the lower clamp as P(z != 0) = 0.047, so it can be met with fewer live units than kept "
-            "slots; pruning.log_alpha_min=-9.2 makes such units count ~0 (README, configuration reference)", weak,
+            "kept units whose mask value is below 0.1 (nearly dead capacity in the pruned model): %s. Either the "
+            "expected sizes ended below the target (the Lagrange multipliers overshot and had not settled: compare "
+            "pruning/expected_* with the target in the run's metrics, and prune longer), or the target was met with "
+            "fewer live units than kept slots because a unit at the lower clamp counts P(z != 0) = 0.047 "
+            "(pruning.log_alpha_min=-9.2 makes such units count ~0; README, configuration reference)", weak,
         )
     hd = head_dim(config)
     H, G = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
