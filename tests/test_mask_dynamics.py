@@ -136,6 +136,47 @@ def test_init_from_scores_follows_the_ranking_within_the_clamp():
     assert abs(float(loss)) < 1e-6
 
 
+@pytest.mark.parametrize("log_alpha_min", [LOG_ALPHA_MIN, math.log(1e-4)])
+def test_init_at_target_starts_at_the_target_with_the_ranking_top_k_kept(log_alpha_min):
+    masks = _masks(log_alpha_min=log_alpha_min)
+    gen = torch.Generator().manual_seed(2)
+    scores = {k: torch.rand(g.shape, generator=gen) for k, g in masks.gates.items()}
+    masks.init_from_scores(scores, spread=12.0, at_target=True)
+    for name, g in masks.gates.items():
+        la = g.log_alpha.detach()
+        # log_alpha falls with the importance rank (ties only where the line meets the clamp)
+        by_rank = la.gather(-1, scores[name].argsort(-1, descending=True))
+        assert bool((by_rank[..., 1:] <= by_rank[..., :-1]).all()), name
+        assert bool((by_rank[..., 1:] < by_rank[..., :-1]).any()), name
+        # every row expects exactly the target's count (the clamp included) ...
+        assert torch.allclose(g.prob_nonzero().sum(-1), torch.full(g.shape[:-1], float(g.keep)), atol=1e-3), name
+        # ... the top-k by importance is the kept set, and the boundary sits at the gate threshold (P = 1/2; with the
+        # reference clamp the pruned units' floor of 0.047 each pulls it a little below): the gates start out of
+        # saturation there, where the constraint's gradient does not vanish
+        _, keep = g.deterministic("target")
+        assert torch.equal(keep, scores[name].argsort(-1, descending=True).argsort(-1) < g.keep), name
+        p = g.prob_nonzero()
+        assert float(p[keep].min()) > 0.4 and float(p[~keep].max()) < 0.5, name
+        if log_alpha_min < LOG_ALPHA_MIN:
+            assert float(p[keep].min()) > 0.5, name
+        assert float(la.min()) >= log_alpha_min - 1e-6 and float(la.max()) <= LOG_ALPHA_MAX + 1e-6
+    # the ramp is flat: the constraint holds from the first step and the ramp's end
+    for progress in (0.0, 1.0):
+        masks.target_progress.fill_(progress)
+        loss, logs = masks.lagrangian()
+        assert abs(float(loss)) < 1e-6
+        for name, g in masks.gates.items():
+            assert logs[f"expected_{name}"] == pytest.approx(logs[f"target_{name}"], abs=1e-3)
+
+
+def test_target_init_is_a_config_choice_that_needs_no_spread():
+    T4 = {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 24}
+    cfg = build_dataclass(PruningConfig, {"init": "target", "target": T4}, "pruning")
+    assert cfg.init == "target" and cfg.importance_spread is None
+    with pytest.raises(ConfigError, match="'reference', 'importance' or 'target'"):
+        build_dataclass(PruningConfig, {"init": "ranked", "target": T4}, "pruning")
+
+
 def _silenced_model():
     """A tiny GQA model with known dead units: KV group 1 of layer 0 (its V rows are zero, so are its heads'
     outputs), FFN channels 0..9 of every layer (zero up_proj rows), hidden dim 5 (zero in every norm) and layer 2
@@ -199,7 +240,7 @@ TARGET = TargetShape(2, 16, 2, None, 24)
 def test_config_names_the_replaced_droprate_init():
     with pytest.raises(ConfigError, match="init_log_alpha"):
         build_dataclass(PruningConfig, {"droprate_init": 0.5}, "pruning.")
-    with pytest.raises(ConfigError, match="'reference' or 'importance'"):
+    with pytest.raises(ConfigError, match="'reference', 'importance' or 'target'"):
         PruningConfig(target=TARGET, init="magnitude")
     with pytest.raises(ConfigError, match="outside the clamp"):
         PruningConfig(target=TARGET, init_log_alpha=math.log(1000))

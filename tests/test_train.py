@@ -121,3 +121,16 @@ def test_importance_init_seeds_the_masks_from_the_sources_activations(mds_data, 
         assert torch.equal(g.log_alpha.detach().argsort(-1), want[name].argsort(-1)), name
         assert float(g.log_alpha.max() - g.log_alpha.min()) == pytest.approx(3.0, abs=1e-4)
     trainer.close()
+
+    # init: target ranks by the same scores and starts every row at the target's expected size
+    trainer = build_trainer(load_config(yaml, [o for o in overrides if o != "pruning.init=importance"]
+                                        + ["pruning.init=target"]))
+    algo = next(a for a in trainer.state.algorithms if type(a).__name__ == "L0Pruning")
+    algo.apply(Event.FIT_START, trainer.state, trainer.logger)
+    for name, g in algo.masks.gates.items():
+        _, keep = g.deterministic("target")
+        assert torch.equal(keep, want[name].argsort(-1, descending=True).argsort(-1) < g.keep), name
+        assert float(g.prob_nonzero().sum(-1).mean()) == pytest.approx(g.keep, abs=1e-3), name
+    loss, _ = algo.masks.lagrangian()
+    assert abs(float(loss)) < 1e-6  # the constraint holds at the first step
+    trainer.close()

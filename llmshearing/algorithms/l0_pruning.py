@@ -53,6 +53,12 @@ from llmshearing.pruning.masks import LOG_ALPHA_MAX, LOG_ALPHA_MIN
 
 __all__ = ["L0Pruning"]
 
+INITS = ("reference", "importance", "target")
+# log_alpha spread by rank: below ln 100 for ``importance``; the slope through the gate threshold for ``target``
+# (12: a row's middle third lies within +-2 of the threshold, P(z != 0) in [0.12, 0.88], where learning can swap
+# units; the rest is decided).
+DEFAULT_SPREAD = {"importance": 3.0, "target": 12.0}
+
 log = logging.getLogger(__name__)
 
 
@@ -66,9 +72,11 @@ class L0Pruning(Algorithm):
         lagrangian_warmup: duration of the linear target ramp (Composer time string).
         mask_lr: learning rate of the log-alphas.
         lambda_lr: learning rate of the Lagrange multipliers (applied as ascent).
-        init: ``reference`` (every gate at ``init_log_alpha``) or ``importance`` (spread by activation importance).
+        init: ``reference`` (every gate at ``init_log_alpha``), ``importance`` (spread below it by activation
+            importance) or ``target`` (placed by activation importance so the expected sizes start at the target).
         init_log_alpha: initial ``log_alpha``.
-        importance_spread: with ``importance``: the least important unit of a row starts this far below.
+        importance_spread: with ``importance``: the least important unit of a row starts this far below; with
+            ``target``: the slope of ``log_alpha`` over a row's rank (None: 3.0 and 12.0).
         calibration: with ``importance``: returns the calibration token ids (N, S).
         temperature: hard-concrete beta.
         seed: seed of the gate noise.
@@ -91,7 +99,7 @@ class L0Pruning(Algorithm):
         lambda_lr: float = 1.0,
         init: str = "reference",
         init_log_alpha: float = LOG_ALPHA_MAX,
-        importance_spread: float = 3.0,
+        importance_spread: Optional[float] = None,
         calibration: Optional[Callable[[], torch.Tensor]] = None,
         temperature: float = 2.0 / 3.0,
         seed: int = 0,
@@ -103,10 +111,12 @@ class L0Pruning(Algorithm):
         qkv_bias: bool = False,
         model_config: Optional[PretrainedConfig] = None,
     ) -> None:
-        if init not in ("reference", "importance"):
-            raise ValueError(f"init={init!r}: use 'reference' or 'importance'")
-        if init == "importance" and calibration is None:
-            raise ValueError("init='importance' needs calibration sequences")
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: use one of {list(INITS)}")
+        if init != "reference" and calibration is None:
+            raise ValueError(f"init={init!r} needs calibration sequences")
+        if importance_spread is None:
+            importance_spread = DEFAULT_SPREAD.get(init, 0.0)
         self.source, self.target, self.prune = source, target, list(prune)
         self.lagrangian_warmup = Time.from_timestring(lagrangian_warmup)
         if self.lagrangian_warmup.unit not in (TimeUnit.BATCH, TimeUnit.DURATION):
@@ -180,7 +190,7 @@ class L0Pruning(Algorithm):
             self._init(state)
         elif event == Event.FIT_START:
             self._warmup_batches = self._to_batches(state, self.lagrangian_warmup)
-            if self.init == "importance" and int(state.timestamp.batch) == 0:  # a resumed run has its masks
+            if self.init != "reference" and int(state.timestamp.batch) == 0:  # a resumed run has its masks
                 self._init_from_importance(state)
             self.masks.clamp_()
         elif event == Event.AFTER_DATALOADER:  # the rank's whole batch (a retried batch keeps this one)
@@ -249,7 +259,7 @@ class L0Pruning(Algorithm):
                 dist.broadcast(t, src=0)
                 scores[name] = t.cpu()
         self.masks.init_from_scores(gate_scores(scores, {k: g.shape for k, g in self.masks.gates.items()}),
-                                    self.importance_spread)
+                                    self.importance_spread, at_target=self.init == "target")
         log.info("masks initialised from activation importance on %d calibration sequences of %d tokens",
                  ids.shape[0], ids.shape[1])
 

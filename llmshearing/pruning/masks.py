@@ -10,7 +10,8 @@ Initialisation and bounds follow the reference implementation (METHOD.md, "What 
 does"): ``log_alpha`` starts at ``ln 100 = 4.6`` (P(z = 1) ~ 0.95, P(z = 0) ~ 0.002: pruning starts from the
 intact source, not from a model scaled by noise) and is clamped to ``[ln 0.01, ln 100]`` after every optimizer
 step (with mask lr 1.0 an unbounded ``log_alpha`` and its lambda run away and the run misses the target).
-``pruning.init: importance`` instead spreads the initial values by an importance ranking (``init_from_scores``).
+``pruning.init: importance`` instead spreads the initial values by an importance ranking (``init_from_scores``);
+``pruning.init: target`` places them by the ranking so that the expected sizes start at the target (``init_at_target``).
 
 Deterministic masks keep, per row, the units with the largest ``log_alpha`` at their test-time value
 ``sigmoid(log_alpha / beta * 0.8)`` (the reference's) and zero the rest. How many are kept:
@@ -135,6 +136,29 @@ class HardConcrete(nn.Module):
         rank_frac = torch.empty_like(frac.expand_as(order)).scatter_(-1, order, frac.expand_as(order).contiguous())
         self.log_alpha.copy_((LOG_ALPHA_MAX - spread * rank_frac).clamp(self.log_alpha_min, LOG_ALPHA_MAX))
 
+    @torch.no_grad()
+    def init_at_target(self, scores: torch.Tensor, spread: float) -> None:
+        """Start *at* the target from an importance ranking: ``log_alpha`` linear in rank with slope ``spread`` per
+        row (best to worst), centred so that the row's expected kept count ``sum P(z != 0)`` equals the target
+        ``keep`` (within the clamp). The target's top-k units sit above the gate's threshold (P(z != 0) = 1/2),
+        the rest below; the constraint starts satisfied with the gates out of saturation, so the multipliers do
+        not wind up during a ramp (see ``pruning.init`` in the configuration)."""
+        if tuple(scores.shape) != self.shape:
+            raise ValueError(f"importance scores of shape {tuple(scores.shape)} for gates of shape {self.shape}")
+        order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True)
+        pos = (self.keep - 0.5 - torch.arange(self.n, device=order.device, dtype=torch.float32)) / self.n
+        threshold = self.temperature * math.log(-LIMIT_L / LIMIT_R)  # log_alpha where P(z != 0) = 1/2
+        lo, hi = -20.0, 20.0  # a shift of the whole line: the expected count rises with it
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            line = (threshold + spread * pos + mid).clamp(self.log_alpha_min, LOG_ALPHA_MAX)
+            if float(torch.sigmoid(line - threshold).sum()) < self.keep:
+                lo = mid
+            else:
+                hi = mid
+        line = (threshold + spread * pos + (lo + hi) / 2).clamp(self.log_alpha_min, LOG_ALPHA_MAX)
+        self.log_alpha.copy_(torch.empty_like(order, dtype=torch.float32).scatter_(-1, order, line.expand_as(order).contiguous()))
+
 
 @dataclass
 class DeterministicMasks:
@@ -247,11 +271,12 @@ class ShearingMasks(nn.Module):
         for g in self.gates.values():
             g.clamp_()
 
-    def init_from_scores(self, scores: dict[str, torch.Tensor], spread: float) -> None:
-        """Seed each gate's ``log_alpha`` from importance scores of its shape (see ``HardConcrete.init_from_scores``);
-        the target ramp then starts from the new expected sizes."""
+    def init_from_scores(self, scores: dict[str, torch.Tensor], spread: float, at_target: bool = False) -> None:
+        """Seed each gate's ``log_alpha`` from importance scores of its shape (``HardConcrete.init_from_scores``,
+        or ``init_at_target`` with ``at_target``); the target ramp then starts from the new expected sizes (with
+        ``at_target``: the target, so the ramp is flat)."""
         for name, g in self.gates.items():
-            g.init_from_scores(scores[name], spread)
+            (g.init_at_target if at_target else g.init_from_scores)(scores[name], spread)
         self._set_start_fraction()
 
     # -- sizes ---------------------------------------------------------------------------------------
