@@ -27,7 +27,7 @@ Every stage (conversion, data prep, evaluations, selections, pruning runs, recov
 and data's identities, seeds, steps, batch, sequence length, calibration, evaluation sequences, the code's stage
 version), so an interrupted benchmark continues and a changed setting runs again.
 
-    python -m benchmarks.real_model --phase tune                  # seed 0: every arm but on-source, ablations (val)
+    python -m benchmarks.real_model --phase tune                  # seed 0: every arm and the ablations (val)
     python -m benchmarks.real_model                               # all arms, seeds 0 1 2, report on test
     python -m benchmarks.real_model --seeds 0 --report-only       # tables from what has run
     python -m benchmarks.real_model --extras                      # + full-size parity, generations, inference
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--work", default="runs/benchmarks/real_model")
     p.add_argument("--out", default="runs/benchmarks/real_model")
     p.add_argument("--phase", choices=["tune", "compare"], default="compare",
-                   help="tune: seed 0's learned arms and ablations, validation only; compare: every arm and seed")
+                   help="tune: seed 0's arms and ablations, validation only; compare: every arm and seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ablation-seeds", type=int, nargs="*", default=[0], help="seeds of the ablation rows (none: none)")
     p.add_argument("--target", nargs="*", default=None, metavar="FIELD=N",
@@ -334,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 tag = "improved_without_" + lever.replace(" ", "_")
                 plan[f"improved - {lever}"] = (prune(tag, seed, args.improved_prune_steps, levers),
                                                args.budget - args.improved_prune_steps)
-        if not tune:
-            name, spec, fn = plan["learned"][0]
-            plan["learned on source"] = ((f"select_on_source_s{seed}", {**base, "masks_of": _sha(spec), "seed": seed},
-                                          lambda: learned_on_source(seed, "learned", stages.run(name, spec, fn))),
-                                         args.budget - args.prune_steps)
+        # learned masks on the source weights (the selection alone): in both phases, val-tunable like the others
+        name, spec, fn = plan["learned"][0]
+        plan["learned on source"] = ((f"select_on_source_s{seed}", {**base, "masks_of": _sha(spec), "seed": seed},
+                                      lambda: learned_on_source(seed, "learned", stages.run(name, spec, fn))),
+                                     args.budget - args.prune_steps)
         return plan
 
     results: dict[str, dict[int, dict]] = {}
