@@ -237,6 +237,33 @@ def test_remote_dataset_is_fetched_into_the_local_cache(mds_data, tmp_path):
     assert (cache / "manifest.json").is_file() and any((cache / "train" / domains[0]).glob("shard.*.mds"))
 
 
+def test_workers_are_forked_only_from_a_single_threaded_process(tmp_path, small_tokenizer, monkeypatch):
+    """A fork copies the locks other threads hold (torch's pool, an earlier tokenizer run's): a forked worker of a
+    process that had trained before waited on a futex forever. With a second thread alive, workers are spawned."""
+    import multiprocessing as mp
+    import threading
+
+    from llmshearing.data import prepare
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        assert not prepare._single_threaded()
+        used = []
+        real = mp.get_context
+        monkeypatch.setattr(mp, "get_context", lambda method=None: used.append(method) or real(method))
+        src = tmp_path / "in" / "web"
+        src.mkdir(parents=True)
+        (src / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " + "words " * i}) + "\n" for i in range(30)))
+        prepare_dataset(tmp_path / "in", tmp_path / "o", small_tokenizer, 16, val_fraction=0.1, test_fraction=0.1,
+                        workers=2, chunk_bytes=500, progress=False)
+        assert used == ["spawn"]
+    finally:
+        stop.set()
+        other.join()
+
+
 def test_spawned_workers_give_the_same_output(tmp_path, small_tokenizer, monkeypatch):
     """Where fork is unavailable (macOS, Windows) workers are spawned and load the tokenizer themselves."""
     import multiprocessing as mp

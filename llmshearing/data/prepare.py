@@ -227,6 +227,14 @@ def _in_order(pool, tasks: Sequence[_Task], window: int, skip) -> Iterator[_Chun
         yield res
 
 
+def _single_threaded() -> bool:
+    """Whether this process runs one OS thread (Linux: /proc/self/task); False where that cannot be read."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
 def _init_worker(tokenizer, seed: int, fractions: tuple[float, float], max_doc_chars: Optional[int], add_bos: bool,
                  dtype: str, skip_bad_files: bool = False) -> None:
     """``tokenizer``: a loaded tokenizer (inherited by a forked worker) or a path to load."""
@@ -634,9 +642,11 @@ def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, se
 
     results: Iterator[_ChunkResult]
     if workers > 1:
-        if "fork" in mp.get_all_start_methods():
-            # Forked workers inherit the loaded tokenizer (the parent has never run it, so no tokenizer
-            # thread pool exists to be broken by the fork) and skip re-importing torch and transformers.
+        if "fork" in mp.get_all_start_methods() and _single_threaded():
+            # Forked workers inherit the loaded tokenizer and skip re-importing torch and transformers. Only
+            # from a process with one OS thread: a fork copies whatever locks other threads (torch's intra-op
+            # pool, the tokenizers' pool of an earlier run in the same process) hold, and a worker waits on them
+            # forever (seen: data prep inside a process that had trained before hung on a futex).
             ctx, worker_tok = mp.get_context("fork"), tok
         else:
             # Spawned workers load it themselves; a bare SentencePiece model is converted to a fast
