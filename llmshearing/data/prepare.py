@@ -645,8 +645,9 @@ def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, se
         if "fork" in mp.get_all_start_methods() and _single_threaded():
             # Forked workers inherit the loaded tokenizer and skip re-importing torch and transformers. Only
             # from a process with one OS thread: a fork copies whatever locks other threads (torch's intra-op
-            # pool, the tokenizers' pool of an earlier run in the same process) hold, and a worker waits on them
-            # forever (seen: data prep inside a process that had trained before hung on a futex).
+            # pool, the tokenizers' pool of an earlier run in the same process) hold, and the parent's signal
+            # handlers (seen: data prep inside a process that had trained before left a worker on a futex that
+            # the pool's terminate() never ended).
             ctx, worker_tok = mp.get_context("fork"), tok
         else:
             # Spawned workers load it themselves; a bare SentencePiece model is converted to a fast
