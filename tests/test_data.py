@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -237,31 +238,34 @@ def test_remote_dataset_is_fetched_into_the_local_cache(mds_data, tmp_path):
     assert (cache / "manifest.json").is_file() and any((cache / "train" / domains[0]).glob("shard.*.mds"))
 
 
-def test_workers_are_forked_only_from_a_single_threaded_process(tmp_path, small_tokenizer, monkeypatch):
-    """A fork copies the locks other threads hold (torch's pool, an earlier tokenizer run's): a forked worker of a
-    process that had trained before waited on a futex forever. With a second thread alive, workers are spawned."""
-    import multiprocessing as mp
-    import threading
-
+def _sleep_as_a_pool_worker(tok):
     from llmshearing.data import prepare
 
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait, daemon=True)
-    other.start()
+    prepare._init_pool_worker(tok, 0, (0.1, 0.1), None, True, "uint16")
+    time.sleep(60)
+
+
+def test_pool_workers_end_on_sigterm_whatever_handler_the_parent_installed(small_tokenizer):
+    """A forked worker inherits the parent's handlers; Composer's turns SIGTERM into sys.exit, which a worker can
+    survive (a data-prep worker in a process that had trained before outlived the pool's terminate()). The pool's
+    initializer restores the default, so the signal itself ends the worker."""
+    import multiprocessing as mp
+    import signal
+    import sys
+
+    from llmshearing.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(small_tokenizer)
+    before = signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))
     try:
-        assert not prepare._single_threaded()
-        used = []
-        real = mp.get_context
-        monkeypatch.setattr(mp, "get_context", lambda method=None: used.append(method) or real(method))
-        src = tmp_path / "in" / "web"
-        src.mkdir(parents=True)
-        (src / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " + "words " * i}) + "\n" for i in range(30)))
-        prepare_dataset(tmp_path / "in", tmp_path / "o", small_tokenizer, 16, val_fraction=0.1, test_fraction=0.1,
-                        workers=2, chunk_bytes=500, progress=False)
-        assert used == ["spawn"]
+        p = mp.get_context("fork").Process(target=_sleep_as_a_pool_worker, args=(tok,))
+        p.start()
+        time.sleep(2)
+        p.terminate()
+        p.join(10)
+        assert p.exitcode == -signal.SIGTERM  # killed by the signal, not 143 from the inherited handler
     finally:
-        stop.set()
-        other.join()
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_spawned_workers_give_the_same_output(tmp_path, small_tokenizer, monkeypatch):

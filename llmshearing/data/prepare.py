@@ -43,6 +43,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tempfile
 import time
 import zlib
@@ -227,12 +228,11 @@ def _in_order(pool, tasks: Sequence[_Task], window: int, skip) -> Iterator[_Chun
         yield res
 
 
-def _single_threaded() -> bool:
-    """Whether this process runs one OS thread (Linux: /proc/self/task); False where that cannot be read."""
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
+def _init_pool_worker(*args) -> None:
+    """A pool worker's initializer: SIGTERM back to its default, then :func:`_init_worker`. A forked worker inherits
+    the parent's handlers (Composer's turns SIGTERM into ``sys.exit``); the pool's ``terminate()`` must end it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(*args)
 
 
 def _init_worker(tokenizer, seed: int, fractions: tuple[float, float], max_doc_chars: Optional[int], add_bos: bool,
@@ -642,12 +642,9 @@ def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, se
 
     results: Iterator[_ChunkResult]
     if workers > 1:
-        if "fork" in mp.get_all_start_methods() and _single_threaded():
-            # Forked workers inherit the loaded tokenizer and skip re-importing torch and transformers. Only
-            # from a process with one OS thread: a fork copies whatever locks other threads (torch's intra-op
-            # pool, the tokenizers' pool of an earlier run in the same process) hold, and the parent's signal
-            # handlers (seen: data prep inside a process that had trained before left a worker on a futex that
-            # the pool's terminate() never ended).
+        if "fork" in mp.get_all_start_methods():
+            # Forked workers inherit the loaded tokenizer (the parent has never run it, so no tokenizer
+            # thread pool exists to be broken by the fork) and skip re-importing torch and transformers.
             ctx, worker_tok = mp.get_context("fork"), tok
         else:
             # Spawned workers load it themselves; a bare SentencePiece model is converted to a fast
@@ -656,7 +653,7 @@ def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, se
             if Path(tokenizer).is_file():
                 worker_tok = str(tmp / "_tokenizer")
                 tok.save_pretrained(worker_tok)
-        pool = ctx.Pool(workers, initializer=_init_worker,
+        pool = ctx.Pool(workers, initializer=_init_pool_worker,
                         initargs=(worker_tok, seed, (val_fraction, test_fraction), max_doc_chars, add_bos, dtype,
                                   skip_bad_files))
         results = _in_order(pool, tasks, window=2 * workers, skip=lambda t: budget_hit[t.domain])
