@@ -214,6 +214,9 @@ class TargetShape:
                      "num_attention_heads, intermediate_size; num_key_value_heads for GQA)")
 
 
+PRUNING_INITS = ("reference", "importance", "target")  # pruning.init (PruningConfig says what each does)
+
+
 @dataclass
 class PruningConfig:
     """Targeted structured pruning with hard-concrete masks and a Lagrangian constraint.
@@ -238,7 +241,7 @@ class PruningConfig:
             sizes start *at* the target (the target's top-k above the gate threshold, the rest below, the gates out
             of saturation): the ramp is flat and the multipliers do not wind up while the gates leave saturation,
             which with the reference's start overshoots the target by ~25% mid-run on SmolLM2 and needs ~130
-            steps to settle (the benchmark's logs).
+            steps to settle (the benchmark's logs); they still oscillate (+-7% in 100 steps there, docs/results.md).
         init_log_alpha: initial ``log_alpha`` (``ln 100`` = 4.6, the upper clamp: P(z = 1) ~ 0.95).
         importance_spread: with ``init: importance``, how far below ``init_log_alpha`` the least important unit
             of a row starts (linear in rank; null: 3.0); with ``init: target``, the slope of ``log_alpha`` from a
@@ -281,8 +284,7 @@ class PruningConfig:
         bad = [p for p in self.prune if p not in allowed]
         _require(not bad, f"pruning.prune has unknown structures {bad}; choose from {list(allowed)}")
         _require(len(self.prune) > 0, "pruning.prune is empty: list at least one structure to prune")
-        _require(self.init in ("reference", "importance", "target"),
-                 f"pruning.init={self.init!r}: use 'reference', 'importance' or 'target'")
+        _require(self.init in PRUNING_INITS, f"pruning.init={self.init!r}: use 'reference', 'importance' or 'target'")
         _require(self.method in ("learned", "activation", "magnitude", "random"),
                  f"pruning.method={self.method!r}: use learned, activation, magnitude or random")
         lo, hi = math.log(0.01), math.log(100.0)

@@ -44,7 +44,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers import PretrainedConfig
 
-from llmshearing.config import ConfigError, PruningConfig
+from llmshearing.config import PRUNING_INITS, ConfigError, PruningConfig
 from llmshearing.models.adapters import UnsupportedModel, adapter_for
 from llmshearing.models.families import count_params, describe_shape
 from llmshearing.pruning import ShearingMasks, attach_masks, resolve_target
@@ -53,7 +53,6 @@ from llmshearing.pruning.masks import LOG_ALPHA_MAX, LOG_ALPHA_MIN
 
 __all__ = ["L0Pruning"]
 
-INITS = ("reference", "importance", "target")
 # log_alpha spread by rank: below ln 100 for ``importance``; the slope through the gate threshold for ``target``
 # (12: a row's middle third lies within +-2 of the threshold, P(z != 0) in [0.12, 0.88], where learning can swap
 # units; the rest is decided).
@@ -111,8 +110,8 @@ class L0Pruning(Algorithm):
         qkv_bias: bool = False,
         model_config: Optional[PretrainedConfig] = None,
     ) -> None:
-        if init not in INITS:
-            raise ValueError(f"init={init!r}: use one of {list(INITS)}")
+        if init not in PRUNING_INITS:
+            raise ValueError(f"init={init!r}: use one of {list(PRUNING_INITS)}")
         if init != "reference" and calibration is None:
             raise ValueError(f"init={init!r} needs calibration sequences")
         if importance_spread is None:

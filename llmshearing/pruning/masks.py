@@ -94,8 +94,13 @@ class HardConcrete(nn.Module):
     def clamp_(self) -> None:
         self.log_alpha.clamp_(self.log_alpha_min, LOG_ALPHA_MAX)
 
+    @property
+    def threshold(self) -> float:
+        """The ``log_alpha`` at which P(z != 0) = 1/2."""
+        return self.temperature * math.log(-LIMIT_L / LIMIT_R)
+
     def prob_nonzero(self) -> torch.Tensor:
-        return torch.sigmoid(self.log_alpha - self.temperature * math.log(-LIMIT_L / LIMIT_R))
+        return torch.sigmoid(self.log_alpha - self.threshold)
 
     def sample(self, u: torch.Tensor) -> torch.Tensor:
         """A training sample of the gates from uniform noise ``u`` of the gates' shape."""
@@ -147,17 +152,13 @@ class HardConcrete(nn.Module):
             raise ValueError(f"importance scores of shape {tuple(scores.shape)} for gates of shape {self.shape}")
         order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True)
         pos = (self.keep - 0.5 - torch.arange(self.n, device=order.device, dtype=torch.float32)) / self.n
-        threshold = self.temperature * math.log(-LIMIT_L / LIMIT_R)  # log_alpha where P(z != 0) = 1/2
+        line = lambda shift: (self.threshold + spread * pos + shift).clamp(self.log_alpha_min, LOG_ALPHA_MAX)  # noqa: E731
         lo, hi = -20.0, 20.0  # a shift of the whole line: the expected count rises with it
         for _ in range(60):
             mid = (lo + hi) / 2
-            line = (threshold + spread * pos + mid).clamp(self.log_alpha_min, LOG_ALPHA_MAX)
-            if float(torch.sigmoid(line - threshold).sum()) < self.keep:
-                lo = mid
-            else:
-                hi = mid
-        line = (threshold + spread * pos + (lo + hi) / 2).clamp(self.log_alpha_min, LOG_ALPHA_MAX)
-        self.log_alpha.copy_(torch.empty_like(order, dtype=torch.float32).scatter_(-1, order, line.expand_as(order).contiguous()))
+            lo, hi = (mid, hi) if float(torch.sigmoid(line(mid) - self.threshold).sum()) < self.keep else (lo, mid)
+        placed = line((lo + hi) / 2).expand_as(order).contiguous()
+        self.log_alpha.copy_(torch.empty_like(placed).scatter_(-1, order, placed))
 
 
 @dataclass
