@@ -215,6 +215,7 @@ class TargetShape:
 
 
 PRUNING_INITS = ("reference", "importance", "target")  # pruning.init (PruningConfig says what each does)
+PRUNING_CONSTRAINTS = ("lagrangian", "projection")  # pruning.constraint (likewise)
 
 
 @dataclass
@@ -234,6 +235,12 @@ class PruningConfig:
             string, e.g. ``"640ba"`` or ``"0.2dur"``).
         mask_lr: learning rate of the mask log-alphas (scheduled with the model's: warmup and decay).
         lambda_lr: learning rate of the Lagrange multipliers (applied as gradient *ascent*).
+        constraint: how the expected sizes are held to the (ramped) target. ``lagrangian`` (default, the paper):
+            ``lambda_1 (s - t) + lambda_2 (s - t)^2`` per row, the multipliers learned by gradient ascent; on
+            SmolLM2 they oscillate around the target (+-7% in 100 steps, docs/results.md). ``projection``: no
+            multipliers; after every optimizer step each row's ``log_alpha`` is shifted by one scalar so that its
+            expected kept count equals the target, which leaves the order the masks learned from the loss intact
+            and keeps the sizes on the target at every step (``lambda_lr`` does not apply).
         init: how the masks start. ``reference``: every ``log_alpha`` at ``init_log_alpha`` (the intact source,
             as the reference implementation); ``importance``: spread below ``init_log_alpha`` by the source's
             activation importance on ``calibration_sequences`` training sequences, so mask learning starts from
@@ -268,6 +275,7 @@ class PruningConfig:
     lagrangian_warmup: str = "0.2dur"
     mask_lr: float = 1.0
     lambda_lr: float = 1.0
+    constraint: str = "lagrangian"
     init: str = "reference"
     init_log_alpha: float = math.log(100.0)
     importance_spread: Optional[float] = None
@@ -285,6 +293,8 @@ class PruningConfig:
         _require(not bad, f"pruning.prune has unknown structures {bad}; choose from {list(allowed)}")
         _require(len(self.prune) > 0, "pruning.prune is empty: list at least one structure to prune")
         _require(self.init in PRUNING_INITS, f"pruning.init={self.init!r}: use 'reference', 'importance' or 'target'")
+        _require(self.constraint in PRUNING_CONSTRAINTS,
+                 f"pruning.constraint={self.constraint!r}: use 'lagrangian' (the paper's multipliers) or 'projection'")
         _require(self.method in ("learned", "activation", "magnitude", "random"),
                  f"pruning.method={self.method!r}: use learned, activation, magnitude or random")
         lo, hi = math.log(0.01), math.log(100.0)

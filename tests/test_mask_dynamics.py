@@ -169,6 +169,72 @@ def test_init_at_target_starts_at_the_target_with_the_ranking_top_k_kept(log_alp
             assert logs[f"expected_{name}"] == pytest.approx(logs[f"target_{name}"], abs=1e-3)
 
 
+@pytest.mark.parametrize("log_alpha_min", [LOG_ALPHA_MIN, math.log(1e-4)])
+def test_projection_puts_every_row_on_the_count_and_keeps_its_order(log_alpha_min):
+    g = HardConcrete((6, 40), keep=10, log_alpha_min=log_alpha_min)
+    with torch.no_grad():
+        g.log_alpha.copy_((torch.randn(6, 40, generator=torch.Generator().manual_seed(3)) * 3).clamp(log_alpha_min, LOG_ALPHA_MAX))
+    before = g.log_alpha.detach().clone()
+    order = before.argsort(-1, descending=True)
+    for count in (10.0, 23.5, 10.0):
+        g.project_(count)
+        la = g.log_alpha.detach()
+        assert torch.allclose(g.prob_nonzero().sum(-1), torch.full((6,), count), atol=1e-3), count
+        assert float(la.min()) >= log_alpha_min - 1e-6 and float(la.max()) <= LOG_ALPHA_MAX + 1e-6
+        by_rank = la.gather(-1, order)  # the order within a row is kept (ties only at the clamp)
+        assert bool((by_rank[..., 1:] <= by_rank[..., :-1] + 1e-6).all()), count
+    # one shift per row: where neither the start nor the end is at a bound, every unit of a row moved alike
+    la = g.log_alpha.detach()
+    inner = (before > log_alpha_min + 1e-3) & (before < LOG_ALPHA_MAX - 1e-3) & (la > log_alpha_min + 1e-3) \
+        & (la < LOG_ALPHA_MAX - 1e-3)
+    shift = la - before
+    for r in range(6):
+        assert int(inner[r].sum()) > 5 and float(shift[r][inner[r]].max() - shift[r][inner[r]].min()) < 1e-4
+    # a count the clamp cannot reach ends at the bound
+    g.project_(40.0)
+    assert float(g.log_alpha.min()) == pytest.approx(LOG_ALPHA_MAX)
+    # ShearingMasks projects every structure onto its ramped target (0: the start sizes, 1: the target)
+    masks = _masks()
+    for progress in (1.0, 0.5):
+        masks.project_(progress)
+        masks.target_progress.fill_(progress)
+        loss, logs = masks.lagrangian()
+        for name, g in masks.gates.items():
+            assert logs[f"expected_{name}"] == pytest.approx(logs[f"target_{name}"], abs=1e-3), (name, progress)
+            if progress == 1.0:
+                assert logs[f"expected_{name}"] == pytest.approx(g.keep, abs=1e-3), name
+
+
+def test_projected_masks_learn_which_units_matter_and_never_leave_the_ramped_target():
+    # a row of 20 units of which the last 5 lower the loss; the target ramps from all 20 to 5 over 30 steps
+    g = HardConcrete((4, 20), keep=5)
+    useful = torch.zeros(4, 20)
+    useful[:, 15:] = 1.0
+    opt = torch.optim.Adam([g.log_alpha], lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    start = float(g.prob_nonzero().sum(-1).mean())
+    for step in range(150):
+        z = g.sample(torch.rand(4, 20, generator=gen).clamp(1e-6, 1 - 1e-6))
+        loss = -(z * useful).sum() + 0.1 * (z * (1 - useful)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        g.clamp_()
+        count = start + min(1.0, (step + 1) / 30) * (5 - start)
+        g.project_(count)
+        assert torch.allclose(g.prob_nonzero().sum(-1), torch.full((4,), count), atol=1e-3), step
+    _, keep = g.deterministic("target")
+    assert bool(keep[:, 15:].all()) and int(keep.sum()) == 20
+
+
+def test_the_constraint_is_a_config_choice():
+    T4 = {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 24}
+    assert build_dataclass(PruningConfig, {"target": T4}, "pruning").constraint == "lagrangian"
+    assert build_dataclass(PruningConfig, {"constraint": "projection", "target": T4}, "pruning").constraint == "projection"
+    with pytest.raises(ConfigError, match="pruning.constraint='penalty': use 'lagrangian'"):
+        build_dataclass(PruningConfig, {"constraint": "penalty", "target": T4}, "pruning")
+
+
 def test_target_init_is_a_config_choice_that_needs_no_spread():
     T4 = {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 24}
     cfg = build_dataclass(PruningConfig, {"init": "target", "target": T4}, "pruning")

@@ -134,3 +134,30 @@ def test_importance_init_seeds_the_masks_from_the_sources_activations(mds_data, 
     loss, _ = algo.masks.lagrangian()
     assert abs(float(loss)) < 1e-6  # the constraint holds at the first step
     trainer.close()
+
+
+def test_projected_constraint_holds_the_ramped_target_at_every_step_without_multipliers(mds_data, tmp_path):
+    yaml = REPO / "yamls" / "prune" / "tiny_cpu.yaml"
+    overrides = _pretrain_overrides(mds_data, tmp_path, 20) + ["pruning.constraint=projection", "eval_interval=20ba",
+                                                                "save_interval=20ba", "pruning.lagrangian_warmup=10ba"]
+    rec = Recorder()
+    trainer = build_trainer(load_config(yaml, overrides), extra_callbacks=[rec])
+    algo = next(a for a in trainer.state.algorithms if type(a).__name__ == "L0Pruning")
+    lambdas = {id(p) for p in algo.masks.lambdas.values()}
+    groups = trainer.state.optimizers[0].param_groups
+    assert not any(id(p) in lambdas for g in groups for p in g["params"])  # no multipliers to learn
+    trainer.fit()
+    logged = read_metrics(tmp_path / "metrics.jsonl")
+    for name, g in algo.masks.gates.items():
+        got, want = logged[f"pruning/expected_{name}"], logged[f"pruning/target_{name}"]
+        assert set(got) == set(range(1, 21))
+        assert all(abs(got[s] - want[s]) < 1e-3 for s in got), name  # on the ramp and after it, every step
+        assert abs(got[20] - g.keep) < 1e-3 and want[5] > g.keep + 0.5, name  # the ramp moved it there
+        assert set(logged[f"pruning/lambda1_{name}"].values()) == {0.0}
+    assert set(logged["loss/train/lagrangian"].values()) == {0.0}
+    assert logged["loss/train/total"] == logged["loss/train/lm_loss"]
+    # the masks still learned from the loss: the order within rows moved away from the initial noise's
+    start = torch.randn(algo.masks.gates["intermediate"].shape,
+                        generator=torch.Generator().manual_seed(1234 + sum(algo.masks.gates["intermediate"].shape)))
+    assert not torch.equal(algo.masks.gates["intermediate"].log_alpha.detach().argsort(-1), start.argsort(-1))
+    trainer.close()

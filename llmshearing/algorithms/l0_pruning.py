@@ -9,7 +9,9 @@ decay), as the reference does. Before every training forward it tells the masks 
 target) and which of the step's ``mask_samples`` independent samples this micro-batch draws (from its global
 position in the batch, so any world size and micro-batch size draw the same masks for the same sequences);
 after the loss it adds the Lagrangian; after the optimizer step it clamps every ``log_alpha`` to
-``[ln 0.01, ln 100]``.
+``[ln 0.01, ln 100]``. With ``constraint: projection`` there are no multipliers (no Lagrangian, no optimizer
+group for them): after the optimizer step every row's ``log_alpha`` is shifted onto the next step's ramped target
+instead (``ShearingMasks.project_``); replicated masks with all-reduced gradients make the same shift on every rank.
 
 Under FSDP the masks are replicated, never sharded (``_fsdp_wrap = False``; see :mod:`llmshearing.parallel`):
 plain fp32 tensors on every rank, whose gradients :class:`~llmshearing.algorithms.GlobalGradNorm` averages.
@@ -44,7 +46,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers import PretrainedConfig
 
-from llmshearing.config import PRUNING_INITS, ConfigError, PruningConfig
+from llmshearing.config import PRUNING_CONSTRAINTS, PRUNING_INITS, ConfigError, PruningConfig
 from llmshearing.models.adapters import UnsupportedModel, adapter_for
 from llmshearing.models.families import count_params, describe_shape
 from llmshearing.pruning import ShearingMasks, attach_masks, resolve_target
@@ -71,6 +73,8 @@ class L0Pruning(Algorithm):
         lagrangian_warmup: duration of the linear target ramp (Composer time string).
         mask_lr: learning rate of the log-alphas.
         lambda_lr: learning rate of the Lagrange multipliers (applied as ascent).
+        constraint: ``lagrangian`` (the multipliers) or ``projection`` (every row shifted onto the target after
+            each step; see ``PruningConfig.constraint``).
         init: ``reference`` (every gate at ``init_log_alpha``), ``importance`` (spread below it by activation
             importance) or ``target`` (placed by activation importance so the expected sizes start at the target).
         init_log_alpha: initial ``log_alpha``.
@@ -96,6 +100,7 @@ class L0Pruning(Algorithm):
         lagrangian_warmup: str = "0.2dur",
         mask_lr: float = 1.0,
         lambda_lr: float = 1.0,
+        constraint: str = "lagrangian",
         init: str = "reference",
         init_log_alpha: float = LOG_ALPHA_MAX,
         importance_spread: Optional[float] = None,
@@ -112,6 +117,8 @@ class L0Pruning(Algorithm):
     ) -> None:
         if init not in PRUNING_INITS:
             raise ValueError(f"init={init!r}: use one of {list(PRUNING_INITS)}")
+        if constraint not in PRUNING_CONSTRAINTS:
+            raise ValueError(f"constraint={constraint!r}: use one of {list(PRUNING_CONSTRAINTS)}")
         if init != "reference" and calibration is None:
             raise ValueError(f"init={init!r} needs calibration sequences")
         if importance_spread is None:
@@ -120,7 +127,7 @@ class L0Pruning(Algorithm):
         self.lagrangian_warmup = Time.from_timestring(lagrangian_warmup)
         if self.lagrangian_warmup.unit not in (TimeUnit.BATCH, TimeUnit.DURATION):
             raise ValueError(f"lagrangian_warmup={lagrangian_warmup!r}: give batches ('640ba') or a fraction ('0.2dur')")
-        self.mask_lr, self.lambda_lr = mask_lr, lambda_lr
+        self.mask_lr, self.lambda_lr, self.constraint = mask_lr, lambda_lr, constraint
         self.init, self.init_log_alpha, self.importance_spread = init, init_log_alpha, importance_spread
         self.calibration = calibration
         self.temperature, self.seed = temperature, seed
@@ -152,6 +159,7 @@ class L0Pruning(Algorithm):
             lagrangian_warmup=cfg.lagrangian_warmup,
             mask_lr=cfg.mask_lr,
             lambda_lr=cfg.lambda_lr,
+            constraint=cfg.constraint,
             init=cfg.init,
             init_log_alpha=cfg.init_log_alpha,
             importance_spread=cfg.importance_spread,
@@ -191,7 +199,8 @@ class L0Pruning(Algorithm):
             self._warmup_batches = self._to_batches(state, self.lagrangian_warmup)
             if self.init != "reference" and int(state.timestamp.batch) == 0:  # a resumed run has its masks
                 self._init_from_importance(state)
-            self.masks.clamp_()
+            self.masks.clamp_()  # (no projection here: the ramp starts at the masks' own sizes, a resumed run's
+            # masks were projected after its last step, and a second projection would move them by rounding)
         elif event == Event.AFTER_DATALOADER:  # the rank's whole batch (a retried batch keeps this one)
             self._rank_batch = int(state.batch["input_ids"].shape[0])
         elif event == Event.BEFORE_TRAIN_BATCH:  # again on a retry after running out of memory
@@ -202,6 +211,8 @@ class L0Pruning(Algorithm):
             self._add_lagrangian(state)
         elif event == Event.BATCH_END:  # after the optimizer step
             self.masks.clamp_()
+            if self.constraint == "projection":  # onto the next forward's target (the batch count has advanced)
+                self.masks.project_(self._progress(int(state.timestamp.batch)))
             self._log(state, logger)
         elif event == Event.EVAL_START:
             self.masks.eval_mode = "target" if state.dataloader_label == self.TARGET_LABEL else "expected"
@@ -234,6 +245,8 @@ class L0Pruning(Algorithm):
         lambda_params = list(masks.lambdas.values())
         for opt in state.optimizers:
             opt.add_param_group({"params": gate_params, "lr": self.mask_lr, "weight_decay": 0.0})
+            if self.constraint == "projection":  # no multipliers to learn (they stay 0 in the state dict)
+                continue
             # Gradient ASCENT on the Lagrange multipliers: the min-max objective maximises over lambda,
             # which Adam-style optimizers do with a negative learning rate (no weight decay: it would
             # grow the lambdas with a negative lr).
@@ -283,14 +296,19 @@ class L0Pruning(Algorithm):
                 "device_train_microbatch_size dividing global_train_batch_size / pruning.mask_samples")
         self.masks.sample = first
         self._offset += n
-        progress = 1.0 if self._warmup_batches <= 0 else min(1.0, step / self._warmup_batches)
-        self.masks.target_progress.fill_(progress)
+        self.masks.target_progress.fill_(self._progress(step))
+
+    def _progress(self, step: int) -> float:
+        """How far the target ramp is at ``step`` (0: the start sizes, 1: the target)."""
+        return 1.0 if self._warmup_batches <= 0 else min(1.0, step / self._warmup_batches)
 
     def _add_lagrangian(self, state: State) -> None:
         lm_loss = state.loss
         if isinstance(lm_loss, dict):
             lm_loss = lm_loss["total"]
         lagrangian, self._lagrangian_logs = self.masks.lagrangian()
+        if self.constraint == "projection":  # logged (it is 0 with the multipliers at 0), not optimised
+            lagrangian = lagrangian.detach()
         state.loss = {"total": lm_loss + lagrangian, "lm_loss": lm_loss, "lagrangian": lagrangian}
 
     def _log(self, state: State, logger: Logger) -> None:
