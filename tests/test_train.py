@@ -161,3 +161,15 @@ def test_projected_constraint_holds_the_ramped_target_at_every_step_without_mult
                         generator=torch.Generator().manual_seed(1234 + sum(algo.masks.gates["intermediate"].shape)))
     assert not torch.equal(algo.masks.gates["intermediate"].log_alpha.detach().argsort(-1), start.argsort(-1))
     trainer.close()
+
+    # resuming needs the same constraint (the multipliers' optimizer group exists in one and not the other) ...
+    longer = [o for o in overrides if not o.startswith("max_duration=")] + ["max_duration=24ba"]
+    with pytest.raises(ValueError, match="written with pruning.constraint=projection, this run has lagrangian"):
+        build_trainer(load_config(yaml, [o for o in longer if o != "pruning.constraint=projection"]))
+    # ... with it, the run continues on the target from its checkpoint
+    trainer = build_trainer(load_config(yaml, longer))
+    trainer.fit()
+    logged = read_metrics(tmp_path / "metrics.jsonl")
+    assert set(logged["pruning/expected_hidden"]) == set(range(1, 25))
+    assert all(abs(logged["pruning/expected_hidden"][s] - 48) < 1e-3 for s in range(21, 25))
+    trainer.close()

@@ -339,11 +339,17 @@ class L0Pruning(Algorithm):
 
     # -- checkpoint contract (the masks' tensors live in the model's state dict) --------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "target": self.target, "prune": self.prune}
+        return {"source": self.source, "target": self.target, "prune": self.prune, "constraint": self.constraint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state and (state.get("source") != self.source or state.get("target") != self.target):
             raise ValueError(
                 f"the checkpoint was written pruning {state.get('source')} -> {state.get('target')}, this run prunes "
                 f"{self.source} -> {self.target}; resume with the same source model and target, or start a new run"
+            )
+        written = state.get("constraint", "lagrangian") if state else self.constraint
+        if written != self.constraint:  # the multipliers' optimizer group exists in one and not the other
+            raise ValueError(
+                f"the checkpoint was written with pruning.constraint={written}, this run has {self.constraint}; resume "
+                f"with pruning.constraint={written}, or start a new run"
             )
