@@ -126,8 +126,11 @@ def test_importance_init_seeds_the_masks_from_the_sources_activations(mds_data, 
     trainer = build_trainer(load_config(yaml, [o for o in overrides if o != "pruning.init=importance"]
                                         + ["pruning.init=target"]))
     algo = next(a for a in trainer.state.algorithms if type(a).__name__ == "L0Pruning")
-    algo.apply(Event.FIT_START, trainer.state, trainer.logger)
+    trainer.eval()  # the evaluation before the first step (eval_first) sees the initialised masks, not the reference's
+    placed = {name: g.log_alpha.detach().clone() for name, g in algo.masks.gates.items()}
+    algo.apply(Event.FIT_START, trainer.state, trainer.logger)  # and fit() does not score again
     for name, g in algo.masks.gates.items():
+        assert torch.equal(g.log_alpha.detach(), placed[name]), name
         _, keep = g.deterministic("target")
         assert torch.equal(keep, want[name].argsort(-1, descending=True).argsort(-1) < g.keep), name
         assert float(g.prob_nonzero().sum(-1).mean()) == pytest.approx(g.keep, abs=1e-3), name

@@ -15,8 +15,9 @@ instead (``ShearingMasks.project_``); replicated masks with all-reduced gradient
 
 Under FSDP the masks are replicated, never sharded (``_fsdp_wrap = False``; see :mod:`llmshearing.parallel`):
 plain fp32 tensors on every rank, whose gradients :class:`~llmshearing.algorithms.GlobalGradNorm` averages.
-``init: importance`` scores the source at ``Event.FIT_START`` (after wrapping, on the training device, every rank
-on the same calibration sequences) with the masks switched off.
+``init: importance`` / ``target`` score the source once, at the first ``Event.EVAL_START`` or ``Event.FIT_START`` of a run
+that starts at batch 0 (after wrapping, on the training device, every rank on the same calibration sequences) with the
+masks switched off, so the evaluation before the first step already sees the initialised masks.
 
 Evaluation (the hooks follow ``model.training``): the ``eval`` evaluator -- the one dynamic loading reads --
 sees the model the gates currently describe (``expected`` masks: each row keeps ``n - round(expected
@@ -142,6 +143,7 @@ class L0Pruning(Algorithm):
         self.model_config = model_config
         self.masks: Optional[ShearingMasks] = None
         self._warmup_batches = 0
+        self._started = False
         self._lagrangian_logs: dict[str, float] = {}
 
     @classmethod
@@ -197,10 +199,7 @@ class L0Pruning(Algorithm):
             self._init(state)
         elif event == Event.FIT_START:
             self._warmup_batches = self._to_batches(state, self.lagrangian_warmup)
-            if self.init != "reference" and int(state.timestamp.batch) == 0:  # a resumed run has its masks
-                self._init_from_importance(state)
-            self.masks.clamp_()  # (no projection here: the ramp starts at the masks' own sizes, a resumed run's
-            # masks were projected after its last step, and a second projection would move them by rounding)
+            self._start(state)
         elif event == Event.AFTER_DATALOADER:  # the rank's whole batch (a retried batch keeps this one)
             self._rank_batch = int(state.batch["input_ids"].shape[0])
         elif event == Event.BEFORE_TRAIN_BATCH:  # again on a retry after running out of memory
@@ -215,6 +214,7 @@ class L0Pruning(Algorithm):
                 self.masks.project_(self._progress(int(state.timestamp.batch)))
             self._log(state, logger)
         elif event == Event.EVAL_START:
+            self._start(state)  # eval_first evaluates before fit(): the masks must have started by then
             self.masks.eval_mode = "target" if state.dataloader_label == self.TARGET_LABEL else "expected"
         elif event == Event.EVAL_END:
             if state.dataloader_label != self.TARGET_LABEL:
@@ -260,6 +260,16 @@ class L0Pruning(Algorithm):
             "tied embedding counted once" if self.tie_word_embeddings else "untied embedding and LM head",
             sorted(masks.gates), sum(p.numel() for p in gate_params),
         )
+
+    def _start(self, state: State) -> None:
+        """Once, before the first forward of the run (training or the evaluation before it): scored inits."""
+        if self._started:
+            return
+        self._started = True
+        if self.init != "reference" and int(state.timestamp.batch) == 0:  # a resumed run has its masks
+            self._init_from_importance(state)
+        self.masks.clamp_()  # (no projection here: the ramp starts at the masks' own sizes, a resumed run's masks
+        # were projected after its last step, and a second projection would move them by rounding)
 
     def _init_from_importance(self, state: State) -> None:
         ids = self.calibration()
