@@ -156,13 +156,9 @@ class HardConcrete(nn.Module):
             raise ValueError(f"importance scores of shape {tuple(scores.shape)} for gates of shape {self.shape}")
         order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True)
         pos = (self.keep - 0.5 - torch.arange(self.n, device=order.device, dtype=torch.float32)) / self.n
-        line = lambda shift: (self.threshold + spread * pos + shift).clamp(self.log_alpha_min, LOG_ALPHA_MAX)  # noqa: E731
-        lo, hi = -20.0, 20.0  # a shift of the whole line: the expected count rises with it
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if float(torch.sigmoid(line(mid) - self.threshold).sum()) < self.keep else (lo, mid)
-        placed = line((lo + hi) / 2).expand_as(order).contiguous()
+        placed = (self.threshold + spread * pos).expand_as(order).contiguous()  # by rank, not yet clamped
         self.log_alpha.copy_(torch.empty_like(placed).scatter_(-1, order, placed))
+        self.project_(self.keep)  # shifted (and clamped) so that every row expects the target's count
 
     @torch.no_grad()
     def project_(self, count: float, iters: int = 48) -> None:
@@ -170,11 +166,11 @@ class HardConcrete(nn.Module):
         kept count ``sum P(z != 0)`` equals ``count`` (``pruning.constraint: projection``). A shift keeps the
         order within a row, so what the masks learned -- which units rank above which -- is untouched; only where
         the row's threshold lies moves. A count outside what the clamp allows (``n P(z != 0)`` at its bounds)
-        ends at the nearest bound."""
+        ends at the nearest bound. ``log_alpha`` need not be clamped before (``init_at_target`` places a line)."""
         la = self.log_alpha.detach()
-        width = LOG_ALPHA_MAX - self.log_alpha_min + 1.0  # a shift this large puts the whole row at a bound
-        lo = torch.full((*self.shape[:-1], 1), -width, device=la.device, dtype=la.dtype)
-        hi = -lo
+        # shifts beyond these put the whole row at the lower / upper bound
+        lo = (self.log_alpha_min - la.amax(-1, keepdim=True)) - 1.0
+        hi = (LOG_ALPHA_MAX - la.amin(-1, keepdim=True)) + 1.0
         for _ in range(iters):  # the count rises with the shift: bisection, all rows at once
             mid = (lo + hi) / 2
             below = torch.sigmoid((la + mid).clamp(self.log_alpha_min, LOG_ALPHA_MAX) - self.threshold) \
@@ -351,9 +347,9 @@ class ShearingMasks(nn.Module):
         progress = float(self.target_progress) if progress is None else progress
         return (start + progress * (tgt / full - start)) * full
 
-    def project_(self, progress: Optional[float] = None) -> None:
-        """Put every row's expected kept count on the ramped target (``HardConcrete.project_``): the constraint
-        met exactly after every step instead of through multipliers."""
+    def project_(self, progress: float) -> None:
+        """Put every row's expected kept count on the target ramped to ``progress`` (``HardConcrete.project_``): the
+        constraint met exactly after every step instead of through multipliers."""
         for name, g in self.gates.items():
             g.project_(self.ramped_target(name, progress))
 
