@@ -44,10 +44,14 @@ Protocol:
   length, batch, seed, learning rates, calibration, evaluation sequences; the run it continues; the code's stage
   version), so a changed setting runs again instead of reusing a stale result.
 
-    python -m benchmarks.replication --out runs/benchmarks/replication.json       # ~2.5 h on 2 cores
+    python -m benchmarks.replication --out runs/benchmarks/replication.json       # one process
+    python -m benchmarks.replication --threads 1 & sleep 120; python -m benchmarks.replication --threads 1
     python -m benchmarks.replication --report-only                                 # tables from finished runs
 
-Every run is cached under the output's folder, so an interrupted benchmark continues where it stopped.
+Every run is cached under the output's folder, so an interrupted benchmark continues where it stopped. Several
+processes may share the folder: each claims a run (a lock file) before training it and skips runs another process
+holds or whose predecessor is not finished; every phase waits until all its runs are done, so the learning rates
+chosen on validation and the report see every run. Start the second process once the first has built the source.
 Writes JSON and a markdown report next to it.
 """
 
@@ -60,6 +64,8 @@ import math
 import os
 import shutil
 import statistics
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -107,13 +113,38 @@ class Bench:
     def run(self, name: str, yaml: str, overrides: list[str], after: Optional[str] = None, train: bool = True) -> str:
         """Train ``name`` (unless cached) and export it; returns its keyed name. ``after``: the run whose tokens
         precede it (for totals); ``train`` False: only the keyed name (reporting)."""
-        from llmshearing.export import export_checkpoint
-
         key = _sha({"yaml": yaml, "overrides": overrides, "after": after, "batch": BATCH, "seq": SEQ,
                     "common": common_overrides(self.cache), "version": STAGE_VERSION})
         name = f"{name}-{key}"
-        if self.done(name) or not train:
-            return name
+        if self.done(name) or not train or (after and not self.done(after)):
+            return name  # finished, not asked for, or its predecessor is another process's and still running
+        with self.claim(name) as mine:
+            if mine and not self.done(name):
+                self._train(name, yaml, overrides, after)
+        return name
+
+    @contextmanager
+    def claim(self, name: str):
+        """Yields True when this process holds ``name`` (an exclusive lock on ``<work>/<name>.lock``, released at
+        exit, also when the process dies), False when another process does."""
+        import fcntl
+
+        with open(self.work / f"{name}.lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+
+    def _write_json(self, name: str, obj: dict) -> None:  # the run's "done" marker: written last, atomically
+        tmp = self.work / f"{name}.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.replace(self.work / f"{name}.json")
+
+    def _train(self, name: str, yaml: str, overrides: list[str], after: Optional[str]) -> None:
+        from llmshearing.export import export_checkpoint
+
         run = self.work / name
         shutil.rmtree(run, ignore_errors=True)
         log.info("run %s", name)
@@ -125,8 +156,7 @@ class Bench:
             shutil.move(str(run / "checkpoints" / "masks"), str(run / "masks"))
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # keep metrics.jsonl and masks, drop the optimizer
         counted["after"] = after
-        (self.work / f"{name}.json").write_text(json.dumps(counted, indent=1))
-        return name
+        self._write_json(name, counted)
 
     def save_oneshot(self, name: str, method: str, seed: int, masks_of: Optional[str] = None, train: bool = True) -> str:
         """The source pruned to ``TARGET`` by a one-shot ``method``, or (``method="learned"``) by the final masks of
@@ -145,7 +175,11 @@ class Bench:
                     "version": STAGE_VERSION})
         name = f"{name}-{key}"
         out = self.model_dir(name)
-        if not (out / "config.json").is_file() and train:
+        if self.done(name) or not train or (masks_of and not self.done(masks_of)):
+            return name
+        with self.claim(name) as mine:
+            if not mine or self.done(name):
+                return name
             src = AutoModelForCausalLM.from_pretrained(self.source, dtype=torch.float32)
             if method == "learned":
                 final = max((self.work / masks_of / "masks").glob("ba*.pt"), key=lambda p: int(p.stem[2:]))
@@ -155,9 +189,9 @@ class Bench:
             else:
                 calib = calibration_batch(str(self.data), CALIBRATION, SEQ) if method == "activation" else None
                 masks = select_masks(src, TARGET, method, seed=seed, calibration=calib)
+            shutil.rmtree(out, ignore_errors=True)
             materialize(src, masks).save_pretrained(out)
-            (self.work / f"{name}.json").write_text(json.dumps({"batches": 0, "samples": 0, "tokens": 0,
-                                                                "after": masks_of}))
+            self._write_json(name, {"batches": 0, "samples": 0, "tokens": 0, "after": masks_of})
         return name
 
     def expected_shape_error(self, name: str) -> Optional[dict[str, float]]:
@@ -205,7 +239,9 @@ class Bench:
                 return {d: z[d] for d in self.domains}
         res = sequence_losses(load_model(path or self.model_dir(name)), self.data, "test", batch_size=64,
                               max_sequences_per_domain=TEST_SEQUENCES)
-        np.savez(cached, **res)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **res)
+        tmp.replace(cached)
         return res
 
     def val_loss(self, name: str) -> float:
@@ -255,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                    help="model lrs of the pruning stage swept on validation, seed 0, with the continued-training lr")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     p.add_argument("--kd", action="store_true", help="also run the distillation arms (issue #14)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (two processes on 2 cores: 1 each)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from benchmarks.stats import clustered_se, compare as paired, crossover as cross, t_critical, verdict
@@ -273,6 +310,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         f"model.config.num_key_value_heads={TARGET['num_attention_heads']}"]
 
     train = not args.report_only
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    def settle(phase) -> None:
+        """Run ``phase`` (it returns the names of its runs) until every run it names is done: another process may
+        hold some of them, or their predecessors."""
+        while train:
+            pending = [n for n in phase() if not b.done(n)]
+            if not pending:
+                return
+            log.info("waiting for %d run(s) that other processes hold: %s", len(pending), ", ".join(pending[:3]))
+            time.sleep(20)
 
     def scratch(steps: int, lr: float, seed: int) -> str:
         return b.run(f"scratch_{steps}_lr{lr:g}_s{seed}", "yamls/pretrain/small_cpu.yaml", [
@@ -312,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         return prune, name
 
     # 1. learning rates, on validation (seed 0, budget T)
+    settle(lambda: [n for lr in args.lrs for n in (scratch(T, lr, 0), oneshot_ft("random", 0, lr))])
     sweep: dict[str, dict[str, float]] = {"scratch": {}, "continued": {}}
     for lr in args.lrs:
         for kind, name in (("scratch", scratch(T, lr, 0)), ("continued", oneshot_ft("random", 0, lr))):
@@ -322,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     # the pruning stage's model lr: the paper's 1e-4 or the continued-training rate, chosen on validation after
     # the whole sheared chain (pruning + continued training, seed 0, budget T)
     prune_lrs = sorted({*args.prune_lrs, lr_of["continued"]})
+    settle(lambda: [n for plr in prune_lrs for n in sheared(0, lr_of["continued"], True, plr=plr)])
     sweep["pruning"] = {}
     for plr in prune_lrs:
         _, name = sheared(0, lr_of["continued"], True, plr=plr)
@@ -331,67 +384,80 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     lr_of["pruning"] = prune_lr
     log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)
 
-    # 2. every arm, seed by seed, most needed first (an interrupted benchmark still reports what finished)
-    arms: dict[str, list[str]] = {k: [] for k in (
-        "learned (after pruning)", "learned, importance init (after pruning)", "sheared", "sheared (importance init)",
-        "sheared_constant", "random", "magnitude", "activation", "learned masks on source", "scratch")}
-    oneshot: dict[str, list[str]] = {
-        "random one-shot": [], "magnitude one-shot": [b.save_oneshot("magnitude", "magnitude", 0, train=False)],
-        "activation one-shot": [b.save_oneshot("activation", "activation", 0, train=False)],
-        "learned masks on source, one-shot": []}
-    extra_scratch: dict[int, str] = {}
-    cl = lr_of["continued"]
-    for seed in range(args.seeds):
-        prune, dyn = sheared(seed, cl, True)
-        arms["learned (after pruning)"].append(prune)
-        arms["sheared"].append(dyn)
-        prune_imp, dyn_imp = sheared(seed, cl, True, "importance")
-        arms["learned, importance init (after pruning)"].append(prune_imp)
-        arms["sheared (importance init)"].append(dyn_imp)
-        arms["random"].append(oneshot_ft("random", seed, cl))
-        arms["magnitude"].append(oneshot_ft("magnitude", seed, cl))
-        arms["activation"].append(oneshot_ft("activation", seed, cl))
-        arms["scratch"].append(scratch(T, lr_of["scratch"], seed))
-        oneshot["random one-shot"].append(b.save_oneshot(f"random_s{seed}", "random", seed, train=False))
-    for seed in range(args.seeds):
-        # the selection alone: the pruning run's masks on the source weights, then the T - P steps the sheared arm
-        # continues for, so that (with the pruning run's tokens counted) every arm reads T
-        arms["learned masks on source"].append(oneshot_ft("learned", seed, cl, steps=args.cpt_steps))
-        base = b.save_oneshot(f"learned_on_source_s{seed}", "learned", seed,
-                              masks_of=sheared(seed, cl, True)[0], train=False)
-        oneshot["learned masks on source, one-shot"].append(base)
-    for seed in range(args.seeds):
-        arms["sheared_constant"].append(sheared(seed, cl, False)[1])
-    scratch_by_budget: dict[int, list[str]] = {T: arms["scratch"]}
-    for f in args.scratch_budgets:  # every seed: the crossover compares seed-matched curves
-        steps = int(round(f * T))
-        scratch_by_budget[steps] = [scratch(steps, lr_of["scratch"], seed) for seed in range(args.seeds)]
-        extra_scratch[steps] = scratch_by_budget[steps][0]
     # distillation (issue #14): FLOPs per token of a KD continued-training step over a CE one (the teacher's
     # forward, 2 N_source, on top of 6 N_target), which sets the CE arm of equal compute
     from benchmarks.common import matmul_params_of, step_flops
 
     n_src, src_cfg = matmul_params_of(source)
-    tgt_dir = b.model_dir(b.save_oneshot("magnitude", "magnitude", 0, train=True))  # any selection: the target shape
+    settle(lambda: [b.save_oneshot("magnitude", "magnitude", 0)])
+    tgt_dir = b.model_dir(b.save_oneshot("magnitude", "magnitude", 0))  # any selection: the target shape
     n_tgt, tgt_cfg = matmul_params_of(tgt_dir)
     ce_step = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ)  # the project's FLOPs count, attention included
     kd_cost = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ, teacher=n_src, teacher_config=src_cfg) / ce_step
     eq_steps = int(round(args.cpt_steps * kd_cost))
-    kd_arms = ("sheared + KD", "sheared + CE, equal compute", "learned, KD in pruning (after pruning)",
-               "sheared, KD in pruning", "sheared, KD in both")
-    for k in kd_arms:
-        arms[k] = []
-    if args.kd:
+
+    # 2. every arm, seed by seed, most needed first (an interrupted benchmark still reports what finished)
+    def plan() -> tuple:
+        """Every arm's runs (trained unless done or held by another process) -> (arms, one-shot selections, extra
+        scratch budgets, scratch by budget, KD arms)."""
+        arms: dict[str, list[str]] = {k: [] for k in (
+            "learned (after pruning)", "learned, importance init (after pruning)", "sheared", "sheared (importance init)",
+            "sheared_constant", "random", "magnitude", "activation", "learned masks on source", "scratch")}
+        oneshot: dict[str, list[str]] = {
+            "random one-shot": [], "magnitude one-shot": [b.save_oneshot("magnitude", "magnitude", 0, train=False)],
+            "activation one-shot": [b.save_oneshot("activation", "activation", 0, train=False)],
+            "learned masks on source, one-shot": []}
+        extra_scratch: dict[int, str] = {}
+        cl = lr_of["continued"]
         for seed in range(args.seeds):
-            arms["sheared + KD"].append(sheared(seed, cl, True, kd_cpt=True)[1])
+            prune, dyn = sheared(seed, cl, True)
+            arms["learned (after pruning)"].append(prune)
+            arms["sheared"].append(dyn)
+            prune_imp, dyn_imp = sheared(seed, cl, True, "importance")
+            arms["learned, importance init (after pruning)"].append(prune_imp)
+            arms["sheared (importance init)"].append(dyn_imp)
+            arms["random"].append(oneshot_ft("random", seed, cl))
+            arms["magnitude"].append(oneshot_ft("magnitude", seed, cl))
+            arms["activation"].append(oneshot_ft("activation", seed, cl))
+            arms["scratch"].append(scratch(T, lr_of["scratch"], seed))
+            oneshot["random one-shot"].append(b.save_oneshot(f"random_s{seed}", "random", seed, train=False))
         for seed in range(args.seeds):
-            arms["sheared + CE, equal compute"].append(sheared(seed, cl, True, cpt_steps=eq_steps)[1])
+            # the selection alone: the pruning run's masks on the source weights, then the T - P steps the sheared arm
+            # continues for, so that (with the pruning run's tokens counted) every arm reads T
+            arms["learned masks on source"].append(oneshot_ft("learned", seed, cl, steps=args.cpt_steps))
+            base = b.save_oneshot(f"learned_on_source_s{seed}", "learned", seed,
+                                  masks_of=sheared(seed, cl, True)[0], train=False)
+            oneshot["learned masks on source, one-shot"].append(base)
         for seed in range(args.seeds):
-            prune_kd, name = sheared(seed, cl, True, kd_prune=True)
-            arms["learned, KD in pruning (after pruning)"].append(prune_kd)
-            arms["sheared, KD in pruning"].append(name)
-        for seed in range(args.seeds):
-            arms["sheared, KD in both"].append(sheared(seed, cl, True, kd_prune=True, kd_cpt=True)[1])
+            arms["sheared_constant"].append(sheared(seed, cl, False)[1])
+        scratch_by_budget: dict[int, list[str]] = {T: arms["scratch"]}
+        for f in args.scratch_budgets:  # every seed: the crossover compares seed-matched curves
+            steps = int(round(f * T))
+            scratch_by_budget[steps] = [scratch(steps, lr_of["scratch"], seed) for seed in range(args.seeds)]
+            extra_scratch[steps] = scratch_by_budget[steps][0]
+        kd_arms = ("sheared + KD", "sheared + CE, equal compute", "learned, KD in pruning (after pruning)",
+                   "sheared, KD in pruning", "sheared, KD in both")
+        for k in kd_arms:
+            arms[k] = []
+        if args.kd:
+            for seed in range(args.seeds):
+                arms["sheared + KD"].append(sheared(seed, cl, True, kd_cpt=True)[1])
+            for seed in range(args.seeds):
+                arms["sheared + CE, equal compute"].append(sheared(seed, cl, True, cpt_steps=eq_steps)[1])
+            for seed in range(args.seeds):
+                prune_kd, name = sheared(seed, cl, True, kd_prune=True)
+                arms["learned, KD in pruning (after pruning)"].append(prune_kd)
+                arms["sheared, KD in pruning"].append(name)
+            for seed in range(args.seeds):
+                arms["sheared, KD in both"].append(sheared(seed, cl, True, kd_prune=True, kd_cpt=True)[1])
+        return arms, oneshot, extra_scratch, scratch_by_budget, kd_arms
+
+    def all_runs() -> list[str]:
+        arms_, oneshot_, _, by_budget, *_ = plan()
+        return [n for v in (*arms_.values(), *oneshot_.values(), *by_budget.values()) for n in v]
+
+    settle(all_runs)
+    arms, oneshot, extra_scratch, scratch_by_budget, kd_arms = plan()
     # the previous mask defaults (log_alpha from 0, no clamp, mean-gap penalty, mask lr 0.1, model lr 1e-4), as
     # cached by earlier versions of this benchmark: reported when present, never run
     legacy = {"learned, old defaults (after pruning)": [f"prune_s{s}" for s in range(args.seeds)],
