@@ -49,6 +49,13 @@ def _precision(cfg: RunConfig) -> str:
     return "amp_bf16" if torch.cuda.is_available() else "fp32"
 
 
+def _cpu_autocast(cfg: RunConfig) -> bool:
+    """bf16 autocast on the CPU: asked for by ``device: cpu`` *and* ``precision: amp_bf16`` together (Composer's own
+    mixed precision is CUDA-only; the model applies ``torch.autocast("cpu")`` itself). A GPU YAML's amp_bf16 on a
+    machine without a GPU (``device: auto``) stays an error: that is a wrong machine, not a request."""
+    return cfg.device == "cpu" and _precision(cfg) == "amp_bf16"
+
+
 def _device(cfg: RunConfig) -> str:
     if cfg.device != "auto":
         return cfg.device
@@ -287,9 +294,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         extra_callbacks: more callbacks (tests, benchmarks).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if _device(cfg) == "cpu" and _precision(cfg) != "fp32":
+    if _device(cfg) == "cpu" and _precision(cfg) != "fp32" and not _cpu_autocast(cfg):
         raise ConfigError(f"precision={cfg.precision} needs a GPU (Composer trains on the CPU in fp32 only); on this "
-                          "machine set precision=fp32")
+                          "machine set precision=fp32 (or device=cpu precision=amp_bf16 for bf16 autocast on the CPU)")
     device = get_device(_device(cfg))
     dist.initialize_dist(device, timeout=600)
     if dist.get_world_size() > 1:
@@ -350,7 +357,8 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         hf_model = _select_one_shot(cfg, domains, source_config, empty)
     else:
         hf_model = build_hf_model(cfg.model, empty=empty)
-    model = ComposerCausalLM(hf_model, domains=domains, **_distillation(cfg, manifest, hf_model))
+    model = ComposerCausalLM(hf_model, domains=domains, cpu_autocast=_cpu_autocast(cfg),
+                             **_distillation(cfg, manifest, hf_model))
 
     train_loader = build_train_dataloader(
         cfg.data, manifest, domains, proportions, cfg.global_train_batch_size, seed=cfg.seed
@@ -445,7 +453,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         algorithms=algorithms,
         callbacks=callbacks,
         loggers=_loggers(cfg),
-        precision=_precision(cfg),
+        precision="fp32" if _cpu_autocast(cfg) else _precision(cfg),  # CPU bf16: the model autocasts itself
         device=device,
         device_train_microbatch_size=microbatch,
         parallelism_config=parallelism,

@@ -176,3 +176,40 @@ def test_projected_constraint_holds_the_ramped_target_at_every_step_without_mult
     assert set(logged["pruning/expected_hidden"]) == set(range(1, 25))
     assert all(abs(logged["pruning/expected_hidden"][s] - 48) < 1e-3 for s in range(21, 25))
     trainer.close()
+
+
+def test_cpu_bf16_autocast_trains_in_bf16_with_fp32_weights_and_tracks_fp32(mds_data, tmp_path):
+    """``device=cpu precision=amp_bf16``: the pruning run's linear layers compute in bf16 (forward and evaluation),
+    the weights, masks and optimizer stay fp32, and the losses follow the fp32 run's within bf16's error."""
+    yaml = REPO / "yamls" / "prune" / "tiny_cpu.yaml"
+    runs = {}
+    for precision in ("fp32", "amp_bf16"):
+        rec = Recorder()
+        trainer = build_trainer(load_config(yaml, _pretrain_overrides(mds_data, tmp_path / precision, 6)
+                                            + ["device=cpu", f"precision={precision}", "eval_interval=6ba"]),
+                                extra_callbacks=[rec])
+        dtypes = set()
+        lin = next(m for m in trainer.state.model.modules() if isinstance(m, torch.nn.Linear))
+        lin.register_forward_hook(lambda mod, inp, out: dtypes.add(out.dtype))
+        trainer.fit()
+        assert dtypes == {torch.float32 if precision == "fp32" else torch.bfloat16}, dtypes
+        assert {p.dtype for p in trainer.state.model.parameters()} == {torch.float32}
+        assert str(trainer.state.precision) == "Precision.FP32"  # Composer's own context stays off on the CPU
+        runs[precision] = (rec.losses, rec.logged["LanguageCrossEntropy"].item())
+        trainer.close()
+    (l32, e32), (l16, e16) = runs["fp32"], runs["amp_bf16"]
+    assert len(l16) == len(l32) == 6 and all(abs(a - b) < 0.05 * a for a, b in zip(l32, l16)), (l32, l16)
+    assert l16 != l32 and abs(e16 - e32) < 0.05 * e32, (e32, e16)  # not the same numbers, close ones
+
+
+def test_a_gpu_yamls_bf16_stays_an_error_on_a_machine_without_a_gpu_unless_the_cpu_is_named(mds_data, tmp_path):
+    from llmshearing.config import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    yaml = REPO / "yamls" / "prune" / "tiny_cpu.yaml"
+    with pytest.raises(ConfigError, match="or device=cpu precision=amp_bf16"):
+        build_trainer(load_config(yaml, _pretrain_overrides(mds_data, tmp_path, 2) + ["precision=amp_bf16"]))
+    with pytest.raises(ConfigError, match="precision=amp_fp16 needs a GPU"):
+        build_trainer(load_config(yaml, _pretrain_overrides(mds_data, tmp_path, 2) + ["device=cpu",
+                                                                                      "precision=amp_fp16"]))

@@ -90,13 +90,17 @@ class ComposerCausalLM(ComposerModel):
         domains: data domain names, indexed by the batches' ``domain_id``.
         teacher: a frozen teacher to distil from (kept outside the module tree: see :class:`Teacher`).
         temperature, kd_weight, ce_weight, chunk_tokens: the distillation loss (``DistillationConfig``).
+        cpu_autocast: run forward, loss and evaluation under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+            (``device: cpu`` + ``precision: amp_bf16``): bf16 matmuls on the CPU, fp32 weights and optimizer, as
+            Composer's amp_bf16 does on GPUs.
     """
 
     def __init__(self, model: PreTrainedModel, domains: Sequence[str] = (), teacher: Optional[Teacher] = None,
                  temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
-                 chunk_tokens: int = 4096) -> None:
+                 chunk_tokens: int = 4096, cpu_autocast: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.cpu_autocast = cpu_autocast
         self.domains = list(domains)
         self.teacher = teacher  # not an nn.Module: never registered, never checkpointed
         self.temperature, self.kd_weight, self.ce_weight, self.chunk_tokens = temperature, kd_weight, ce_weight, chunk_tokens
@@ -109,10 +113,18 @@ class ComposerCausalLM(ComposerModel):
         model.activation_checkpointing_fn = lambda module: type(module).__name__ in layer_names
 
     # -- training ----------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_autocast)
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
+        with self._autocast():
+            return self.model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        with self._autocast():
+            return self._loss(outputs, batch)
+
+    def _loss(self, outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         if self.teacher is None:
             loss, valid = token_cross_entropy(outputs, batch)
             if self.domains and "domain_id" in batch:
@@ -168,7 +180,8 @@ class ComposerCausalLM(ComposerModel):
     # -- evaluation --------------------------------------------------------------------------------
     def eval_forward(self, batch: dict[str, Any], outputs: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = outputs if outputs is not None else self.forward(batch)
-        return token_cross_entropy(logits, batch)
+        with self._autocast():
+            return token_cross_entropy(logits, batch)
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         if is_train:
