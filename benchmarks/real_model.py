@@ -12,6 +12,7 @@ source (pruning + recovery, counted by the trainer), per seed:
 | ``improved`` | the improved learned stage (:data:`IMPROVED`) for ``--improved-prune-steps`` + the rest as recovery |
 | ``learned on source`` | ``learned``'s final masks on the *source* weights (kept units at 1) + ``budget - prune_steps`` recovery: the selection alone |
 | ``improved - <lever>`` | ablations: :data:`IMPROVED` without one lever (``--ablation-seeds``) |
+| ``improved + <lever>`` | :data:`IMPROVED` with one lever that was tried and rejected (:data:`REJECTED`) |
 
 Recovery is the same recipe for every arm (``yamls/continue_pretrain/smollm2_cpu.yaml``: lr 1e-4, cosine to 10% over
 its own duration, dynamic loading against the source's validation losses) and, within a seed, the same data order
@@ -21,6 +22,10 @@ the validation split (``--phase tune`` prints val only); the test split is read 
 freedom). FLOPs per arm are counted analytically: a pruning step runs the whole masked source (4 N T without weight
 gradients, 6 N T with them, plus the teacher's 2 N T with distillation), a recovery step the target (6 N T); plus
 attention.
+
+Training runs under bf16 autocast by default (``--precision amp_bf16``: fp32 weights and optimizer, bf16 matmuls;
+~1.5x faster than fp32 on a 2-core AVX-512-bf16 CPU, ``benchmarks/cpu_bf16.py``), as the GPU recipe does; evaluation
+is fp32. The seed-0 figures of 2026-12-01/02 in docs/results.md were trained in fp32.
 
 Every stage (conversion, data prep, evaluations, selections, pruning runs, recoveries) is cached in
 ``<work>/state.json`` under a key made of everything that changes its result (the resolved run config, the source's
@@ -80,6 +85,11 @@ IMPROVED: dict[str, list[str]] = {
     "distillation": ["distillation.kd_weight=1.0"],  # KL to the source (the teacher defaults to it), KD only
     "4 mask samples": ["pruning.mask_samples=4", "device_train_microbatch_size=1"],
     "low clamp": [f"pruning.log_alpha_min={math.log(1e-4):.4f}"],
+}
+# Levers tried and rejected on val; each gives an ablation row ``improved + <lever>``. Frozen weights (the masks learned
+# on the source's weights): 4.302 with them against 4.168 without (seed 0, val, 2026-12-02, with the other levers
+# above), with almost the same selection (kept units differing from activation's 12.9/19.4/23.9% vs 12.5/18.7/22.8%).
+REJECTED: dict[str, list[str]] = {
     "frozen weights": ["pruning.freeze_weights=true"],
 }
 
@@ -165,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--eval-sequences", type=int, default=64, help="val and test sequences per domain (at most)")
     p.add_argument("--calibration", type=int, default=64, help="train sequences scored for activation importance")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--precision", default="amp_bf16", choices=["fp32", "amp_bf16"],
+                   help="training precision of every stage (amp_bf16 on the CPU: bf16 autocast, fp32 weights; "
+                        "benchmarks/cpu_bf16.py measures its speed); evaluation is fp32 either way")
     p.add_argument("--prune-yaml", default=PRUNE_YAML, help="the pruning config (another source: yamls/prune/cpu.yaml)")
     p.add_argument("--report-only", action="store_true", help="report what has run; run nothing")
     p.add_argument("--arms", nargs="*", default=None, help="run only these arms (others are reported if cached)")
@@ -225,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
               f"data.max_seq_len={args.seq_len}", f"global_train_batch_size={args.batch}",
               f"device_train_microbatch_size={args.batch}", f"device_eval_batch_size={args.batch}",
               f"data.eval_sequences_per_domain={min(args.eval_sequences, 16)}", "autoresume=false",
-              f"device={args.device}", "save_overwrite=true", "progress_bar=false", "console_log_interval=50ba"]
+              f"device={args.device}", f"precision={args.precision}", "save_overwrite=true", "progress_bar=false", "console_log_interval=50ba"]
     n_src, src_cfg = matmul_params_of(source)
     tokens_per_step = args.batch * args.seq_len
 
@@ -337,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 levers = [o for name, ov in IMPROVED.items() if name != lever for o in ov]
                 tag = "improved_without_" + lever.replace(" ", "_")
                 plan[f"improved - {lever}"] = (prune(tag, seed, args.improved_prune_steps, levers),
+                                               args.budget - args.improved_prune_steps)
+            for lever, ov in REJECTED.items():
+                tag = "improved_with_" + lever.replace(" ", "_")
+                plan[f"improved + {lever}"] = (prune(tag, seed, args.improved_prune_steps, improved_levers + ov),
                                                args.budget - args.improved_prune_steps)
         # learned masks on the source weights (the selection alone): in both phases, val-tunable like the others
         name, spec, fn = plan["learned"][0]
