@@ -45,13 +45,14 @@ Protocol:
   version), so a changed setting runs again instead of reusing a stale result.
 
     python -m benchmarks.replication --out runs/benchmarks/replication.json       # one process
-    python -m benchmarks.replication --threads 1 & sleep 120; python -m benchmarks.replication --threads 1
+    python -m benchmarks.replication --threads 1 & python -m benchmarks.replication --threads 1   # two processes
     python -m benchmarks.replication --report-only                                 # tables from finished runs
 
 Every run is cached under the output's folder, so an interrupted benchmark continues where it stopped. Several
 processes may share the folder: each claims a run (a lock file) before training it and skips runs another process
 holds or whose predecessor is not finished; every phase waits until all its runs are done, so the learning rates
-chosen on validation and the report see every run. Start the second process once the first has built the source.
+chosen on validation and the report see every run; the data and the source are built by the first process while the
+others wait.
 Writes JSON and a markdown report next to it.
 """
 
@@ -298,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     from llmshearing.evaluate import domain_losses, load_model, sequence_documents
 
     cache = Path(args.cache).resolve()
-    data, source = ensure_data(cache), ensure_source(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(cache / "build.lock", "w") as lock:  # a second process waits here while the first builds them
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data, source = ensure_data(cache), ensure_source(cache)
     b = Bench(cache, Path(args.out).resolve().with_suffix(""), data, source)
     domains = b.domains
     T = args.prune_steps + args.cpt_steps
