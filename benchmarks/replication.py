@@ -27,8 +27,8 @@ Protocol:
   seed (``benchmarks/stats.py``: ``crossover``).
 - every arm's tokens include everything it needed after the source: ``learned masks on source`` counts the pruning
   run its masks come from.
-- learning rates: one small sweep (``--lrs``, chosen to bracket the optimum: a best rate at the grid's edge is
-  reported as such) on the validation split, at budget ``T`` and seed 0, for each
+- learning rates: one small sweep (``--lrs``; a best rate at the grid's edge adds the next half decade that way, up
+  to ``--lr-extensions`` times, and one still at the edge is reported as such) on the validation split, at budget ``T`` and seed 0, for each
   of the two kinds of training: from random init (scratch) and from a selected model (continued
   training: tuned on the ``random`` arm, then used by every continued-training arm, ``sheared`` included).
   The pruning stage keeps its config's mask dynamics (mask/lambda lr 1.0, 10% warmup, reference init and clamp)
@@ -90,6 +90,20 @@ def _sha(obj) -> str:
     import hashlib
 
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def next_rate(losses: dict[float, float], max_rates: int) -> Optional[float]:
+    """The rate to add to a sweep so that its best is bracketed: half a decade (1, 3, 10, 30, ...) beyond the best
+    when the best is the grid's largest or smallest rate; None when the best lies inside the grid, or the grid has
+    ``max_rates`` rates (then the report says the optimum is at its edge)."""
+    rates = sorted(losses)
+    if len(rates) < 2 or len(rates) >= max_rates:
+        return None
+    best = min(rates, key=losses.get)
+    if best not in (rates[0], rates[-1]):
+        return None
+    h = round(2 * math.log10(best)) + (1 if best == rates[-1] else -1)  # half-decades: 10^k, 3 x 10^k
+    return float(f"{10 ** (h // 2) * (3 if h % 2 else 1):.0e}")
 
 
 class Bench:
@@ -288,11 +302,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                    help="swept on validation, seed 0, budget T (a grid that brackets the optimum)")
     p.add_argument("--scratch-budgets", type=float, nargs="+", default=[2.0, 3.0],
                    help="extra scratch budgets (multiples of T), every seed, each its own fully decayed run")
+    p.add_argument("--lr-extensions", type=int, default=2,
+                   help="rates a sweep may add, half a decade at a time, when its best is at the grid's edge")
     p.add_argument("--prune-lrs", type=float, nargs="+", default=[1e-4],
                    help="model lrs of the pruning stage swept on validation, seed 0, with the continued-training lr")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     p.add_argument("--kd", action="store_true", help="also run the distillation arms (issue #14)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (two processes on 2 cores: 1 each)")
+    p.add_argument("--lr-sweep-only", action="store_true", help="stop after the learning-rate sweeps (seed 0, val)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from benchmarks.stats import clustered_se, compare as paired, crossover as cross, t_critical, verdict
@@ -368,15 +385,36 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             *([f"distillation.teacher={source}"] if kd_cpt else [])], after=prune, train=train)
         return prune, name
 
-    # 1. learning rates, on validation (seed 0, budget T)
+    # 1. learning rates, on validation (seed 0, budget T); a grid whose best rate is at its edge grows half a decade
+    # that way (at most --lr-extensions times) until the best is bracketed
     settle(lambda: [n for lr in args.lrs for n in (scratch(T, lr, 0), oneshot_ft("random", 0, lr))])
-    sweep: dict[str, dict[str, float]] = {"scratch": {}, "continued": {}}
-    for lr in args.lrs:
-        for kind, name in (("scratch", scratch(T, lr, 0)), ("continued", oneshot_ft("random", 0, lr))):
-            if b.done(name):
-                sweep[kind][f"{lr:g}"] = b.val_loss(name)
+    run_of = {"scratch": lambda lr: scratch(T, lr, 0), "continued": lambda lr: oneshot_ft("random", 0, lr)}
+    val_of: dict[str, float] = {}  # run name -> validation loss
+
+    def val(name: str) -> float:
+        if name not in val_of:
+            val_of[name] = b.val_loss(name)
+        return val_of[name]
+
+    sweep: dict[str, dict[str, float]] = {}
+    edge: dict[str, bool] = {}
+    for kind, run in run_of.items():
+        grid = sorted(args.lrs)
+        while True:
+            settle(lambda: [run(lr) for lr in grid])
+            losses = {lr: val(run(lr)) for lr in grid if b.done(run(lr))}
+            nxt = next_rate(losses, len(args.lrs) + args.lr_extensions) if len(losses) == len(grid) else None
+            if nxt is None or (not train and not b.done(run(nxt))):
+                break
+            grid = sorted(grid + [nxt])
+        sweep[kind] = {f"{lr:g}": x for lr, x in sorted(losses.items())}
+        best = min(losses, key=losses.get) if losses else None
+        edge[kind] = best is not None and best in (min(grid), max(grid)) and len(losses) == len(grid)
     lr_of = {k: float(min(v, key=v.get)) if v else args.lrs[0] for k, v in sweep.items()}
-    edge = {k: lr_of[k] in (min(args.lrs), max(args.lrs)) and len(v) == len(args.lrs) for k, v in sweep.items()}
+    if args.lr_sweep_only:
+        log.info("learning rates chosen on validation: %s (%s; at the grid's edge: %s)", lr_of, sweep, edge)
+        write_json(args.out, {"lr_sweep_val": sweep, "learning_rates": lr_of, "at_edge": edge, "args": vars(args)})
+        return 0
     # the pruning stage's model lr: the paper's 1e-4 or the continued-training rate, chosen on validation after
     # the whole sheared chain (pruning + continued training, seed 0, budget T)
     prune_lrs = sorted({*args.prune_lrs, lr_of["continued"]})
@@ -385,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     for plr in prune_lrs:
         _, name = sheared(0, lr_of["continued"], True, plr=plr)
         if b.done(name):
-            sweep["pruning"][f"{plr:g}"] = b.val_loss(name)
+            sweep["pruning"][f"{plr:g}"] = val(name)
     prune_lr = float(min(sweep["pruning"], key=sweep["pruning"].get)) if sweep["pruning"] else lr_of["continued"]
     lr_of["pruning"] = prune_lr
     log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)
@@ -464,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     settle(all_runs)
     arms, oneshot, extra_scratch, scratch_by_budget, kd_arms = plan()
+    cl = lr_of["continued"]
     # the previous mask defaults (log_alpha from 0, no clamp, mean-gap penalty, mask lr 0.1, model lr 1e-4), as
     # cached by earlier versions of this benchmark: reported when present, never run
     legacy = {"learned, old defaults (after pruning)": [f"prune_s{s}" for s in range(args.seeds)],

@@ -1,6 +1,6 @@
-"""benchmarks/replication.py shares its run folder between processes: a run another process holds, or one whose
-predecessor is not finished, is skipped (not trained twice, not trained on a missing model), and a released claim
-is taken by the next process that reaches it."""
+"""benchmarks/replication.py's machinery: its run folder shared between processes (a run another process holds, or
+one whose predecessor is not finished, is skipped: not trained twice, not trained on a missing model; a released
+claim is taken by the next process that reaches it), and learning-rate grids that grow until the best is bracketed."""
 
 from __future__ import annotations
 
@@ -75,3 +75,14 @@ def test_a_claimed_run_is_skipped_and_taken_once_released(tmp_path, fake_trainin
     assert b.run("x", "y.yaml", ["seed=0"]) == name and fake_training == [name, nxt]  # done: never again
     assert b.total_tokens(nxt) == 2  # the chain's tokens: its own and its predecessor's
     assert not list(b.work.glob("*.tmp*"))  # the done markers were written atomically
+
+
+def test_a_sweep_grows_half_a_decade_past_a_best_rate_at_its_edge_until_bracketed():
+    from benchmarks.replication import next_rate
+
+    assert next_rate({1e-3: 3.35, 3e-3: 3.26, 1e-2: 3.257}, max_rates=5) == 3e-2  # best at the top: one step up
+    assert next_rate({1e-3: 3.1, 3e-3: 3.2, 1e-2: 3.3}, max_rates=5) == 3e-4  # best at the bottom: one step down
+    assert next_rate({3e-4: 3.0, 1e-3: 3.1, 3e-3: 3.2}, max_rates=5) == 1e-4
+    assert next_rate({1e-3: 3.65, 3e-3: 3.44, 1e-2: 3.62}, max_rates=5) is None  # bracketed
+    assert next_rate({1e-3: 3.35, 3e-3: 3.26, 1e-2: 3.25, 3e-2: 3.2, 1e-1: 3.1}, max_rates=5) is None  # no more
+    assert next_rate({1e-2: 3.0}, max_rates=5) is None  # one rate brackets nothing
