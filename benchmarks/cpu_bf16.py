@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--stages", nargs="*", default=["pruning", "recovery"], choices=["pruning", "recovery"])
+    p.add_argument("--prune-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more overrides of the pruning stage (--improved: benchmarks/real_model.py's IMPROVED)")
+    p.add_argument("--improved", action="store_true", help="the pruning stage with real_model's improved levers")
     args = p.parse_args(argv)
 
     import torch
@@ -63,10 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"variables.data={data}", f"tokenizer={source}", "global_train_batch_size=4",
               "device_train_microbatch_size=4", "data.max_seq_len=256", "autoresume=false", "device=cpu",
               "progress_bar=false", "console_log_interval=1000ba", "eval_first=false", "metrics_file=null",
-              "variables.reference_losses=[3,3,3,3,3,3,3]", "dynamic_loading.reference_losses=[3,3,3,3,3,3,3]"]
+              "variables.reference_losses=[3,3,3,3,3,3,3]", "dynamic_loading.reference_losses=[3,3,3,3,3,3,3]",
+              "eval_subset_num_batches=1"]  # Composer still evaluates at the end of fit: one batch, outside the steps
+    more = list(args.prune_overrides)
+    if args.improved:
+        from benchmarks.real_model import IMPROVED
+
+        more += [o for ov in IMPROVED.values() for o in ov]
     stages = {
         "pruning (SmolLM2-135M, masked)": ("yamls/prune/smollm2_cpu.yaml", [f"variables.source={source}", *(
-            f"pruning.target.{k}={v}" for k, v in target.items())]),
+            f"pruning.target.{k}={v}" for k, v in target.items()), *more]),
         "recovery (78.8M target)": ("yamls/continue_pretrain/smollm2_cpu.yaml", [f"variables.source={small}"]),
     }
 
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                           "bf16_step_s": statistics.median(x["amp_bf16"]["step_s"] for x in reps),
                           "max_loss_gap": max(gaps), "reps": reps}
         print(json.dumps({k: v for k, v in results[stage].items() if k != "reps"}), flush=True)
-    write_json(args.out, {"machine": machine(), "args": vars(args), "results": results})
+    write_json(args.out, {"machine": machine(), "args": vars(args), "prune_overrides": more, "results": results})
     return 0
 
 
