@@ -1,6 +1,6 @@
 """bf16 autocast on the CPU (``device=cpu precision=amp_bf16``) against fp32, side by side in one process, on the
 real-model benchmark's stages: SmolLM2-135M pruning (``yamls/prune/smollm2_cpu.yaml``) and recovery of the 78.8M
-target (``yamls/continue_pretrain/smollm2_cpu.yaml``, from an activation selection), 4 x 256 tokens a step.
+target (``yamls/continue_pretrain/smollm2_cpu.yaml``), 4 x 256 tokens a step.
 
 Each repetition runs both precisions in a seeded random order, ``--steps`` steps each (the first ``--warmup``
 dropped); a step's time is BATCH_START to BATCH_END. The ratio fp32 / bf16 is taken within a repetition (paired) and
@@ -29,7 +29,8 @@ from benchmarks.common import REDPAJAMA, StepTimer, machine, train_counted, writ
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/cpu_bf16.json")
-    p.add_argument("--work", default="runs/benchmarks/real_model", help="where the prepared data is (or goes)")
+    p.add_argument("--work", default="runs/benchmarks/real_model",
+                   help="where its prepared copy of the sample is (or goes; the prep's default splits: timing only)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
@@ -59,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     target = KNOWN_TARGETS["smollm2"]
-    small = tmp / "target"  # any selection has the target's shape and cost: the first-k one is enough for timing
-    materialize(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32),
-                select_masks(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), target, "random",
-                             seed=0)).save_pretrained(small)
+    small = tmp / "target"  # any selection has the target's shape and cost: a random one is enough for timing
+    src = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    materialize(src, select_masks(src, target, "random", seed=0)).save_pretrained(small)
+    del src
     common = [f"variables.data={data}", f"tokenizer={source}", "global_train_batch_size=4",
               "device_train_microbatch_size=4", "data.max_seq_len=256", "autoresume=false", "device=cpu",
               "progress_bar=false", "console_log_interval=1000ba", "eval_first=false", "metrics_file=null",

@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
               f"data.max_seq_len={args.seq_len}", f"global_train_batch_size={args.batch}",
               f"device_train_microbatch_size={args.batch}", f"device_eval_batch_size={args.batch}",
               f"data.eval_sequences_per_domain={min(args.eval_sequences, 16)}", "autoresume=false",
-              f"device={args.device}", f"precision={args.precision}", "save_overwrite=true", "progress_bar=false", "console_log_interval=50ba"]
+              f"device={args.device}", f"precision={args.precision}", "save_overwrite=true", "progress_bar=false",
+              "console_log_interval=50ba"]
     n_src, src_cfg = matmul_params_of(source)
     tokens_per_step = args.batch * args.seq_len
 

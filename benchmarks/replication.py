@@ -439,11 +439,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     ce_step = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ)  # the project's FLOPs count, attention included
     kd_cost = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ, teacher=n_src, teacher_config=src_cfg) / ce_step
     eq_steps = int(round(args.cpt_steps * kd_cost))
+    cl = lr_of["continued"]
+    kd_arms = ("sheared + KD", "sheared + CE, equal compute", "learned, KD in pruning (after pruning)",
+               "sheared, KD in pruning", "sheared, KD in both")
 
     # 2. every arm, seed by seed, most needed first (an interrupted benchmark still reports what finished)
     def plan() -> tuple:
         """Every arm's runs (trained unless done or held by another process) -> (arms, one-shot selections, extra
-        scratch budgets, scratch by budget, KD arms)."""
+        scratch budgets, scratch by budget)."""
         arms: dict[str, list[str]] = {k: [] for k in (
             "learned (after pruning)", "learned, importance init (after pruning)", "sheared", "sheared (importance init)",
             "sheared_constant", "random", "magnitude", "activation", "learned masks on source", "scratch")}
@@ -452,7 +455,6 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             "activation one-shot": [b.save_oneshot("activation", "activation", 0, train=False)],
             "learned masks on source, one-shot": []}
         extra_scratch: dict[int, str] = {}
-        cl = lr_of["continued"]
         for seed in range(args.seeds):
             prune, dyn = sheared(seed, cl, True)
             arms["learned (after pruning)"].append(prune)
@@ -479,8 +481,6 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             steps = int(round(f * T))
             scratch_by_budget[steps] = [scratch(steps, lr_of["scratch"], seed) for seed in range(args.seeds)]
             extra_scratch[steps] = scratch_by_budget[steps][0]
-        kd_arms = ("sheared + KD", "sheared + CE, equal compute", "learned, KD in pruning (after pruning)",
-                   "sheared, KD in pruning", "sheared, KD in both")
         for k in kd_arms:
             arms[k] = []
         if args.kd:
@@ -494,15 +494,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 arms["sheared, KD in pruning"].append(name)
             for seed in range(args.seeds):
                 arms["sheared, KD in both"].append(sheared(seed, cl, True, kd_prune=True, kd_cpt=True)[1])
-        return arms, oneshot, extra_scratch, scratch_by_budget, kd_arms
+        return arms, oneshot, extra_scratch, scratch_by_budget
 
     def all_runs() -> list[str]:
-        arms_, oneshot_, _, by_budget, *_ = plan()
+        arms_, oneshot_, _, by_budget = plan()
         return [n for v in (*arms_.values(), *oneshot_.values(), *by_budget.values()) for n in v]
 
     settle(all_runs)
-    arms, oneshot, extra_scratch, scratch_by_budget, kd_arms = plan()
-    cl = lr_of["continued"]
+    arms, oneshot, extra_scratch, scratch_by_budget = plan()
     # the previous mask defaults (log_alpha from 0, no clamp, mean-gap penalty, mask lr 0.1, model lr 1e-4), as
     # cached by earlier versions of this benchmark: reported when present, never run
     legacy = {"learned, old defaults (after pruning)": [f"prune_s{s}" for s in range(args.seeds)],

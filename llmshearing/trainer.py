@@ -294,7 +294,8 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         extra_callbacks: more callbacks (tests, benchmarks).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if _device(cfg) == "cpu" and _precision(cfg) != "fp32" and not _cpu_autocast(cfg):
+    cpu_bf16 = _cpu_autocast(cfg)
+    if _device(cfg) == "cpu" and _precision(cfg) != "fp32" and not cpu_bf16:
         raise ConfigError(f"precision={cfg.precision} needs a GPU (Composer trains on the CPU in fp32 only); on this "
                           "machine set precision=fp32 (or device=cpu precision=amp_bf16 for bf16 autocast on the CPU)")
     device = get_device(_device(cfg))
@@ -357,7 +358,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         hf_model = _select_one_shot(cfg, domains, source_config, empty)
     else:
         hf_model = build_hf_model(cfg.model, empty=empty)
-    model = ComposerCausalLM(hf_model, domains=domains, cpu_autocast=_cpu_autocast(cfg),
+    model = ComposerCausalLM(hf_model, domains=domains, cpu_autocast=cpu_bf16,
                              **_distillation(cfg, manifest, hf_model))
 
     train_loader = build_train_dataloader(
@@ -453,7 +454,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         algorithms=algorithms,
         callbacks=callbacks,
         loggers=_loggers(cfg),
-        precision="fp32" if _cpu_autocast(cfg) else _precision(cfg),  # CPU bf16: the model autocasts itself
+        precision="fp32" if cpu_bf16 else _precision(cfg),  # CPU bf16: the model autocasts itself
         device=device,
         device_train_microbatch_size=microbatch,
         parallelism_config=parallelism,

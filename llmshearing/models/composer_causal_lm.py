@@ -179,9 +179,8 @@ class ComposerCausalLM(ComposerModel):
 
     # -- evaluation --------------------------------------------------------------------------------
     def eval_forward(self, batch: dict[str, Any], outputs: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = outputs if outputs is not None else self.forward(batch)
-        with self._autocast():
-            return token_cross_entropy(logits, batch)
+        logits = outputs if outputs is not None else self.forward(batch)  # forward autocasts; the loss is fp32
+        return token_cross_entropy(logits, batch)
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         if is_train:
