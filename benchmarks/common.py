@@ -106,6 +106,13 @@ def step_flops(n_params: int, config, tokens: int, seq: int, weight_grads: bool 
     return float(per_token * tokens)
 
 
+def forward_flops(n_params: int, config, tokens: int, seq: int) -> float:
+    """FLOPs of a forward pass over ``tokens`` (a calibration, a teacher): 2 N per token plus attention."""
+    from llmshearing.models.composer_causal_lm import _attention_flops
+
+    return float((2 * n_params + _attention_flops(config, seq)) * tokens)
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

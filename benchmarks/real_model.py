@@ -15,22 +15,27 @@ source (pruning + recovery, counted by the trainer), per seed:
 | ``improved + <lever>`` | :data:`IMPROVED` with one lever that was tried and rejected (:data:`REJECTED`) |
 
 Recovery is the same recipe for every arm (``yamls/continue_pretrain/smollm2_cpu.yaml``: lr 1e-4, cosine to 10% over
-its own duration, dynamic loading against the source's validation losses) and, within a seed, the same data order
-(the seed's stream from its first batch); pruning stages read the stream of ``seed + 7919``. Levers are chosen on
+its own duration, dynamic loading against the source's validation losses, updated every ``--recovery-eval-interval``
+batches for every arm) and, within a seed, the same data stream (the seed's, from its first batch): the domains are
+drawn in the same order until the first update, then by each arm's own proportions (the report gives each arm's
+samples per domain); pruning stages read the stream of ``seed + 7919``. Levers are chosen on
 the validation split (``--phase tune`` prints val only); the test split is read for the report. Statistics:
 ``benchmarks/stats.py`` (paired by seed, test sequences clustered by document, t with the seeds' degrees of
 freedom). FLOPs per arm are counted analytically: a pruning step runs the whole masked source (4 N T without weight
-gradients, 6 N T with them, plus the teacher's 2 N T with distillation), a recovery step the target (6 N T); plus
-attention.
+gradients, 6 N T with them, plus the teacher's 2 N T with distillation), a recovery step the target (6 N T), a
+calibration (activation importance) the source's forward over its sequences (2 N T); plus attention. Not counted:
+the evaluations that drive dynamic loading (16 validation sequences per domain at each update, for every arm).
 
 Training runs under bf16 autocast by default (``--precision amp_bf16``: fp32 weights and optimizer, bf16 matmuls;
 ~1.5x faster than fp32 on a 2-core AVX-512-bf16 CPU, ``benchmarks/cpu_bf16.py``), as the GPU recipe does; evaluation
 is fp32. The seed-0 figures of 2026-12-01/02 in docs/results.md were trained in fp32.
 
-Every stage (conversion, data prep, evaluations, selections, pruning runs, recoveries) is cached in
-``<work>/state.json`` under a key made of everything that changes its result (the resolved run config, the source's
-and data's identities, seeds, steps, batch, sequence length, calibration, evaluation sequences, the code's stage
-version), so an interrupted benchmark continues and a changed setting runs again.
+Every stage (evaluations, selections, pruning runs, recoveries) is cached in ``<work>/state.json`` under a key made
+of everything that changes its result (the fully resolved run config with its YAML files' contents, the source's and
+data's identities, seeds, steps, batch, sequence length, calibration, evaluation sequences, the code's stage version),
+and writes its folders under names that carry that key, so an interrupted benchmark continues, a changed setting runs
+again, and no stage overwrites another's model. The prepared data folder is checked against ``--data``, the source's
+tokenizer, ``--seq-len`` and ``--heldout-fraction`` before it is reused.
 
     python -m benchmarks.real_model --phase tune                  # seed 0: every arm and the ablations (val)
     python -m benchmarks.real_model                               # all arms, seeds 0 1 2, report on test
@@ -57,13 +62,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import REDPAJAMA, matmul_params_of, step_flops, train_counted, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    REDPAJAMA, forward_flops, matmul_params_of, step_flops, train_counted, write_json)
 from benchmarks.stats import compare, t_critical, verdict  # noqa: E402
 from llmshearing.quickstart import KNOWN_TARGETS  # noqa: E402
 
 log = logging.getLogger("real_model")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
-STAGE_VERSION = 2  # bump when a stage's code changes what it produces
+STAGE_VERSION = 3  # part of every stage's key: bump when a stage's code changes what it produces
 TARGET = KNOWN_TARGETS["smollm2"]  # half the parameters: yamls/prune_smollm2.yaml says why
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "In 1905, Albert Einstein"]
 PRUNE_YAML = "yamls/prune/smollm2_cpu.yaml"
@@ -108,6 +115,35 @@ def _dir_identity(path: Path) -> dict[str, Any]:
     return out
 
 
+def _resolved(yaml: str, overrides: list[str]) -> dict[str, Any]:
+    """The fully resolved run config of ``yaml`` (its includes' contents too) under ``overrides``, with the
+    machine's paths as placeholders (their identities are in the stage's key already): what a stage's key hashes."""
+    import dataclasses
+
+    from llmshearing.config import load_config
+
+    where = ["variables.data=<data>", "variables.source=<source>", "tokenizer=<source>", "variables.run_dir=<run>"]
+    cfg = dataclasses.asdict(load_config(str(REPO_ROOT / yaml), [*overrides, *where]))
+    return json.loads(json.dumps(cfg, sort_keys=True, default=str))
+
+
+def _check_prepared(data: Path, args: argparse.Namespace, source: Path) -> None:
+    """A prepared data folder is reused only for the inputs, tokenizer, sequence length and split it was made from."""
+    from llmshearing.data.prepare import MANIFEST
+
+    m = json.loads((data / MANIFEST).read_text())
+    want = {"inputs": str(Path(args.data).resolve()), "tokenizer": str(source), "seq_len": args.seq_len,
+            "held-out fraction": args.heldout_fraction}
+    have = {"inputs": str(Path(m["inputs"]["path"]).resolve()), "tokenizer": str(m["tokenizer"]["path"]),
+            "seq_len": m["seq_len"], "held-out fraction": m["val_fraction"]}
+    bad = {k: (have[k], want[k]) for k in want if have[k] != want[k] or
+           (k == "held-out fraction" and m["test_fraction"] != want[k])}
+    if bad:
+        diffs = ", ".join(f"{k}: {a} there, {b} asked" for k, (a, b) in bad.items())
+        raise SystemExit(f"{data} was prepared from other settings ({diffs}): give another --work folder, or delete it "
+                         "to prepare it again")
+
+
 class Stages:
     """Cached stages: ``state.json`` maps a key (a hash of everything that defines the stage) to its result. Several
     processes may share a work folder (``--arms`` / ``--seeds`` split across them): each re-reads the file under a
@@ -117,9 +153,7 @@ class Stages:
         self.file = work / "state.json"
         self.lock = work / "state.lock"
         self.state: dict[str, Any] = self._read()
-        if self.state and self.state.get("version") not in (None, STAGE_VERSION):
-            log.warning("%s holds stages of another benchmark version: they are kept but not reused", self.file)
-        self.state["version"] = STAGE_VERSION
+        self.state["version"] = 2  # the file's layout; stages of other code versions have other keys (``key``)
         self.state.setdefault("stages", {})
 
     def _read(self) -> dict[str, Any]:
@@ -128,15 +162,19 @@ class Stages:
     def _refresh(self) -> None:
         self.state["stages"].update(self._read().get("stages", {}))
 
+    @staticmethod
+    def key(name: str, spec: dict[str, Any]) -> str:
+        return f"{name}#{_sha({**spec, 'stage_version': STAGE_VERSION})}"
+
     def get(self, name: str, spec: dict[str, Any]) -> Optional[dict]:
         self._refresh()
-        hit = self.state["stages"].get(f"{name}#{_sha(spec)}")
+        hit = self.state["stages"].get(self.key(name, spec))
         return hit["result"] if hit else None
 
     def run(self, name: str, spec: dict[str, Any], fn: Callable[[], dict]) -> dict:
         import fcntl
 
-        key = f"{name}#{_sha(spec)}"
+        key = self.key(name, spec)
         self._refresh()
         if key not in self.state["stages"]:
             t0 = time.time()
@@ -152,7 +190,7 @@ class Stages:
         return self.state["stages"][key]["result"]
 
     def seconds(self, name: str, spec: dict[str, Any]) -> float:
-        return self.state["stages"].get(f"{name}#{_sha(spec)}", {}).get("seconds", float("nan"))
+        return self.state["stages"].get(self.key(name, spec), {}).get("seconds", float("nan"))
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, top to bottom
@@ -177,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                    help="share of documents held out for val and for test, each (the prep's default 0.01 gives the "
                         "RedPajama sample 82 test sequences from 30 documents; 0.1 gives 378 from 63)")
     p.add_argument("--calibration", type=int, default=64, help="train sequences scored for activation importance")
+    p.add_argument("--recovery-eval-interval", type=int, default=100,
+                   help="batches between dynamic loading's updates in every recovery (the same for every arm)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--precision", default="amp_bf16", choices=["fp32", "amp_bf16"],
                    help="training precision of every stage (amp_bf16 on the CPU: bf16 autocast, fp32 weights; "
@@ -215,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     if not (data / MANIFEST).is_file():
         prepare_dataset(args.data, data, str(source), args.seq_len, val_fraction=args.heldout_fraction,
                         test_fraction=args.heldout_fraction, workers=2, overwrite=True, progress=False)
+    _check_prepared(data, args, source)
     base = {"source": _sha(_dir_identity(source)), "data": _sha((data / MANIFEST).read_text()), "seq": args.seq_len,
             "batch": args.batch, "eval_sequences": args.eval_sequences}
     manifest = json.loads((data / MANIFEST).read_text())
@@ -248,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     tokens_per_step = args.batch * args.seq_len
 
     # -- selections -----------------------------------------------------------------------------------
-    def one_shot(method: str, seed: int) -> dict:
-        out = work / f"select_{method}_s{seed}"
+    def one_shot(method: str, seed: int, spec: dict) -> dict:
+        out = work / f"select_{method}_s{seed}-{_sha(spec)[:8]}"
         src = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         calib = calibration_batch(str(data), args.calibration, args.seq_len) if method == "activation" else None
         masks = select_masks(src, TARGET, method, seed=seed, calibration=calib)
@@ -260,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
         load_tokenizer(str(source)).save_pretrained(out)
         keep = {k: getattr(masks, f"{k}_keep").tolist() for k in ("layer", "hidden", "intermediate", "head")}
-        return {"dir": str(out), "keep": keep, "tokens": 0, "flops": 0.0, "batches": 0}
+        calib = args.calibration * args.seq_len if method == "activation" else 0
+        return {"dir": str(out), "keep": keep, "tokens": 0, "flops": forward_flops(n_src, src_cfg, calib, args.seq_len),
+                "batches": 0, "calibration_tokens": calib}
 
     def one_shot_spec(method: str, seed: int) -> dict:
         return {**base, "method": method, "seed": seed if method == "random" else None, "target": TARGET,
@@ -270,15 +313,28 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         overrides = common + [f"seed={seed + PRUNE_STREAM}", f"max_duration={steps}ba",
                               f"eval_interval={max(steps // 4, 1)}ba", f"save_interval={steps}ba",
                               "dynamic_loading.update=doremi", *target_ov, *levers]
-        spec = {**base, "kind": "prune", "steps": steps, "seed": seed, "yaml": args.prune_yaml,
-                "overrides": [o for o in overrides if not o.startswith(("variables.data=", "variables.source=",
-                                                                          "tokenizer="))]}
+        kept = [o for o in overrides if not o.startswith(("variables.data=", "variables.source=", "tokenizer="))]
+        cfg = _resolved(args.prune_yaml, kept)
+        spec = {**base, "kind": "prune", "steps": steps, "seed": seed, "yaml": args.prune_yaml, "overrides": kept,
+                "config": _sha(cfg)}
+        tag = f"{name}_s{seed}-{_sha(spec)[:8]}"
+        # what a step computes, from the resolved config (a teacher's forward with distillation, no weight gradients
+        # with frozen weights), and the calibration that places the gates (init importance / target)
+        kd = cfg["distillation"] is not None and cfg["distillation"]["kd_weight"] > 0
+        if kd and cfg["distillation"]["teacher"] not in (None, "<source>"):
+            raise SystemExit(f"{name}: the FLOPs count knows the source as the teacher only, not "
+                             f"{cfg['distillation']['teacher']}")
+        step = step_flops(n_src, src_cfg, tokens_per_step, args.seq_len,
+                          weight_grads=not cfg["pruning"]["freeze_weights"], teacher=n_src if kd else 0,
+                          teacher_config=src_cfg)
+        calib = cfg["pruning"]["calibration_sequences"] * args.seq_len \
+            if cfg["pruning"]["init"] in ("importance", "target") else 0
 
         def fn() -> dict:
-            run = work / f"prune_{name}_s{seed}"
+            run = work / f"prune_{tag}"
             shutil.rmtree(run, ignore_errors=True)
             counted = train_counted(args.prune_yaml, overrides + [f"variables.run_dir={run}"])
-            out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"pruned_{name}_s{seed}",
+            out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"pruned_{tag}",
                                     tokenizer=str(source), overwrite=True)
             from llmshearing.callbacks.metrics_file import read_metrics
 
@@ -288,31 +344,30 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             final = max((run / "checkpoints" / "masks").glob("ba*.pt"), key=lambda q: int(q.stem[2:]))
             det = torch.load(final, weights_only=False)["deterministic"]
             keep = {k: det[f"{k}_keep"].tolist() for k in ("layer", "hidden", "intermediate", "head")}
-            torch.save(det, work / f"masks_{name}_s{seed}.pt")
+            masks = work / f"masks_{tag}.pt"
+            torch.save(det, masks)
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
-            kd = any(o.startswith("distillation.") for o in levers)
-            frozen = "pruning.freeze_weights=true" in levers
-            flops = counted["batches"] * step_flops(n_src, src_cfg, tokens_per_step, args.seq_len,
-                                                     weight_grads=not frozen, teacher=n_src if kd else 0,
-                                                     teacher_config=src_cfg)
-            return {"dir": str(out), "keep": keep, "expected_shape": expected, "flops": flops, **counted}
+            flops = counted["batches"] * step + forward_flops(n_src, src_cfg, calib, args.seq_len)
+            return {"dir": str(out), "keep": keep, "expected_shape": expected, "flops": flops, "masks": str(masks),
+                    "calibration_tokens": calib, **counted}
 
         return f"prune_{name}_s{seed}", spec, fn
 
     def recover(name: str, seed: int, selected: dict, sel_spec: dict, steps: int) -> tuple[str, dict, Callable]:
         overrides = common + [f"seed={seed}", f"variables.source={selected['dir']}", f"max_duration={steps}ba",
-                              f"eval_interval={max(steps // 4, 1)}ba", f"save_interval={steps}ba"]
+                              f"eval_interval={args.recovery_eval_interval}ba", f"save_interval={steps}ba"]
+        kept = [o for o in overrides if not o.startswith(("variables.data=", "variables.source=", "tokenizer="))]
         spec = {**base, "kind": "recover", "selection": _sha(sel_spec), "steps": steps, "seed": seed,
-                "yaml": RECOVER_YAML, "overrides": [o for o in overrides if not o.startswith(
-                    ("variables.data=", "variables.source=", "tokenizer="))]}
+                "yaml": RECOVER_YAML, "overrides": kept, "config": _sha(_resolved(RECOVER_YAML, kept))}
+        tag = f"{name}_s{seed}-{_sha(spec)[:8]}"
 
         def fn() -> dict:
-            run = work / f"recover_{name}_s{seed}"
+            run = work / f"recover_{tag}"
             shutil.rmtree(run, ignore_errors=True)
             counted = train_counted(RECOVER_YAML, overrides + [f"variables.run_dir={run}"]) if steps else \
                 {"batches": 0, "tokens": 0, "samples": 0, "seconds": 0.0}
             if steps:
-                out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"final_{name}_s{seed}",
+                out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"final_{tag}",
                                         tokenizer=str(source), overwrite=True)
                 shutil.rmtree(run / "checkpoints", ignore_errors=True)
             else:
@@ -323,10 +378,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
         return f"recover_{name}_s{seed}", spec, fn
 
-    def learned_on_source(seed: int, masks_of: str, pruned: dict) -> dict:
+    def learned_on_source(seed: int, masks_of: str, pruned: dict, spec: dict) -> dict:
         """The pruning run's masks on the source weights; its tokens and FLOPs are this arm's too (it needed them)."""
-        out = work / f"select_on_source_{masks_of}_s{seed}"
-        det = torch.load(work / f"masks_{masks_of}_s{seed}.pt", weights_only=False)
+        out = work / f"select_on_source_{masks_of}_s{seed}-{_sha(spec)[:8]}"
+        det = torch.load(pruned.get("masks", work / f"masks_{masks_of}_s{seed}.pt"), weights_only=False)
         det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
         src = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         shutil.rmtree(out, ignore_errors=True)
@@ -335,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
         load_tokenizer(str(source)).save_pretrained(out)
         return {"dir": str(out), "tokens": pruned["tokens"], "flops": pruned["flops"], "batches": pruned["batches"],
-                "keep": pruned["keep"]}
+                "keep": pruned["keep"], "calibration_tokens": pruned.get("calibration_tokens", 0)}
 
     improved_levers = [o for lever in IMPROVED.values() for o in lever]
 
@@ -345,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         for method in ("activation", "random"):  # in both phases: levers are judged against them on val too
             spec = one_shot_spec(method, seed)
             s_name = seed if method == "random" else 0  # activation's selection does not depend on the seed
-            plan[method] = ((f"select_{method}_s{s_name}", spec, lambda m=method, s=s_name: one_shot(m, s)),
-                            args.budget)
+            plan[method] = ((f"select_{method}_s{s_name}", spec,
+                             lambda m=method, s=s_name, sp=spec: one_shot(m, s, sp)), args.budget)
         plan["learned"] = (prune("learned", seed, args.prune_steps, []), args.budget - args.prune_steps)
         plan["improved"] = (prune("improved", seed, args.improved_prune_steps, improved_levers),
                             args.budget - args.improved_prune_steps)
@@ -360,18 +415,26 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 tag = "improved_with_" + lever.replace(" ", "_")
                 plan[f"improved + {lever}"] = (prune(tag, seed, args.improved_prune_steps, improved_levers + ov),
                                                args.budget - args.improved_prune_steps)
-        # learned masks on the source weights (the selection alone): in both phases, val-tunable like the others
+        # learned masks on the source weights (the selection alone): in both phases, val-tunable like the others;
+        # its pruning run is a stage of its own (``needs``), run first and timed apart
         name, spec, fn = plan["learned"][0]
-        plan["learned on source"] = ((f"select_on_source_s{seed}", {**base, "masks_of": _sha(spec), "seed": seed},
-                                      lambda: learned_on_source(seed, "learned", stages.run(name, spec, fn))),
+        os_spec = {**base, "masks_of": _sha(spec), "seed": seed}
+        plan["learned on source"] = ((f"select_on_source_s{seed}", os_spec,
+                                      lambda: learned_on_source(seed, "learned", stages.run(name, spec, fn), os_spec)),
                                      args.budget - args.prune_steps)
+        needs[seed] = {"learned on source": (name, spec, fn)}
         return plan
+
+    needs: dict[int, dict[str, tuple]] = {}
 
     results: dict[str, dict[int, dict]] = {}
     seeds = [0] if args.phase == "tune" else args.seeds
     for seed in seeds:
         for arm, ((sel_name, sel_spec, sel_fn), rec_steps) in arm_plan(seed, args.phase == "tune").items():
             run_it = not args.report_only and (args.arms is None or arm in args.arms)
+            pre = needs.get(seed, {}).get(arm)
+            if run_it and pre:
+                stages.run(*pre)
             if not run_it:
                 sel = stages.get(sel_name, sel_spec)
                 if sel is None:
@@ -384,10 +447,15 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             if rec is None:
                 continue
             rec_tokens = rec["recovery"].get("tokens", 0)
+            calib = 0.0
+            if "calibration_tokens" not in sel and sel_spec.get("calibration"):  # selections cached by stage version 2
+                calib = forward_flops(n_src, src_cfg, sel_spec["calibration"] * args.seq_len, args.seq_len)
+            seconds = stages.seconds(sel_name, sel_spec) + stages.seconds(rname, rspec)
+            if pre:
+                seconds += stages.seconds(pre[0], pre[1])
             results.setdefault(arm, {})[seed] = {
                 **rec, "selection": sel, "tokens": sel.get("tokens", 0) + rec_tokens,
-                "flops": sel.get("flops", 0.0) + rec["recovery_flops"],
-                "seconds": stages.seconds(sel_name, sel_spec) + stages.seconds(rname, rspec)}
+                "flops": sel.get("flops", 0.0) + calib + rec["recovery_flops"], "seconds": seconds}
 
     report = _report(args, results, clusters, docs, domains, manifest, source_eval)
     extras = _extras(args, stages, base, source, results, work) if args.extras and not args.report_only else ""
@@ -413,28 +481,29 @@ def _report(args, results: dict, clusters: dict, docs: dict, domains: list[str],
     lines = [f"{args.source} -> {TARGET}; budget {args.budget} steps x {args.batch} x {args.seq_len} tokens per arm; "
              f"reported on **{split}** ({args.eval_sequences} sequences per domain at most).", ""]
     src = _mean_loss(source_eval, split)
-    lines += [f"Source: {src:.3f}.", "", "| arm | seed | tokens | FLOPs | " + split + " loss | worst domain excess | "
-              "wall time |", "|---|---|---|---|---|---|---|"]
+    lines += [f"Source: {src:.3f}.", "", "| arm | seed | tokens | FLOPs | " + split + " loss | worst domain excess "
+              "over the source (point estimate) | wall time |", "|---|---|---|---|---|---|---|"]
     for arm, by_seed in results.items():
         for seed, r in sorted(by_seed.items()):
             worst = max(float(np.mean(r[split][d])) - float(np.mean(source_eval[split][d])) for d in domains)
             lines.append(f"| {arm} | {seed} | {r['tokens'] / 1e6:.3f}M | {r['flops']:.3g} | {_mean_loss(r, split):.4f} "
                          f"| {worst:.3f} | {r['seconds'] / 60:.0f} min |")
-    lines += ["", "| arm | seeds | mean " + split + " loss | vs activation: diff (SE seed, SE test) t -> verdict "
-              "| vs random |", "|---|---|---|---|---|"]
+    lines += ["", "| arm | seeds | mean " + split + " loss ± SE over seeds | vs activation: diff (SE seed, SE test) t "
+              "-> verdict | vs random | vs improved (ablations) |", "|---|---|---|---|---|---|"]
     for arm, by_seed in results.items():
         losses = [_mean_loss(r, split) for r in by_seed.values()]
         sd = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
         cells = []
-        for other in ("activation", "random"):
-            if other == arm or other not in results:
+        for other in ("activation", "random", "improved"):
+            if other == arm or other not in results or (other == "improved" and not arm.startswith("improved ")):
                 cells.append("")
                 continue
             c = compare({s: flat(r) for s, r in by_seed.items()}, {s: flat(r) for s, r in results[other].items()},
                         clusters[split])
             v = verdict(c["diff"], c["se"], c["df"], arm, other)
-            cells.append(f"{c['diff']:+.4f} ({c['se_seed']:.4f}, {c['se_test']:.4f}) t={c['t']:.2f}, df {c['df']} "
-                         f"(crit {t_critical(c['df']):.2f}) -> {v}")
+            crit = f" (crit {t_critical(c['df']):.2f})" if c["df"] >= 1 else ""
+            cells.append(f"{c['diff']:+.4f} ({c['se_seed']:.4f}, {c['se_test']:.4f}) t={c['t']:.2f}, df {c['df']}{crit} "
+                         f"-> {v}")
         lines.append(f"| {arm} | {len(losses)} | {np.mean(losses):.4f} ± {sd:.4f} | " + " | ".join(cells) + " |")
     # kept units that differ from activation's selection
     if "activation" in results:
@@ -451,6 +520,13 @@ def _report(args, results: dict, clusters: dict, docs: dict, domains: list[str],
                     x, y = np.asarray(keep[k], bool), np.asarray(a, bool)
                     cells.append(f"{(x & ~y).sum() / max(x.sum(), 1):.3f}")
                 lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
+    # what each recovery read: the same stream per seed, the domains drawn by each arm's own dynamic loading
+    lines += ["", "Recovery samples per domain (" + ", ".join(domains) + "):", ""]
+    for arm, by_seed in results.items():
+        for seed, r in sorted(by_seed.items()):
+            per = r["recovery"].get("samples_per_domain")
+            if per:
+                lines.append(f"- {arm}, seed {seed}: " + " / ".join(str(per.get(d, 0)) for d in domains))
     # learned arms' convergence
     lines += ["", "Expected sizes at the end of pruning (target " + ", ".join(f"{k}={v}" for k, v in TARGET.items())
               + "):", ""]
@@ -462,11 +538,13 @@ def _report(args, results: dict, clusters: dict, docs: dict, domains: list[str],
                 lines.append(f"- {arm}, seed {seed}: " + ", ".join(f"{k}={v:.1f}" for k, v in exp.items())
                              + f" (worst gap {gap:.1%})")
     # the evaluation set
-    lines += ["", f"The {split} split: sequences and documents per domain (flagged: fewer than 64 sequences or 5 "
-              "documents, or not document-disjoint):", "", "| domain | sequences | documents | flag |", "|---|---|---|---|"]
+    lines += ["", f"The {split} split: sequences and documents per domain (flagged: fewer than {args.eval_sequences} "
+              "sequences or 5 documents, or not document-disjoint):", "", "| domain | sequences | documents | flag |",
+              "|---|---|---|---|"]
     for d in domains:
         n, g = len(docs[split][d]), len(set(docs[split][d].tolist()))
-        flags = [f for f, bad in (("< 64 sequences", n < 64), ("< 5 documents", g < 5),
+        few = f"< {args.eval_sequences} sequences"
+        flags = [f for f, bad in ((few, n < args.eval_sequences), ("< 5 documents", g < 5),
                                   ("tail of one stream", not manifest["domains"][d].get("document_disjoint", True)))
                  if bad]
         lines.append(f"| {d} | {n} | {g} | {', '.join(flags)} |")

@@ -560,8 +560,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             dd = np.mean([la[s][worst_d] - lc[s][worst_d] for s in la], axis=0)
             se_seed = _sem(per_seed)
             se_test = clustered_se(dd, docs[worst_d])
-            parts = [x for x in (se_seed, se_test) if np.isfinite(x)]
-            se = math.sqrt(sum(x * x for x in parts)) if parts else float("nan")
+            se = math.sqrt(se_test ** 2 + (se_seed ** 2 if len(per_seed) > 1 else 0.0))  # as stats.compare
             r = {**r, "diff": statistics.mean(per_seed), "se_seed": se_seed, "se_test": se_test, "se": se,
                  "t": statistics.mean(per_seed) / se if se else float("nan"), "worst_domain": worst_d}
         else:
@@ -571,8 +570,6 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             dd = np.mean([la[s][d] - lc[s][d] for s in la], axis=0)
             per_domain[d] = {"diff": float(dd.mean()), "se_test": clustered_se(dd, docs[d])}
         v = verdict(r["diff"], r["se"], r["df"], a, c)
-        if r["df"] < 1:
-            v += " (one seed: no verdict)"
         return {"a": a, "b": c, "metric": metric, "seeds": r["n_seeds"], "per_seed": per_seed, "mean": r["diff"],
                 "se_seed": r["se_seed"], "se_test": r["se_test"], "se": r["se"], "t": r["t"], "df": r["df"],
                 "t_critical": t_critical(r["df"]), "verdict": v, "per_domain": per_domain}

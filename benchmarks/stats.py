@@ -49,7 +49,10 @@ def clustered_se(d: np.ndarray, clusters: np.ndarray) -> float:
 
 
 def verdict(diff: float, se: float, df: int, lower: str = "A", higher: str = "B") -> str:
-    """``"<lower> lower"`` / ``"<higher> lower"`` when ``|diff / se| > t_critical(df)``, else ``"none"``."""
+    """``"<lower> lower"`` / ``"<higher> lower"`` when ``|diff / se| > t_critical(df)``, else ``"none"``; no verdict
+    from one seed (``df`` 0: the seed-to-seed spread is unknown, whatever the test error says)."""
+    if df < 1:
+        return "no verdict (1 seed)"
     if not (math.isfinite(diff) and math.isfinite(se)) or se <= 0:
         return "undetermined"
     if abs(diff / se) <= t_critical(df):
@@ -64,7 +67,8 @@ def compare(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray], clusters: 
     Returns:
         ``diff`` (mean over seeds of mean(a - b)), ``se_seed`` (between seeds, NaN with one seed), ``se_test``
         (clustered by document, of the seed-averaged per-sequence differences), ``se`` (both in quadrature; the
-        test part alone with one seed), ``t``, ``df`` (seeds - 1) and ``n_seeds``.
+        test part alone with one seed; NaN when the test part cannot be estimated), ``t``, ``df`` (seeds - 1)
+        and ``n_seeds``.
     """
     seeds = sorted(set(a) & set(b))
     if not seeds:
@@ -74,8 +78,8 @@ def compare(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray], clusters: 
     diff = float(means.mean())
     se_seed = float(means.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else float("nan")
     se_test = clustered_se(per_seed.mean(0), clusters)
-    parts = [x for x in (se_seed, se_test) if math.isfinite(x)]
-    se = math.sqrt(sum(x * x for x in parts)) if parts else float("nan")
+    parts = [se_test] + ([se_seed] if len(seeds) > 1 else [])
+    se = math.sqrt(sum(x * x for x in parts))  # NaN if either is
     return {"diff": diff, "se_seed": se_seed, "se_test": se_test, "se": se,
             "t": diff / se if se and math.isfinite(se) else float("nan"), "df": len(seeds) - 1, "n_seeds": len(seeds)}
 

@@ -89,22 +89,34 @@ def sequence_documents(
     domains: Optional[Sequence[str]] = None,
     max_sequences_per_domain: Optional[int] = None,
 ) -> dict[str, np.ndarray]:
-    """The document each evaluated sequence starts in, per domain, in :func:`sequence_losses`' order: the number of
-    end-of-document tokens before its first token in the split's token stream (documents are packed
-    ``[BOS] tokens [EOS]`` in order). Sequences of one document are correlated: cluster by these ids. A domain whose
-    split is the tail of one long document (``document_disjoint: false``) has one id for all."""
+    """The document each evaluated sequence starts in, per domain, in :func:`sequence_losses`' order (documents are
+    packed ``[BOS] tokens [EOS]`` in order: see :func:`starting_documents`). Sequences of one document are
+    correlated: cluster by these ids. A domain whose split is the tail of one long document
+    (``document_disjoint: false``) has one id for all."""
     manifest = load_manifest(str(data))
     eos = manifest["tokenizer"].get("eos_token_id")
     if eos is None:
         raise ValueError(f"{data}: the manifest records no end-of-document token; documents cannot be told apart")
+    bos = manifest["tokenizer"].get("bos_token_id")
     domains = list(domains) if domains else list(manifest["domains"])
     ds = DomainTokenDataset(str(data), split, domains, manifest["seq_len"], manifest=manifest)
     out = {}
     for k, d in enumerate(domains):
         n = int(ds.sizes[k]) if max_sequences_per_domain is None else min(int(ds.sizes[k]), max_sequences_per_domain)
-        ends = [int((ds[int(ds.offsets[k]) + i]["input_ids"] == eos).sum()) for i in range(n)]
-        out[d] = np.concatenate([[0], np.cumsum(ends)[:-1]]).astype(np.int64) if n else np.zeros(0, np.int64)
+        seqs = [ds[int(ds.offsets[k]) + i]["input_ids"].numpy() for i in range(n)]
+        out[d] = starting_documents(seqs, eos, bos)
     return out
+
+
+def starting_documents(sequences: Sequence[np.ndarray], eos: int, bos: Optional[int] = None) -> np.ndarray:
+    """Index of the document each of consecutive ``sequences`` (cut from one stream of ``[BOS] tokens [EOS]``
+    documents) starts in: the end-of-document tokens before its first token. When BOS and EOS are the same token
+    (SmolLM2's ``<|endoftext|>``) each document holds two of them, BOS then EOS, so the count is halved: a sequence
+    that starts on a document's BOS belongs to that document, not to a document of its own."""
+    per_document = 2 if bos is not None and bos == eos else 1
+    marks = [int((np.asarray(s) == eos).sum()) for s in sequences]
+    before = np.concatenate([[0], np.cumsum(marks)[:-1]]).astype(np.int64) if marks else np.zeros(0, np.int64)
+    return before // per_document
 
 
 def domain_losses(

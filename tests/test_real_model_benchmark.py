@@ -34,7 +34,10 @@ def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir
     flops = {arm: r["0"]["flops"] for arm, r in results.items()}
     assert flops["learned"] > flops["activation"] > 0  # pruning steps run the whole source
     report = (tmp_path / "out.md").read_text()
-    assert "vs activation" in report and "-> " in report and "df 0" in report  # one seed: no verdict beyond "none"
+    assert "vs activation" in report and "no verdict (1 seed)" in report and "-> none" not in report
+    act = results["activation"]["0"]
+    assert act["selection"]["calibration_tokens"] == 4 * 64 and act["flops"] > act["recovery_flops"]  # calibration
+    assert len({r["0"]["dir"] for r in results.values()}) == 5  # every arm's model in a folder of its own key
     assert "Kept units that differ from activation's selection" in report
     # a second run reuses every stage (nothing trains again)
     state = json.loads((tmp_path / "work" / "state.json").read_text())
@@ -44,3 +47,36 @@ def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir
     # a changed setting is a new stage, not a stale hit
     assert main([*args, "--budget", "5"]) == 0
     assert len(json.loads((tmp_path / "work" / "state.json").read_text())["stages"]) > n_stages
+
+
+def test_a_stage_key_sees_the_yaml_files_contents_not_only_their_names(tmp_path):
+    from benchmarks.real_model import RECOVER_YAML, REPO_ROOT, _resolved
+
+    over = ["variables.reference_losses=[1,2,3,4,5,6,7]", "max_duration=8ba"]
+    same = tmp_path / "same.yaml"
+    same.write_text(f"includes: [{REPO_ROOT / RECOVER_YAML}]\n")
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(f"includes: [{REPO_ROOT / RECOVER_YAML}]\noptimizer: {{lr: 3.0e-4}}\n")
+    base = _resolved(RECOVER_YAML, over)
+    assert _resolved(str(same), over) == base  # the same contents under another name: the same stage
+    assert _resolved(str(changed), over) != base and _resolved(RECOVER_YAML, [*over[:1], "max_duration=9ba"]) != base
+    assert "<data>" in json.dumps(base) and str(REPO_ROOT) not in json.dumps(base)  # no machine paths in the key
+
+
+def test_a_prepared_data_folder_is_reused_only_for_the_settings_it_was_made_from(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks.real_model import _check_prepared
+
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "inputs": {"path": str(tmp_path / "in")}, "tokenizer": {"path": str(tmp_path / "tok")}, "seq_len": 256,
+        "val_fraction": 0.1, "test_fraction": 0.1}))
+    ok = Namespace(data=str(tmp_path / "in"), seq_len=256, heldout_fraction=0.1)
+    _check_prepared(tmp_path, ok, tmp_path / "tok")
+    for bad, what in ((Namespace(**{**vars(ok), "seq_len": 128}), "seq_len: 256 there, 128 asked"),
+                      (Namespace(**{**vars(ok), "data": str(tmp_path / "other")}), "inputs"),
+                      (Namespace(**{**vars(ok), "heldout_fraction": 0.01}), "held-out fraction")):
+        with pytest.raises(SystemExit, match=what):
+            _check_prepared(tmp_path, bad, tmp_path / "tok")
+    with pytest.raises(SystemExit, match="tokenizer"):
+        _check_prepared(tmp_path, ok, tmp_path / "other_tok")
