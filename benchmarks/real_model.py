@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--eval-sequences", type=int, default=64, help="val and test sequences per domain (at most)")
     p.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="share of documents held out for val and for test, each (the prep's default 0.01 gives the "
-                        "RedPajama sample 82 test sequences from 30 documents; 0.1 gives 378 from 63)")
+                        "RedPajama sample 82 test sequences; 0.1 gives 318 from 59 documents, at most 64 per domain)")
     p.add_argument("--calibration", type=int, default=64, help="train sequences scored for activation importance")
     p.add_argument("--recovery-eval-interval", type=int, default=100,
                    help="batches between dynamic loading's updates in every recovery (the same for every arm)")
