@@ -101,9 +101,8 @@ def step_flops(n_params: int, config, tokens: int, seq: int, weight_grads: bool 
     from llmshearing.models.composer_causal_lm import _attention_flops
 
     per_token = (6 if weight_grads else 4) * n_params + 3 * _attention_flops(config, seq)
-    if teacher:
-        per_token += 2 * teacher + _attention_flops(teacher_config, seq)
-    return float(per_token * tokens)
+    flops = float(per_token * tokens)
+    return flops + forward_flops(teacher, teacher_config, tokens, seq) if teacher else flops
 
 
 def forward_flops(n_params: int, config, tokens: int, seq: int) -> float:

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--lr-sweep-only", action="store_true", help="stop after the learning-rate sweeps (seed 0, val)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from benchmarks.stats import clustered_se, compare as paired, crossover as cross, t_critical, verdict
+    from benchmarks.stats import clustered_se, combined_se, compare as paired, crossover as cross, t_critical, verdict
     from llmshearing.evaluate import domain_losses, load_model, sequence_documents
 
     cache = Path(args.cache).resolve()
@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             dd = np.mean([la[s][worst_d] - lc[s][worst_d] for s in la], axis=0)
             se_seed = _sem(per_seed)
             se_test = clustered_se(dd, docs[worst_d])
-            se = math.sqrt(se_test ** 2 + (se_seed ** 2 if len(per_seed) > 1 else 0.0))  # as stats.compare
+            se = combined_se(se_seed, se_test, len(per_seed))
             r = {**r, "diff": statistics.mean(per_seed), "se_seed": se_seed, "se_test": se_test, "se": se,
                  "t": statistics.mean(per_seed) / se if se else float("nan"), "worst_domain": worst_d}
         else:

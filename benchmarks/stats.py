@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["T_975", "clustered_se", "compare", "crossover", "t_critical", "verdict"]
+__all__ = ["T_975", "clustered_se", "combined_se", "compare", "crossover", "t_critical", "verdict"]
 
 # two-sided 95% points of Student's t (scipy.stats.t.ppf(0.975, df)); df > 30: the normal's 1.96 is within 4%
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -60,6 +60,12 @@ def verdict(diff: float, se: float, df: int, lower: str = "A", higher: str = "B"
     return f"{lower} lower" if diff < 0 else f"{higher} lower"
 
 
+def combined_se(se_seed: float, se_test: float, n_seeds: int) -> float:
+    """The between-seed and test-set errors in quadrature; the test part alone with one seed; NaN if a needed
+    part is unknown (never dropped)."""
+    return math.sqrt(se_test ** 2 + (se_seed ** 2 if n_seeds > 1 else 0.0))
+
+
 def compare(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray], clusters: np.ndarray) -> dict[str, float]:
     """Paired comparison of two arms' per-sequence test losses (``{seed: losses}``, the same sequences in the same
     order for every seed and arm; seeds present in both count).
@@ -78,8 +84,7 @@ def compare(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray], clusters: 
     diff = float(means.mean())
     se_seed = float(means.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else float("nan")
     se_test = clustered_se(per_seed.mean(0), clusters)
-    parts = [se_test] + ([se_seed] if len(seeds) > 1 else [])
-    se = math.sqrt(sum(x * x for x in parts))  # NaN if either is
+    se = combined_se(se_seed, se_test, len(seeds))
     return {"diff": diff, "se_seed": se_seed, "se_test": se_test, "se": se,
             "t": diff / se if se and math.isfinite(se) else float("nan"), "df": len(seeds) - 1, "n_seeds": len(seeds)}
 
