@@ -61,21 +61,45 @@ class StepTimer(Callback):
         self.times.append(self._now() - self._t)
 
 
+class FitSeconds(Callback):
+    """Wall seconds of ``fit`` over every attempt of a run: a resumed run (``autoresume``) gets the seconds its earlier
+    attempts had spent up to their last checkpoint from that checkpoint (Composer saves a callback's state); the work
+    an attempt did after its last checkpoint, lost and redone, is not counted."""
+
+    def __init__(self) -> None:
+        self.earlier = 0.0
+        self._start: float | None = None
+
+    def fit_start(self, state, logger) -> None:
+        self._start = time.time()
+
+    def total(self) -> float:
+        return self.earlier + (time.time() - self._start if self._start is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.total()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.earlier = float(state.get("seconds", 0.0))
+
+
 def train_counted(yaml: str, overrides: list[str], callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train ``yaml`` (relative to the repository) with ``overrides``; return what the trainer counted: batches,
-    samples, tokens, samples drawn per domain and each domain's training sequences, and the wall time of fit."""
+    samples, tokens, samples drawn per domain and each domain's training sequences, and the wall time of fit
+    (``seconds``, earlier attempts included when the run resumed; ``earlier_seconds`` of them)."""
     from llmshearing.config import load_config
     from llmshearing.trainer import build_trainer
 
-    trainer = build_trainer(load_config(str(REPO / yaml), overrides), extra_callbacks=callbacks)
-    t0 = time.time()
+    clock = FitSeconds()
+    trainer = build_trainer(load_config(str(REPO / yaml), overrides), extra_callbacks=[*callbacks, clock])
     trainer.fit()
-    seconds = time.time() - t0
+    seconds = clock.total()
     ts = trainer.state.timestamp
     sampler = trainer.state.train_dataloader.dataset.batch_sampler
     st = sampler.state_dict(int(ts.sample))
     per_domain = {d: int(e * n + p) for d, e, n, p in zip(sampler.domains, st["epochs"], st["sizes"], st["positions"])}
     out = {"batches": int(ts.batch), "samples": int(ts.sample), "tokens": int(ts.token), "seconds": seconds,
+           "earlier_seconds": clock.earlier,
            "samples_per_domain": per_domain, "train_sequences_per_domain": dict(zip(sampler.domains, st["sizes"]))}
     trainer.close()
     return out

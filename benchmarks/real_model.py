@@ -75,6 +75,9 @@ TARGET = KNOWN_TARGETS["smollm2"]  # half the parameters: yamls/prune_smollm2.ya
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "In 1905, Albert Einstein"]
 PRUNE_YAML = "yamls/prune/smollm2_cpu.yaml"
 RECOVER_YAML = "yamls/continue_pretrain/smollm2_cpu.yaml"
+# how every training stage runs, not what it computes (not in the keys): a checkpoint every 50 steps, the latest
+# kept, and a stage interrupted (a session's end, a crash) continues from it when run again (exact resume)
+RESUMABLE = ["autoresume=true", "save_interval=50ba", "save_num_checkpoints_to_keep=1"]
 PRUNE_STREAM = 7919  # pruning stages read the stream of seed + this; recoveries the seed's own
 
 # The improved learned stage: a loss-aware refinement of activation importance (README, "Selection"). Each lever is
@@ -183,7 +186,10 @@ class Stages:
             with open(self.lock, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 self._refresh()
-                self.state["stages"][key] = {"spec": spec, "result": result, "seconds": time.time() - t0}
+                # wall time of the stage: this attempt's, and an interrupted training's earlier attempts up to
+                # their last checkpoint
+                seconds = time.time() - t0 + result.get("earlier_attempts_seconds", 0.0)
+                self.state["stages"][key] = {"spec": spec, "result": result, "seconds": seconds}
                 tmp = self.file.with_suffix(f".tmp{os.getpid()}")
                 tmp.write_text(json.dumps(self.state, indent=1, default=str))
                 tmp.replace(self.file)
@@ -317,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         cfg = _resolved(args.prune_yaml, kept)
         spec = {**base, "kind": "prune", "steps": steps, "seed": seed, "yaml": args.prune_yaml, "overrides": kept,
                 "config": _sha(cfg)}
-        tag = f"{name}_s{seed}-{_sha(spec)[:8]}"
+        tag = f"{name}_s{seed}-{Stages.key(name, spec)[-8:]}"
         # what a step computes, from the resolved config (a teacher's forward with distillation, no weight gradients
         # with frozen weights), and the calibration that places the gates (init importance / target)
         kd = cfg["distillation"] is not None and cfg["distillation"]["kd_weight"] > 0
@@ -331,9 +337,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             if cfg["pruning"]["init"] in ("importance", "target") else 0
 
         def fn() -> dict:
-            run = work / f"prune_{tag}"
-            shutil.rmtree(run, ignore_errors=True)
-            counted = train_counted(args.prune_yaml, overrides + [f"variables.run_dir={run}"])
+            run = work / f"prune_{tag}"  # a folder of this stage's key: an interrupted attempt is continued
+            counted = train_counted(args.prune_yaml, overrides + [f"variables.run_dir={run}", *RESUMABLE])
             out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"pruned_{tag}",
                                     tokenizer=str(source), overwrite=True)
             from llmshearing.callbacks.metrics_file import read_metrics
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
             flops = counted["batches"] * step + forward_flops(n_src, src_cfg, calib, args.seq_len)
             return {"dir": str(out), "keep": keep, "expected_shape": expected, "flops": flops, "masks": str(masks),
-                    "calibration_tokens": calib, **counted}
+                    "calibration_tokens": calib, "earlier_attempts_seconds": counted["earlier_seconds"], **counted}
 
         return f"prune_{name}_s{seed}", spec, fn
 
@@ -359,13 +364,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         kept = [o for o in overrides if not o.startswith(("variables.data=", "variables.source=", "tokenizer="))]
         spec = {**base, "kind": "recover", "selection": _sha(sel_spec), "steps": steps, "seed": seed,
                 "yaml": RECOVER_YAML, "overrides": kept, "config": _sha(_resolved(RECOVER_YAML, kept))}
-        tag = f"{name}_s{seed}-{_sha(spec)[:8]}"
+        tag = f"{name}_s{seed}-{Stages.key(name, spec)[-8:]}"
 
         def fn() -> dict:
-            run = work / f"recover_{tag}"
-            shutil.rmtree(run, ignore_errors=True)
-            counted = train_counted(RECOVER_YAML, overrides + [f"variables.run_dir={run}"]) if steps else \
-                {"batches": 0, "tokens": 0, "samples": 0, "seconds": 0.0}
+            run = work / f"recover_{tag}"  # a folder of this stage's key: an interrupted attempt is continued
+            counted = train_counted(RECOVER_YAML, overrides + [f"variables.run_dir={run}", *RESUMABLE]) if steps \
+                else {"batches": 0, "tokens": 0, "samples": 0, "seconds": 0.0, "earlier_seconds": 0.0}
             if steps:
                 out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"final_{tag}",
                                         tokenizer=str(source), overwrite=True)
@@ -374,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 out = Path(selected["dir"])
             n_tgt, tgt_cfg = matmul_params_of(out)
             flops = counted["batches"] * step_flops(n_tgt, tgt_cfg, tokens_per_step, args.seq_len)
-            return {"dir": str(out), "recovery": counted, "recovery_flops": flops, **evaluate(out)}
+            return {"dir": str(out), "recovery": counted, "recovery_flops": flops,
+                    "earlier_attempts_seconds": counted["earlier_seconds"], **evaluate(out)}
 
         return f"recover_{name}_s{seed}", spec, fn
 

@@ -11,7 +11,9 @@ from tests.helpers import save_tiny_cpu_source
 
 
 @pytest.mark.slow  # ~8 short training runs
-def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir, small_tokenizer, tmp_path):
+def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir, small_tokenizer, tmp_path,
+                                                                        monkeypatch):
+    import benchmarks.real_model as rm
     from benchmarks.real_model import main
     from llmshearing.data.tokenizer import load_tokenizer
 
@@ -44,9 +46,40 @@ def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir
     n_stages = len(state["stages"])
     assert main(args) == 0
     assert len(json.loads((tmp_path / "work" / "state.json").read_text())["stages"]) == n_stages
-    # a changed setting is a new stage, not a stale hit
+    # a changed setting is a new stage, not a stale hit; its first training (activation's recovery) is interrupted
+    # after step 3, and the next run continues it from the checkpoint of step 2
+    monkeypatch.setattr(rm, "RESUMABLE", ["autoresume=true", "save_interval=2ba", "save_num_checkpoints_to_keep=1"])
+    calls = []
+
+    def interrupted_once(yaml, overrides, callbacks=()):
+        calls.append(yaml)
+        return train_counted(yaml, overrides, [*callbacks, *([_Interrupt(3)] if len(calls) == 1 else [])])
+
+    from benchmarks.common import train_counted
+
+    monkeypatch.setattr(rm, "train_counted", interrupted_once)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main([*args, "--budget", "5"])
     assert main([*args, "--budget", "5"]) == 0
-    assert len(json.loads((tmp_path / "work" / "state.json").read_text())["stages"]) > n_stages
+    state = json.loads((tmp_path / "work" / "state.json").read_text())["stages"]
+    assert len(state) > n_stages
+    rec = json.loads((tmp_path / "out.json").read_text())["results"]["activation"]["0"]["recovery"]
+    assert rec["batches"] == 5 and rec["tokens"] == 5 * 4 * 64  # the resumed run ends where the budget does
+    assert 0 < rec["earlier_seconds"] < rec["seconds"]  # the first attempt's time to its checkpoint is counted
+
+
+class _Interrupt:
+    """Raises at the end of batch ``at``, as a killed process would stop there."""
+
+    def __new__(cls, at: int):
+        from composer.core import Callback
+
+        class Interrupt(Callback):
+            def batch_end(self, state, logger) -> None:
+                if int(state.timestamp.batch) == at:
+                    raise RuntimeError(f"interrupted after step {at}")
+
+        return Interrupt()
 
 
 def test_a_stage_key_sees_the_yaml_files_contents_not_only_their_names(tmp_path):
