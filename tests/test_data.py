@@ -283,3 +283,32 @@ def test_spawned_workers_give_the_same_output(tmp_path, small_tokenizer, monkeyp
     assert spawned.manifest["domains"] == forked.manifest["domains"]
     for p in sorted(forked.output.rglob("*.mds")):
         assert (spawned.output / p.relative_to(forked.output)).read_bytes() == p.read_bytes()
+
+
+def _open_every_split(data: str, start, results) -> None:
+    from llmshearing.data.dataset import _streaming_dataset
+
+    domains = tuple(load_manifest(data)["domains"])
+    start.wait()  # every process registers its shared memory at once
+    try:
+        for split in ("train", "val", "test"):
+            _streaming_dataset(data, None, split, domains)
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - the test reports what failed
+        results.put(repr(e))
+
+
+def test_runs_that_start_together_on_one_machine_each_get_their_own_shared_memory(mds_data):
+    """streaming picks a dataset's shared-memory name by probing for a free one and then creating it: without
+    the registry lock, three runs starting at once failed with FileExistsError ('/000000_locals') in all but one."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_open_every_split, args=(mds_data, start, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == ["ok"] * 3, outcomes

@@ -9,8 +9,11 @@ domain proportions change mid-run with any number of workers), and workers only 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,8 +58,32 @@ def _streaming_dataset(local: str, remote: Optional[str], split: str, domains: t
             )
             for d in domains
         ]
-        _STREAMING[key] = StreamingDataset(streams=streams, shuffle=False, batch_size=1, replication=None)
+        with _registering_shared_memory():
+            _STREAMING[key] = StreamingDataset(streams=streams, shuffle=False, batch_size=1, replication=None)
     return _STREAMING[key]
+
+
+@contextlib.contextmanager
+def _registering_shared_memory() -> Iterator[None]:
+    """One run on this machine at a time registers its datasets' shared memory.
+
+    streaming names a dataset's shared memory by the first free prefix number, found by probing and then created:
+    two runs that start together (a sweep of single-GPU jobs on one node) find the same free number and the later
+    one fails with ``FileExistsError: '/000000_locals'``. The node's local leaders (the ranks that register; the
+    other ranks wait for theirs at streaming's own barrier, so they must not take the lock) take turns under an
+    exclusive file lock."""
+    from streaming.base.world import World
+
+    if not World.detect().is_local_leader:
+        yield
+        return
+    lock = Path(tempfile.gettempdir()) / "llmshearing_streaming_registry.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class DomainTokenDataset(torch.utils.data.Dataset):
