@@ -34,7 +34,9 @@ Every stage (evaluations, selections, pruning runs, recoveries) is cached in ``<
 of everything that changes its result (the fully resolved run config with its YAML files' contents, the source's and
 data's identities, seeds, steps, batch, sequence length, calibration, evaluation sequences, the code's stage version),
 and writes its folders under names that carry that key, so an interrupted benchmark continues, a changed setting runs
-again, and no stage overwrites another's model. The prepared data folder is checked against ``--data``, the source's
+again, and no stage overwrites another's model. Training stages checkpoint every 50 steps (``RESUMABLE``); one that
+was interrupted (a killed process, a session's end) continues from its last checkpoint when the benchmark runs again,
+and its wall time adds the earlier attempts' seconds up to that checkpoint. The prepared data folder is checked against ``--data``, the source's
 tokenizer, ``--seq-len`` and ``--heldout-fraction`` before it is reused.
 
     python -m benchmarks.real_model --phase tune                  # seed 0: every arm and the ablations (val)
