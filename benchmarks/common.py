@@ -88,11 +88,12 @@ def train_counted(yaml: str, overrides: list[str], callbacks: Sequence[Callback]
     samples, tokens, samples drawn per domain and each domain's training sequences, and the wall time of fit
     (``seconds``, earlier attempts included when the run resumed; ``earlier_seconds`` of them)."""
     from llmshearing.config import load_config
-    from llmshearing.trainer import build_trainer
+    from llmshearing.trainer import build_trainer, finished
 
     clock = FitSeconds()
     trainer = build_trainer(load_config(str(REPO / yaml), overrides), extra_callbacks=[*callbacks, clock])
-    trainer.fit()
+    if not finished(trainer):  # an attempt that was stopped after its final checkpoint has nothing left to train
+        trainer.fit()
     seconds = clock.total()
     ts = trainer.state.timestamp
     sampler = trainer.state.train_dataloader.dataset.batch_sampler
