@@ -61,20 +61,17 @@ class StepTimer(Callback):
         self.times.append(self._now() - self._t)
 
 
-class FitSeconds(Callback):
-    """Wall seconds of ``fit`` over every attempt of a run: a resumed run (``autoresume``) gets the seconds its earlier
-    attempts had spent up to their last checkpoint from that checkpoint (Composer saves a callback's state); the work
-    an attempt did after its last checkpoint, lost and redone, is not counted."""
+class RunSeconds(Callback):
+    """Wall seconds of a run (the trainer's build and ``fit``) over every attempt: a resumed run (``autoresume``)
+    gets the seconds its earlier attempts had spent up to their last checkpoint from that checkpoint (Composer saves
+    a callback's state); the work an attempt did after its last checkpoint, lost and redone, is not counted."""
 
     def __init__(self) -> None:
         self.earlier = 0.0
-        self._start: float | None = None
-
-    def fit_start(self, state, logger) -> None:
-        self._start = time.time()
+        self._start = time.time()  # made just before the trainer: its build and first evaluation count
 
     def total(self) -> float:
-        return self.earlier + (time.time() - self._start if self._start is not None else 0.0)
+        return self.earlier + time.time() - self._start
 
     def state_dict(self) -> dict[str, Any]:
         return {"seconds": self.total()}
@@ -85,12 +82,12 @@ class FitSeconds(Callback):
 
 def train_counted(yaml: str, overrides: list[str], callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train ``yaml`` (relative to the repository) with ``overrides``; return what the trainer counted: batches,
-    samples, tokens, samples drawn per domain and each domain's training sequences, and the wall time of fit
+    samples, tokens, samples drawn per domain and each domain's training sequences, and the run's wall time
     (``seconds``, earlier attempts included when the run resumed; ``earlier_seconds`` of them)."""
     from llmshearing.config import load_config
     from llmshearing.trainer import build_trainer, finished
 
-    clock = FitSeconds()
+    clock = RunSeconds()
     trainer = build_trainer(load_config(str(REPO / yaml), overrides), extra_callbacks=[*callbacks, clock])
     if not finished(trainer):  # an attempt that was stopped after its final checkpoint has nothing left to train
         trainer.fit()

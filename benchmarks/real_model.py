@@ -181,7 +181,16 @@ class Stages:
 
         key = self.key(name, spec)
         self._refresh()
-        if key not in self.state["stages"]:
+        if key in self.state["stages"]:
+            return self.state["stages"][key]["result"]
+        # one process at a time runs a stage: another that needs it waits, then reads its result
+        locks = self.file.parent / "locks"
+        locks.mkdir(exist_ok=True)
+        with open(locks / f"{key}.lock", "w") as stage_lock:
+            fcntl.flock(stage_lock, fcntl.LOCK_EX)
+            self._refresh()
+            if key in self.state["stages"]:
+                return self.state["stages"][key]["result"]
             t0 = time.time()
             log.info("stage %s", name)
             result = fn()
@@ -375,13 +384,15 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             if steps:
                 out = export_checkpoint(run / "checkpoints" / "latest-rank0.pt", work / f"final_{tag}",
                                         tokenizer=str(source), overwrite=True)
-                shutil.rmtree(run / "checkpoints", ignore_errors=True)
             else:
                 out = Path(selected["dir"])
             n_tgt, tgt_cfg = matmul_params_of(out)
             flops = counted["batches"] * step_flops(n_tgt, tgt_cfg, tokens_per_step, args.seq_len)
-            return {"dir": str(out), "recovery": counted, "recovery_flops": flops,
-                    "earlier_attempts_seconds": counted["earlier_seconds"], **evaluate(out)}
+            result = {"dir": str(out), "recovery": counted, "recovery_flops": flops,
+                      "earlier_attempts_seconds": counted["earlier_seconds"], **evaluate(out)}
+            # the final checkpoint goes once the evaluation is done: a stage stopped in it continues from there
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            return result
 
         return f"recover_{name}_s{seed}", spec, fn
 

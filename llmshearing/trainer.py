@@ -28,6 +28,7 @@ from llmshearing.checkpointing import (
 from llmshearing.callbacks import CheckpointMetadata, DomainLossMonitor, DynamicLoading, LossGuard, MetricsFile
 from llmshearing.config import ConfigError, RunConfig, load_config, to_plain
 from llmshearing.data import (
+    DomainTokenDataset,
     build_eval_dataloader,
     build_train_dataloader,
     calibration_batch,
@@ -144,6 +145,10 @@ def _select_one_shot(cfg: RunConfig, domains: list[str], source_config, empty: b
     p = cfg.pruning
     target = resolve_target(describe_shape(source_config), p.target, ["layer", "head", "intermediate", "hidden"])
     source, masks = None, None
+    if p.method == "activation" and dist.get_world_size() > 1:
+        # streaming builds a dataset with barriers over every rank: all ranks open the train split here, and rank 0's
+        # calibration below reads the one already built (rank 0 alone at those barriers hung the run)
+        DomainTokenDataset(cfg.data.local, "train", domains, cfg.data.max_seq_len, remote=cfg.data.remote)
     if dist.get_global_rank() == 0 or not empty:
         source = build_hf_model(cfg.model)
     if dist.get_global_rank() == 0:

@@ -134,6 +134,7 @@ def run_traced(out: Path, yaml: Path, overrides: list[str], nproc: int = 1, time
     when given): returns None after checking that it died. ``every_step``: the trace holds the model's tensors after
     every batch."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -148,7 +149,18 @@ def run_traced(out: Path, yaml: Path, overrides: list[str], nproc: int = 1, time
         env["KILL_RANK"] = str(kill_rank)
     if every_step:
         env["TRACE_EVERY_STEP"] = "1"
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    # a session of its own, so a run that hangs is ended with every rank (killing the launcher alone left its ranks
+    # running, holding their ports and locks)
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s:\n{stdout[-3000:]}\n"
+                                 f"{stderr[-3000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if kill_at:
         assert proc.returncode != 0, f"the run was to be killed at {kill_at} but finished"
         return None

@@ -35,6 +35,7 @@ YAMLS = REPO / "yamls"
 PRUNE = YAMLS / "prune_2.7b.yaml"
 CPT = YAMLS / "continue_pretrain_2.7b.yaml"
 GQA = YAMLS / "prune_llama3_8b_gqa.yaml"
+SELECT = YAMLS / "select" / "activation_2.7b.yaml"
 TOL = 1e-5
 STEPS = 6
 
@@ -252,6 +253,24 @@ def test_continued_pretraining_with_doremi_under_fsdp_reweights_as_one_process(e
     diff = max(abs(a - b) for p, q in zip(one["proportions"], fsdp["proportions"]) for a, b in zip(p, q))
     assert diff <= 2e-6, diff  # evaluation losses are reduced over the ranks in another order
     print("continued pre-training, FSDP vs one process: domain weights", diff)
+
+
+@pytest.mark.slow
+def test_one_shot_activation_selection_under_fsdp_selects_and_trains_as_one_process(mds_data, source, work):
+    """The shipped one-shot YAML (README's recommendation at small budgets): rank 0 scores the source on calibration
+    sequences while the other ranks wait for its selection. streaming builds a dataset with barriers over every
+    rank, so every rank opens the train split first; rank 0 alone reaching them hung the run."""
+    target = dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=2, num_key_value_heads=2,
+                  intermediate_size=86)
+    args = [f"variables.source={source}", *_source_config(False), "pruning.calibration_sequences=8",
+            *[f"pruning.target.{k}={v}" for k, v in target.items()]]
+    one = run_traced(work / "select_one.pt", SELECT, args + _run_settings(mds_data, work / "select_one", "fsdp=null"),
+                     timeout=180)
+    fsdp = run_traced(work / "select_fsdp.pt", SELECT, args + _run_settings(mds_data, work / "select_fsdp"), nproc=2,
+                      timeout=180)
+    _assert_block_translated(fsdp, masks=False)
+    assert fsdp["tensors"]["model.model.embed_tokens.weight"].shape[1] == 48  # the selected shape, trained
+    _assert_same_run(one, fsdp, every_step=False)
 
 
 # -- (f) -----------------------------------------------------------------------------------------------

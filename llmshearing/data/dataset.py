@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -63,27 +65,61 @@ def _streaming_dataset(local: str, remote: Optional[str], split: str, domains: t
     return _STREAMING[key]
 
 
+# Where runs on one machine take turns registering shared memory: beside the names it protects (a node's /dev/shm;
+# ranks of one job on other nodes have their own), readable by every user (a run cannot create the file, or open it
+# to write, when another user made it: read-only is enough for a lock).
+_REGISTRY_LOCK = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()) / "llmshearing_streaming.lock"
+_REGISTRY_WAIT_S = 120.0
+
+
+def _open_registry_lock() -> Optional[int]:
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            fd = os.open(_REGISTRY_LOCK, flags, 0o666)
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666)  # past the umask, for the next user's runs (fails harmlessly on another's file)
+        return fd
+    return None
+
+
 @contextlib.contextmanager
 def _registering_shared_memory() -> Iterator[None]:
     """One run on this machine at a time registers its datasets' shared memory.
 
-    streaming names a dataset's shared memory by the first free prefix number, found by probing and then created:
-    two runs that start together (a sweep of single-GPU jobs on one node) find the same free number and the later
-    one fails with ``FileExistsError: '/000000_locals'``. The node's local leaders (the ranks that register; the
-    other ranks wait for theirs at streaming's own barrier, so they must not take the lock) take turns under an
-    exclusive file lock."""
+    streaming names a dataset's shared memory by the first free prefix number, which every rank finds by probing, and
+    the local leader then creates: two runs that start together (a sweep of single-GPU jobs on one node) find the same
+    number and the later one fails with ``FileExistsError: '/000000_locals'``. Each node's local leader takes an
+    exclusive lock, then every rank waits at a barrier, so all of a run's ranks probe while no other run on their node
+    registers. A lock not free within two minutes (a run stuck holding it; two multi-node runs that wait on each
+    other's nodes) is skipped with a warning, leaving streaming's own behaviour."""
+    import torch.distributed as tdist
     from streaming.base.world import World
 
-    if not World.detect().is_local_leader:
+    fd = _open_registry_lock() if World.detect().is_local_leader else None
+    locked = False
+    if fd is not None:
+        deadline = time.monotonic() + _REGISTRY_WAIT_S
+        while not locked:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("%s was held for %.0f s by another run; registering streaming's shared memory without "
+                                "it (runs that start at the same moment may collide)", _REGISTRY_LOCK, _REGISTRY_WAIT_S)
+                    break
+                time.sleep(0.05)
+    try:
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.barrier()  # the other ranks probe for a free name only once their node's leader holds the lock
         yield
-        return
-    lock = Path(tempfile.gettempdir()) / "llmshearing_streaming_registry.lock"
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        if fd is not None:
+            if locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 class DomainTokenDataset(torch.utils.data.Dataset):
