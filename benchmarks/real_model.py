@@ -12,7 +12,7 @@ source (pruning + recovery, counted by the trainer), per seed:
 | ``improved`` | the improved learned stage (:data:`IMPROVED`) for ``--improved-prune-steps`` + the rest as recovery |
 | ``learned on source`` | ``learned``'s final masks on the *source* weights (kept units at 1) + ``budget - prune_steps`` recovery: the selection alone |
 | ``improved - <lever>`` | ablations: :data:`IMPROVED` without one lever (``--ablation-seeds``) |
-| ``improved + <lever>`` | :data:`IMPROVED` with one lever that was tried and rejected (:data:`REJECTED`) |
+| ``improved + <lever>`` | :data:`IMPROVED` with one lever that was tried and rejected on val (:data:`REJECTED`; tune phase only) |
 
 Recovery is the same recipe for every arm (``yamls/continue_pretrain/smollm2_cpu.yaml``: lr 1e-4, cosine to 10% over
 its own duration, dynamic loading against the source's validation losses, updated every ``--recovery-eval-interval``
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 tag = "improved_without_" + lever.replace(" ", "_")
                 plan[f"improved - {lever}"] = (prune(tag, seed, args.improved_prune_steps, levers),
                                                args.budget - args.improved_prune_steps)
-            for lever, ov in REJECTED.items():
+            for lever, ov in (REJECTED if tune else {}).items():  # decided on val: not read on test
                 tag = "improved_with_" + lever.replace(" ", "_")
                 plan[f"improved + {lever}"] = (prune(tag, seed, args.improved_prune_steps, improved_levers + ov),
                                                args.budget - args.improved_prune_steps)
