@@ -391,6 +391,9 @@ class RunConfig:
     grad_clip_norm: float = 1.0
     fsdp: Optional[dict] = None
     device: str = "auto"
+    # seconds a collective waits for the slowest rank before the run fails (torch.distributed's timeout): rank 0
+    # loading a 7B/8B source from a network disk can take longer than the 600 s default
+    dist_timeout: float = 600.0
     save_folder: Optional[str] = None
     save_interval: str = "500ba"
     save_num_checkpoints_to_keep: int = -1
@@ -420,6 +423,7 @@ class RunConfig:
             f"precision={self.precision!r}: use auto, fp32, amp_bf16 or amp_fp16",
         )
         _require(self.device in ("auto", "cpu", "gpu"), f"device={self.device!r}: use auto, cpu or gpu")
+        _require(self.dist_timeout > 0, f"dist_timeout={self.dist_timeout}: give seconds > 0 (default 600)")
         _require(
             not self.autoresume or self.save_folder is not None,
             "autoresume=true needs save_folder (where the checkpoints to resume from are written)",

@@ -304,7 +304,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
         raise ConfigError(f"precision={cfg.precision} needs a GPU (Composer trains on the CPU in fp32 only); on this "
                           "machine set precision=fp32 (or device=cpu precision=amp_bf16 for bf16 autocast on the CPU)")
     device = get_device(_device(cfg))
-    dist.initialize_dist(device, timeout=600)
+    dist.initialize_dist(device, timeout=cfg.dist_timeout)
     if dist.get_world_size() > 1:
         from llmshearing.parallel import node_signal_files_of_their_own
 

@@ -100,6 +100,12 @@ def test_wrong_type_is_named(tmp_path):
         load_config(_write(tmp_path, BASE), ["global_train_batch_size=lots"])
 
 
+def test_the_distributed_timeout_is_a_setting_and_must_be_positive(tmp_path):
+    assert load_config(_write(tmp_path, BASE), ["dist_timeout=1800"]).dist_timeout == 1800
+    with pytest.raises(ConfigError, match="dist_timeout=0.0: give seconds > 0"):
+        load_config(_write(tmp_path, BASE), ["dist_timeout=0"])
+
+
 def test_proportions_must_sum_to_one(tmp_path):
     with pytest.raises(ConfigError, match="sum to 0.9"):
         load_config(_write(tmp_path, BASE), ["data.domains=[a,b]", "data.proportions=[0.5,0.4]"])
