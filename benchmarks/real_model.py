@@ -39,9 +39,18 @@ was interrupted (a killed process, a session's end) continues from its last chec
 and its wall time adds the earlier attempts' seconds up to that checkpoint. The prepared data folder is checked against ``--data``, the source's
 tokenizer, ``--seq-len`` and ``--heldout-fraction`` before it is reused.
 
+The work folder does not outlive a machine, and the compare takes longer than a session on 2 CPU cores (about
+170 minutes per seed for the five arms). ``--record`` keeps each finished arm (per seed) in
+``benchmarks/records/real_model/<arm>_s<seed>.json``: the entries of its stages (the source's evaluation, the
+selection, the pruning run, the recovery) with their keys, per-sequence val and test losses, tokens, FLOPs, seconds
+and kept units; not its models. A later run on another machine reads them (``--records``) as finished stages when
+the keys match, so a changed setting or code version (``STAGE_VERSION``) runs again instead of mixing in; the
+report names the arms it took from records.
+
     python -m benchmarks.real_model --phase tune                  # seed 0: every arm and the ablations (val)
     python -m benchmarks.real_model                               # all arms, seeds 0 1 2, report on test
     python -m benchmarks.real_model --seeds 0 --report-only       # tables from what has run
+    python -m benchmarks.real_model --arms activation --seeds 1 --record   # one arm; keep it in the repository
     python -m benchmarks.real_model --extras                      # + full-size parity, generations, inference
 
 Writes ``<out>.json`` and ``<out>.md``.
@@ -80,6 +89,9 @@ RECOVER_YAML = "yamls/continue_pretrain/smollm2_cpu.yaml"
 # how every training stage runs, not what it computes (not in the keys): a checkpoint every 50 steps, the latest
 # kept, and a stage interrupted (a session's end, a crash) continues from it when run again (exact resume)
 RESUMABLE = ["autoresume=true", "save_interval=50ba", "save_num_checkpoints_to_keep=1"]
+# run settings that do not change what a stage computes, left out of its key (added to the config after stages were
+# cached under keys that did not have them)
+NOT_IN_KEY = ("dist_timeout",)
 PRUNE_STREAM = 7919  # pruning stages read the stream of seed + this; recoveries the seed's own
 
 # The improved learned stage: a loss-aware refinement of activation importance (README, "Selection"). Each lever is
@@ -129,6 +141,8 @@ def _resolved(yaml: str, overrides: list[str]) -> dict[str, Any]:
 
     where = ["variables.data=<data>", "variables.source=<source>", "tokenizer=<source>", "variables.run_dir=<run>"]
     cfg = dataclasses.asdict(load_config(str(REPO_ROOT / yaml), [*overrides, *where]))
+    for how in NOT_IN_KEY:  # how a run waits or saves, not what it computes
+        cfg.pop(how, None)
     return json.loads(json.dumps(cfg, sort_keys=True, default=str))
 
 
@@ -154,12 +168,19 @@ class Stages:
     processes may share a work folder (``--arms`` / ``--seeds`` split across them): each re-reads the file under a
     lock before adding its stage."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, records: Optional[Path] = None) -> None:
         self.file = work / "state.json"
         self.lock = work / "state.lock"
         self.state: dict[str, Any] = self._read()
         self.state["version"] = 2  # the file's layout; stages of other code versions have other keys (``key``)
         self.state.setdefault("stages", {})
+        # finished arms kept in the repository (``--record``): read, never run from (their folders are gone)
+        self.recorded: dict[str, Any] = {}
+        self.record_files: dict[str, str] = {}
+        for f in sorted(records.glob("*.json")) if records is not None and records.is_dir() else []:
+            for key, entry in json.loads(f.read_text())["stages"].items():
+                self.recorded[key] = _unpack(entry)
+                self.record_files[key] = f.name
 
     def _read(self) -> dict[str, Any]:
         return json.loads(self.file.read_text()) if self.file.is_file() else {}
@@ -173,8 +194,13 @@ class Stages:
 
     def get(self, name: str, spec: dict[str, Any]) -> Optional[dict]:
         self._refresh()
-        hit = self.state["stages"].get(self.key(name, spec))
+        hit = self.entry(name, spec)
         return hit["result"] if hit else None
+
+    def entry(self, name: str, spec: dict[str, Any]) -> Optional[dict]:
+        """The stage's cached entry (spec, result, seconds): this work folder's, else a record's."""
+        key = self.key(name, spec)
+        return self.state["stages"].get(key) or self.recorded.get(key)
 
     def run(self, name: str, spec: dict[str, Any], fn: Callable[[], dict]) -> dict:
         import fcntl
@@ -183,6 +209,9 @@ class Stages:
         self._refresh()
         if key in self.state["stages"]:
             return self.state["stages"][key]["result"]
+        if key in self.recorded and all(Path(self.recorded[key]["result"][f]).exists()
+                                        for f in ("dir", "masks") if f in self.recorded[key]["result"]):
+            return self.recorded[key]["result"]  # a record whose folders are here (or that has none: evaluations)
         # one process at a time runs a stage: another that needs it waits, then reads its result
         locks = self.file.parent / "locks"
         locks.mkdir(exist_ok=True)
@@ -207,7 +236,50 @@ class Stages:
         return self.state["stages"][key]["result"]
 
     def seconds(self, name: str, spec: dict[str, Any]) -> float:
-        return self.state["stages"].get(self.key(name, spec), {}).get("seconds", float("nan"))
+        return (self.entry(name, spec) or {}).get("seconds", float("nan"))
+
+
+def _pack(entry: dict) -> dict:
+    """A stage entry for a record: kept-unit masks as bits (a 78.8M selection is ~50K booleans)."""
+    keep = entry["result"].get("keep")
+    if not keep:
+        return entry
+    packed = {k: {"shape": list(np.shape(v)), "bits": np.packbits(np.asarray(v, bool).ravel()).tobytes().hex()}
+              for k, v in keep.items()}
+    return {**entry, "result": {**entry["result"], "keep": packed}}
+
+
+def _unpack(entry: dict) -> dict:
+    keep = entry["result"].get("keep")
+    if not keep or not isinstance(next(iter(keep.values())), dict):
+        return entry
+    out = {}
+    for k, v in keep.items():
+        n = int(np.prod(v["shape"])) if v["shape"] else 1
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(v["bits"]), np.uint8))[:n].astype(bool)
+        out[k] = bits.reshape(v["shape"]).tolist()
+    return {**entry, "result": {**entry["result"], "keep": out}}
+
+
+def write_record(records: Path, arm: str, seed: int, entries: dict[str, dict]) -> bool:
+    """Keep one finished arm's stages (source evaluation, selection, pruning run, recovery) in ``records``: the
+    results a report needs (per-sequence losses, tokens, FLOPs, seconds, kept units), not its models. Rewritten
+    only when its stages changed; atomic. Returns whether it wrote."""
+    import subprocess
+
+    records.mkdir(parents=True, exist_ok=True)
+    path = records / f"{arm.replace(' ', '_')}_s{seed}.json"
+    stages = {k: _pack(e) for k, e in sorted(entries.items())}
+    if path.is_file() and json.loads(path.read_text())["stages"] == json.loads(json.dumps(stages, default=str)):
+        return False
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                            text=True).stdout.strip() or None
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"arm": arm, "seed": seed, "stage_version": STAGE_VERSION, "commit": commit,
+                               "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stages": stages},
+                              indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, top to bottom
@@ -240,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                         "benchmarks/cpu_bf16.py measures its speed); evaluation is fp32 either way")
     p.add_argument("--prune-yaml", default=PRUNE_YAML, help="the pruning config (another source: yamls/prune/cpu.yaml)")
     p.add_argument("--report-only", action="store_true", help="report what has run; run nothing")
+    p.add_argument("--records", default=str(REPO_ROOT / "benchmarks" / "records" / "real_model"),
+                   help="finished arms kept in the repository, one JSON per arm and seed: their stages are not run "
+                        "again when the keys match (a new machine has no work folder; '' reads none)")
+    p.add_argument("--record", action="store_true", help="write every finished arm's stages to --records")
     p.add_argument("--arms", nargs="*", default=None, help="run only these arms (others are reported if cached)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (two processes on 2 cores: 1 each)")
     p.add_argument("--extras", action="store_true", help="also full-size parity, generations and inference speed")
@@ -266,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     eval_device = "cuda" if args.device == "gpu" else "cpu"
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    stages = Stages(work)
+    stages = Stages(work, Path(args.records) if args.records else None)
     source = Path(resolve_pretrained(args.source))
     data = work / f"data_heldout{args.heldout_fraction:g}"
     if not (data / MANIFEST).is_file():
@@ -446,24 +522,29 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     needs: dict[int, dict[str, tuple]] = {}
 
     results: dict[str, dict[int, dict]] = {}
+    used: dict[tuple[str, int], list[tuple[str, dict]]] = {}  # each result's stages (name, spec), for --record
     seeds = [0] if args.phase == "tune" else args.seeds
     for seed in seeds:
         for arm, ((sel_name, sel_spec, sel_fn), rec_steps) in arm_plan(seed, args.phase == "tune").items():
             run_it = not args.report_only and (args.arms is None or arm in args.arms)
             pre = needs.get(seed, {}).get(arm)
-            if run_it and pre:
-                stages.run(*pre)
-            if not run_it:
+            tag = arm.replace(" ", "_")
+            # a finished recovery (here or in a record) needs nothing run; its key does not depend on where the
+            # selection's model lies
+            rname, rspec, rfn = recover(tag, seed, {"dir": "<selection>"}, sel_spec, rec_steps)
+            rec = stages.get(rname, rspec)
+            if rec is not None or not run_it:
                 sel = stages.get(sel_name, sel_spec)
-                if sel is None:
+                if rec is None or sel is None:
                     continue
             else:
+                if pre:
+                    stages.run(*pre)
                 sel = stages.run(sel_name, sel_spec, sel_fn)
-            tag = arm.replace(" ", "_")
-            rname, rspec, rfn = recover(tag, seed, sel, sel_spec, rec_steps)
-            rec = stages.run(rname, rspec, rfn) if run_it else stages.get(rname, rspec)
-            if rec is None:
-                continue
+                rname, rspec, rfn = recover(tag, seed, sel, sel_spec, rec_steps)
+                rec = stages.run(rname, rspec, rfn)
+            used[(arm, seed)] = [("source_eval", {**base}), (sel_name, sel_spec), (rname, rspec)] + \
+                ([pre[:2]] if pre else [])
             rec_tokens = rec["recovery"].get("tokens", 0)
             calib = 0.0
             if "calibration_tokens" not in sel and sel_spec.get("calibration"):  # selections cached by stage version 2
@@ -475,7 +556,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 **rec, "selection": sel, "tokens": sel.get("tokens", 0) + rec_tokens,
                 "flops": sel.get("flops", 0.0) + calib + rec["recovery_flops"], "seconds": seconds}
 
+    if args.record:
+        for (arm, seed), named in used.items():
+            entries = {stages.key(n, sp): stages.entry(n, sp) for n, sp in named}
+            if write_record(Path(args.records), arm, seed, entries):
+                log.info("recorded %s, seed %d in %s", arm, seed, args.records)
+    from_records = sorted({stages.record_files[k] for named in used.values()  # named[2]: the recovery
+                           if (k := stages.key(*named[2])) in stages.record_files and k not in stages.state["stages"]})
     report = _report(args, results, clusters, docs, domains, manifest, source_eval)
+    if from_records:
+        report += "\n\nFrom records (" + args.records + "), not run on this machine: " + ", ".join(from_records) + "."
     extras = _extras(args, stages, base, source, results, work) if args.extras and not args.report_only else ""
     print(report + extras)
     out = Path(args.out)

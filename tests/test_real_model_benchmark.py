@@ -41,6 +41,20 @@ def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir
     assert act["selection"]["calibration_tokens"] == 4 * 64 and act["flops"] > act["recovery_flops"]  # calibration
     assert len({r["0"]["dir"] for r in results.values()}) == 5  # every arm's model in a folder of its own key
     assert "Kept units that differ from activation's selection" in report
+    # finished arms kept as records (what the repository carries between machines): another work folder with only
+    # the records trains and evaluates nothing and reports the same figures
+    recs = tmp_path / "records"
+    assert main([*args, "--report-only", "--record", "--records", str(recs)]) == 0
+    assert sorted(f.name for f in recs.glob("*.json")) == sorted(f"{a.replace(' ', '_')}_s0.json" for a in results)
+    stamp = {f: f.stat().st_mtime_ns for f in recs.glob("*.json")}
+    assert main([*args, "--report-only", "--record", "--records", str(recs)]) == 0
+    assert stamp == {f: f.stat().st_mtime_ns for f in recs.glob("*.json")}  # unchanged stages: not rewritten
+    fresh = tmp_path / "fresh"
+    assert main([*args, "--work", str(fresh), "--out", str(tmp_path / "fresh_out"), "--records", str(recs)]) == 0
+    assert not [p.name for p in fresh.iterdir() if p.name.startswith(("prune_", "recover_", "select_", "final_"))]
+    assert not (fresh / "state.json").exists()  # no stage ran, not even the source's evaluation
+    again = (tmp_path / "fresh_out.md").read_text()
+    assert again.startswith(report.rstrip("\n")) and "From records" in again  # every figure, kept units included
     # a second run reuses every stage (nothing trains again)
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     n_stages = len(state["stages"])
