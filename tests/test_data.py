@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,6 +238,39 @@ def test_remote_dataset_is_fetched_into_the_local_cache(mds_data, tmp_path):
     assert len(remote) == len(local)
     assert all(torch.equal(remote[i]["input_ids"], local[i]["input_ids"]) for i in range(0, len(local), 7))
     assert (cache / "manifest.json").is_file() and any((cache / "train" / domains[0]).glob("shard.*.mds"))
+    # another rank's fetch of the same manifest renews its time stamp, not the dataset: the same instance serves
+    from llmshearing.data.dataset import _streaming_dataset
+
+    first = _streaming_dataset(str(cache), mds_data, "train", tuple(domains))
+    os.utime(cache / "manifest.json", ns=(1, 1))
+    assert _streaming_dataset(str(cache), mds_data, "train", tuple(domains)) is first
+
+
+def test_ranks_that_fetch_the_remote_manifest_together_never_read_a_half_written_one(mds_data, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streaming.base.storage import CloudDownloader
+
+    whole = (Path(mds_data) / "manifest.json").read_bytes()
+
+    def slow_download(url, dest, timeout=60):  # a fetch from an object store, in two parts
+        with open(dest, "wb") as f:
+            f.write(whole[: len(whole) // 2])
+            f.flush()
+            time.sleep(0.3)
+            f.write(whole[len(whole) // 2:])
+
+    monkeypatch.setattr(CloudDownloader, "direct_download", staticmethod(slow_download))
+    cache = tmp_path / "cache"
+
+    def rank(i):
+        time.sleep(0.1 * i)  # the ranks of a node start within moments of each other
+        return load_manifest(str(cache), remote=mds_data)
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(rank, range(4)))
+    assert all(g == got[0] for g in got)
+    assert [p.name for p in cache.iterdir()] == ["manifest.json"] and (cache / "manifest.json").read_bytes() == whole
 
 
 def _sleep_as_a_pool_worker(tok):

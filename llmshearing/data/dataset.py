@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import tempfile
@@ -31,13 +32,26 @@ log = logging.getLogger(__name__)
 
 
 def load_manifest(local: str, remote: Optional[str] = None) -> dict:
-    """Read ``manifest.json`` from ``local``, fetching it from ``remote`` first when given and missing."""
-    if remote is not None and not (Path(local) / MANIFEST).is_file():
+    """Read ``manifest.json`` from ``local``, fetching it from ``remote`` first when given and missing.
+
+    Every process that finds it missing (the ranks of a node start together) fetches its own copy under a name of
+    its own and renames it into place: no process reads another's half-written file, and identical copies replacing
+    each other are harmless. No collective: ranks of other nodes, or of a node whose cache has it, skip the fetch.
+    """
+    path = Path(local) / MANIFEST
+    if remote is not None and not path.is_file():
+        import uuid
+
         from streaming.base.storage import CloudDownloader
 
-        Path(local).mkdir(parents=True, exist_ok=True)
-        # streaming's own downloaders (s3://, gs://, oci://, hf://, a local path, ...): the same as the shards
-        CloudDownloader.direct_download(f"{remote.rstrip('/')}/{MANIFEST}", str(Path(local) / MANIFEST), timeout=60)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{MANIFEST}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            # streaming's own downloaders (s3://, gs://, oci://, hf://, a local path, ...): the same as the shards
+            CloudDownloader.direct_download(f"{remote.rstrip('/')}/{MANIFEST}", str(tmp), timeout=60)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return read_manifest(local)
 
 
@@ -49,9 +63,10 @@ _STREAMING: dict[tuple, StreamingDataset] = {}
 
 
 def _streaming_dataset(local: str, remote: Optional[str], split: str, domains: tuple[str, ...]) -> StreamingDataset:
-    manifest = Path(local) / MANIFEST
-    st = manifest.stat()  # a dataset prepared again in the same place is a new version
-    key = (str(Path(local).resolve()), remote, split, domains, st.st_mtime_ns, st.st_size)
+    # the manifest's contents name the dataset's version (a dataset prepared again from other inputs or settings
+    # has another); not its time stamp, which every rank's fetch of the same remote manifest renews
+    version = hashlib.sha1((Path(local) / MANIFEST).read_bytes()).hexdigest()
+    key = (str(Path(local).resolve()), remote, split, domains, version)
     if key not in _STREAMING:
         streams = [
             Stream(
