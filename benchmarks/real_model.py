@@ -122,14 +122,25 @@ def _sha(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _dir_identity(path: Path) -> dict[str, Any]:
-    """What identifies a model or data folder: its small JSON files' contents and its other files' sizes."""
-    out: dict[str, Any] = {}
+def _dir_identity(path: Path, skip: tuple[str, ...] = ()) -> str:
+    """What identifies a model or data folder on any machine: its files' contents by relative path (not where it
+    lies, when it was written or what its provenance notes say), so records made on one machine match on another."""
+    h = hashlib.sha256()
     for p in sorted(path.rglob("*")):
-        if p.is_file():
-            rel = str(p.relative_to(path))
-            out[rel] = p.read_text() if p.suffix == ".json" and p.stat().st_size < 1_000_000 else p.stat().st_size
-    return out
+        if p.is_file() and p.name not in skip:
+            h.update(str(p.relative_to(path)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _data_identity(data: Path) -> str:
+    """A prepared dataset's identity: its shards' contents and its manifest's settings and counts, less what names
+    this machine (input and tokenizer paths, the inputs' time stamps)."""
+    from llmshearing.data.prepare import MANIFEST
+
+    m = json.loads((data / MANIFEST).read_text())
+    m["tokenizer"].pop("path", None)
+    m["inputs"] = {k: v for k, v in m["inputs"].items() if k not in ("path", "files_sha256")}
+    return _sha({"manifest": m, "shards": _dir_identity(data, skip=(MANIFEST,))})
 
 
 def _resolved(yaml: str, overrides: list[str]) -> dict[str, Any]:
@@ -175,11 +186,15 @@ class Stages:
         self.state["version"] = 2  # the file's layout; stages of other code versions have other keys (``key``)
         self.state.setdefault("stages", {})
         # finished arms kept in the repository (``--record``): read, never run from (their folders are gone)
-        self.recorded: dict[str, Any] = {}
-        self.record_files: dict[str, str] = {}
+        self.records: dict[str, dict] = {}  # file name -> its contents
+        self.recorded: dict[str, Any] = {}  # key -> entry, over every record
+        self.record_files: dict[str, str] = {}  # key -> the record that holds it
         for f in sorted(records.glob("*.json")) if records is not None and records.is_dir() else []:
-            for key, entry in json.loads(f.read_text())["stages"].items():
-                self.recorded[key] = _unpack(entry)
+            rec = json.loads(f.read_text())
+            rec["stages"] = {key: _unpack(entry) for key, entry in rec["stages"].items()}
+            self.records[f.name] = rec
+            for key, entry in rec["stages"].items():
+                self.recorded[key] = entry
                 self.record_files[key] = f.name
 
     def _read(self) -> dict[str, Any]:
@@ -197,10 +212,18 @@ class Stages:
         hit = self.entry(name, spec)
         return hit["result"] if hit else None
 
-    def entry(self, name: str, spec: dict[str, Any]) -> Optional[dict]:
-        """The stage's cached entry (spec, result, seconds): this work folder's, else a record's."""
+    def entry(self, name: str, spec: dict[str, Any], record: Optional[str] = None) -> Optional[dict]:
+        """The stage's cached entry (spec, result, seconds): this work folder's, else a record's; only ``record``'s
+        when given (an arm read from a record takes every stage from it, never a stage run again here)."""
         key = self.key(name, spec)
+        if record is not None:
+            return self.records[record]["stages"].get(key)
         return self.state["stages"].get(key) or self.recorded.get(key)
+
+    def record_of(self, name: str, spec: dict[str, Any]) -> Optional[str]:
+        """The record a stage is read from (None: this work folder has it, or nothing does)."""
+        key = self.key(name, spec)
+        return None if key in self.state["stages"] else self.record_files.get(key)
 
     def run(self, name: str, spec: dict[str, Any], fn: Callable[[], dict]) -> dict:
         import fcntl
@@ -235,8 +258,8 @@ class Stages:
                 tmp.replace(self.file)
         return self.state["stages"][key]["result"]
 
-    def seconds(self, name: str, spec: dict[str, Any]) -> float:
-        return (self.entry(name, spec) or {}).get("seconds", float("nan"))
+    def seconds(self, name: str, spec: dict[str, Any], record: Optional[str] = None) -> float:
+        return (self.entry(name, spec, record) or {}).get("seconds", float("nan"))
 
 
 def _pack(entry: dict) -> dict:
@@ -259,6 +282,23 @@ def _unpack(entry: dict) -> dict:
         bits = np.unpackbits(np.frombuffer(bytes.fromhex(v["bits"]), np.uint8))[:n].astype(bool)
         out[k] = bits.reshape(v["shape"]).tolist()
     return {**entry, "result": {**entry["result"], "keep": out}}
+
+
+CODE = ["llmshearing", "benchmarks/real_model.py", "benchmarks/common.py", "yamls"]  # what computes a stage
+
+
+def _provenance(record: dict) -> str:
+    """When and at which commit a record was made, and whether the code that computes stages changed since (a
+    change that alters results must bump STAGE_VERSION; this lets a reader check)."""
+    import subprocess
+
+    out = f"recorded {record.get('recorded')} at {record.get('commit')}"
+    diff = subprocess.run(["git", "diff", "--name-only", str(record.get("commit")), "HEAD", "--", *CODE],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    if diff.returncode != 0:
+        return out + "; its commit is not in this checkout"
+    changed = diff.stdout.split()
+    return out + (f"; {len(changed)} file(s) of the stage code changed since" if changed else "; same stage code")
 
 
 def write_record(records: Path, arm: str, seed: int, entries: dict[str, dict]) -> bool:
@@ -320,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--threads", type=int, default=None, help="torch threads (two processes on 2 cores: 1 each)")
     p.add_argument("--extras", action="store_true", help="also full-size parity, generations and inference speed")
     args = p.parse_args(argv)
+    if args.record and not args.records:
+        p.error("--record needs --records (the folder the records go to)")
     global TARGET
     if args.target:
         TARGET = {k: int(v) for k, v in (t.split("=", 1) for t in args.target)}
@@ -349,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         prepare_dataset(args.data, data, str(source), args.seq_len, val_fraction=args.heldout_fraction,
                         test_fraction=args.heldout_fraction, workers=2, overwrite=True, progress=False)
     _check_prepared(data, args, source)
-    base = {"source": _sha(_dir_identity(source)), "data": _sha((data / MANIFEST).read_text()), "seq": args.seq_len,
+    # SOURCE: the GGUF conversion's note of the file it came from (a path of this machine)
+    base = {"source": _dir_identity(source, skip=("SOURCE",)), "data": _data_identity(data), "seq": args.seq_len,
             "batch": args.batch, "eval_sequences": args.eval_sequences}
     manifest = json.loads((data / MANIFEST).read_text())
     domains = list(manifest["domains"])
@@ -522,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     needs: dict[int, dict[str, tuple]] = {}
 
     results: dict[str, dict[int, dict]] = {}
-    used: dict[tuple[str, int], list[tuple[str, dict]]] = {}  # each result's stages (name, spec), for --record
+    used: dict[tuple[str, int], list[tuple[str, dict]]] = {}  # results of this machine: stages, for --record
+    from_records: dict[tuple[str, int], str] = {}  # results read from records: the file
     seeds = [0] if args.phase == "tune" else args.seeds
     for seed in seeds:
         for arm, ((sel_name, sel_spec, sel_fn), rec_steps) in arm_plan(seed, args.phase == "tune").items():
@@ -532,10 +576,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             # a finished recovery (here or in a record) needs nothing run; its key does not depend on where the
             # selection's model lies
             rname, rspec, rfn = recover(tag, seed, {"dir": "<selection>"}, sel_spec, rec_steps)
-            rec = stages.get(rname, rspec)
+            rec, record = stages.get(rname, rspec), stages.record_of(rname, rspec)
             if rec is not None or not run_it:
-                sel = stages.get(sel_name, sel_spec)
-                if rec is None or sel is None:
+                sel = (stages.entry(sel_name, sel_spec, record) or {}).get("result")
+                if rec is None:
+                    continue
+                if sel is None:
+                    log.warning("%s, seed %d: its recovery is cached but not its selection %s; left out", arm, seed,
+                                sel_name)
                     continue
             else:
                 if pre:
@@ -543,15 +591,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                 sel = stages.run(sel_name, sel_spec, sel_fn)
                 rname, rspec, rfn = recover(tag, seed, sel, sel_spec, rec_steps)
                 rec = stages.run(rname, rspec, rfn)
-            used[(arm, seed)] = [("source_eval", {**base}), (sel_name, sel_spec), (rname, rspec)] + \
-                ([pre[:2]] if pre else [])
+            if record is not None:
+                from_records[(arm, seed)] = record
+            else:
+                used[(arm, seed)] = [("source_eval", {**base}), (sel_name, sel_spec), (rname, rspec)] + \
+                    ([pre[:2]] if pre else [])
             rec_tokens = rec["recovery"].get("tokens", 0)
             calib = 0.0
             if "calibration_tokens" not in sel and sel_spec.get("calibration"):  # selections cached by stage version 2
                 calib = forward_flops(n_src, src_cfg, sel_spec["calibration"] * args.seq_len, args.seq_len)
-            seconds = stages.seconds(sel_name, sel_spec) + stages.seconds(rname, rspec)
+            seconds = stages.seconds(sel_name, sel_spec, record) + stages.seconds(rname, rspec, record)
             if pre:
-                seconds += stages.seconds(pre[0], pre[1])
+                seconds += stages.seconds(pre[0], pre[1], record)
             results.setdefault(arm, {})[seed] = {
                 **rec, "selection": sel, "tokens": sel.get("tokens", 0) + rec_tokens,
                 "flops": sel.get("flops", 0.0) + calib + rec["recovery_flops"], "seconds": seconds}
@@ -561,11 +612,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             entries = {stages.key(n, sp): stages.entry(n, sp) for n, sp in named}
             if write_record(Path(args.records), arm, seed, entries):
                 log.info("recorded %s, seed %d in %s", arm, seed, args.records)
-    from_records = sorted({stages.record_files[k] for named in used.values()  # named[2]: the recovery
-                           if (k := stages.key(*named[2])) in stages.record_files and k not in stages.state["stages"]})
     report = _report(args, results, clusters, docs, domains, manifest, source_eval)
     if from_records:
-        report += "\n\nFrom records (" + args.records + "), not run on this machine: " + ", ".join(from_records) + "."
+        report += "\n\nFrom records (" + args.records + "), not run on this machine: " + ", ".join(
+            f"{f} ({_provenance(stages.records[f])})" for f in sorted(set(from_records.values()))) + "."
     extras = _extras(args, stages, base, source, results, work) if args.extras and not args.report_only else ""
     print(report + extras)
     out = Path(args.out)
@@ -679,10 +729,10 @@ def _extras(args, stages: Stages, base: dict, source: Path, results: dict, work:
     lines = ["", f"Parity at full size (fp32): masked vs materialised {par['materialised']:.2e}, vs exported and "
              f"reloaded {par['exported']:.2e}; tied: {par['tied']}.", "", "Generations (greedy, seed 0):"]
     for arm, by_seed in results.items():
-        if 0 in by_seed:
+        if 0 in by_seed and Path(by_seed[0]["dir"]).is_dir():  # not an arm read from a record (no model here)
             lines.append(f"- {arm}: " + " | ".join(repr(generate(by_seed[0]['dir'], q, max_new_tokens=16))
                                                     for q in PROMPTS))
-    if "improved" in results and 0 in results["improved"]:
+    if "improved" in results and 0 in results["improved"] and Path(results["improved"][0]["dir"]).is_dir():
         from benchmarks.inference import main as inference_main
 
         def speed() -> dict:

@@ -4,6 +4,7 @@ recovery, from the trainer), the report carries the paired comparisons, and a fi
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -49,12 +50,16 @@ def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir
     stamp = {f: f.stat().st_mtime_ns for f in recs.glob("*.json")}
     assert main([*args, "--report-only", "--record", "--records", str(recs)]) == 0
     assert stamp == {f: f.stat().st_mtime_ns for f in recs.glob("*.json")}  # unchanged stages: not rewritten
-    fresh = tmp_path / "fresh"
-    assert main([*args, "--work", str(fresh), "--out", str(tmp_path / "fresh_out"), "--records", str(recs)]) == 0
+    fresh, elsewhere = tmp_path / "fresh", tmp_path / "elsewhere"  # another machine: other paths and time stamps
+    shutil.copytree(corpus_dir, elsewhere / "corpus", copy_function=shutil.copy)
+    shutil.copytree(src, elsewhere / "source", copy_function=shutil.copy)
+    assert main([*args, "--work", str(fresh), "--out", str(tmp_path / "fresh_out"), "--records", str(recs),
+                 "--data", str(elsewhere / "corpus"), "--source", str(elsewhere / "source")]) == 0
     assert not [p.name for p in fresh.iterdir() if p.name.startswith(("prune_", "recover_", "select_", "final_"))]
     assert not (fresh / "state.json").exists()  # no stage ran, not even the source's evaluation
     again = (tmp_path / "fresh_out.md").read_text()
-    assert again.startswith(report.rstrip("\n")) and "From records" in again  # every figure, kept units included
+    body = lambda md: md.split("\n", 1)[1]  # noqa: E731 - after the heading, which names the source's path
+    assert body(again).startswith(body(report).rstrip("\n")) and "From records" in again  # every figure, kept units
     # a second run reuses every stage (nothing trains again)
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     n_stages = len(state["stages"])
