@@ -423,7 +423,8 @@ class RunConfig:
             f"precision={self.precision!r}: use auto, fp32, amp_bf16 or amp_fp16",
         )
         _require(self.device in ("auto", "cpu", "gpu"), f"device={self.device!r}: use auto, cpu or gpu")
-        _require(self.dist_timeout > 0, f"dist_timeout={self.dist_timeout}: give seconds > 0 (default 600)")
+        _require(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
+                 f"dist_timeout={self.dist_timeout}: give a finite number of seconds > 0 (default 600)")
         _require(
             not self.autoresume or self.save_folder is not None,
             "autoresume=true needs save_folder (where the checkpoints to resume from are written)",

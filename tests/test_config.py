@@ -102,8 +102,9 @@ def test_wrong_type_is_named(tmp_path):
 
 def test_the_distributed_timeout_is_a_setting_and_must_be_positive(tmp_path):
     assert load_config(_write(tmp_path, BASE), ["dist_timeout=1800"]).dist_timeout == 1800
-    with pytest.raises(ConfigError, match="dist_timeout=0.0: give seconds > 0"):
-        load_config(_write(tmp_path, BASE), ["dist_timeout=0"])
+    for bad in ("0", "-5"):
+        with pytest.raises(ConfigError, match=f"dist_timeout={float(bad)}: give a finite number of seconds > 0"):
+            load_config(_write(tmp_path, BASE), [f"dist_timeout={bad}"])
 
 
 def test_proportions_must_sum_to_one(tmp_path):

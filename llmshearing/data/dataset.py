@@ -63,9 +63,14 @@ _STREAMING: dict[tuple, StreamingDataset] = {}
 
 
 def _streaming_dataset(local: str, remote: Optional[str], split: str, domains: tuple[str, ...]) -> StreamingDataset:
-    # the manifest's contents name the dataset's version (a dataset prepared again from other inputs or settings
-    # has another); not its time stamp, which every rank's fetch of the same remote manifest renews
-    version = hashlib.sha1((Path(local) / MANIFEST).read_bytes()).hexdigest()
+    # the manifest's and local shard indexes' contents name the dataset's version (a dataset prepared again from
+    # other inputs or settings, compression included, has another); not time stamps, which every rank's fetch of
+    # the same remote manifest renews
+    version = hashlib.sha1((Path(local) / MANIFEST).read_bytes())
+    for d in domains if remote is None else ():  # a remote's indexes arrive with the dataset: its manifest names it
+        index = Path(local) / split / d / "index.json"
+        version.update(index.read_bytes() if index.is_file() else b"")  # none: streaming says what is missing
+    version = version.hexdigest()
     key = (str(Path(local).resolve()), remote, split, domains, version)
     if key not in _STREAMING:
         streams = [
