@@ -27,9 +27,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import torch
 from composer.utils.parallelism import FSDP2Config
@@ -39,13 +39,16 @@ __all__ = [
     "FSDP_KEYS",
     "FsdpPlan",
     "MeshFSDP2Config",
+    "RankFailed",
     "check_fsdp_block",
     "clip_grad_norm_",
+    "from_rank_zero",
     "grad_norm",
     "node_signal_files_of_their_own",
     "plan_fsdp",
     "replicated_params",
     "sync_replicated_grads",
+    "together",
 ]
 
 log = logging.getLogger(__name__)
@@ -314,6 +317,77 @@ def node_signal_files_of_their_own() -> None:
 
     name._llmshearing_per_node = True  # type: ignore[attr-defined]
     dist.get_node_signal_file_name = name
+
+
+# -- failing together --------------------------------------------------------------------------------
+#
+# Work that one rank does alone (rank 0 reading the source while the others build it on meta, rank 0 selecting
+# the one-shot masks) or that can fail on one rank only (a node's disk) must not leave the other ranks waiting in
+# the next collective: they would sit there until dist_timeout (600 s by default), on every node, and then fail
+# with a timeout that names neither the rank nor the cause. These helpers exchange each rank's outcome; every rank
+# must call them at the same point (they are collectives).
+
+T = TypeVar("T")
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed at a step every rank takes together; this rank stops too (the failing rank's log has the
+    traceback)."""
+
+
+def _failure(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def from_rank_zero(what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on global rank 0 and give every rank its result (pickled, by broadcast).
+
+    If ``fn`` raises on rank 0, rank 0 raises it and every other rank raises :class:`RankFailed` with its message,
+    at once. One process: ``fn()``."""
+    from composer.utils import dist
+
+    if dist.get_world_size() == 1:
+        return fn()
+    error: Optional[Exception] = None
+    box: list[Any] = [None]
+    if dist.get_global_rank() == 0:
+        try:
+            box = [(True, fn())]
+        except Exception as e:  # noqa: BLE001 - sent to the other ranks, then raised here
+            error, box = e, [(False, _failure(e))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    ok, value = box[0]
+    if not ok:
+        raise RankFailed(f"rank 0 failed while {what}: {value} (rank 0's log has the traceback)")
+    return value
+
+
+def together(what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank and return this rank's result once every rank has finished it.
+
+    If it raised on any rank, the rank raises its own exception and every other rank :class:`RankFailed`, naming
+    the ranks that failed and the first one's message. One process: ``fn()``."""
+    from composer.utils import dist
+
+    if dist.get_world_size() == 1:
+        return fn()
+    error: Optional[Exception] = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - reported to the other ranks, then raised here
+        error = e
+    outcomes = dist.all_gather_object(None if error is None else _failure(error))
+    if error is not None:
+        raise error
+    failed = [(rank, msg) for rank, msg in enumerate(outcomes) if msg is not None]
+    if failed:
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise RankFailed(f"rank{'s' if len(failed) > 1 else ''} {ranks} failed while {what}: {failed[0][1]} "
+                         f"(rank {failed[0][0]}'s log has the traceback)")
+    return result
 
 
 # -- gradients ---------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from llmshearing.data import (
 from llmshearing.models import ComposerCausalLM, build_hf_model
 from llmshearing.models.adapters import adapter_for
 from llmshearing.models.families import resolve_hf_config
+from llmshearing.parallel import from_rank_zero, together
 
 __all__ = ["build_trainer", "finished", "train_from_yaml"]
 
@@ -132,7 +133,7 @@ def _save_resolved_config(cfg: RunConfig) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
-def _select_one_shot(cfg: RunConfig, domains: list[str], source_config, empty: bool) -> torch.nn.Module:
+def _select_one_shot(cfg: RunConfig, domains: list[str], source_config, rank0_loads: bool) -> torch.nn.Module:
     """The dense target model chosen in one shot (``pruning.method``: activation, magnitude or random) from the
     source: rank 0 loads the source, scores it (activation importance on ``pruning.calibration_sequences`` training
     sequences, on the GPU when there is one) and materialises the kept units; the selection goes to every rank, so
@@ -144,27 +145,29 @@ def _select_one_shot(cfg: RunConfig, domains: list[str], source_config, empty: b
 
     p = cfg.pruning
     target = resolve_target(describe_shape(source_config), p.target, ["layer", "head", "intermediate", "hidden"])
-    source, masks = None, None
     if p.method == "activation" and dist.get_world_size() > 1:
         # streaming builds a dataset with barriers over every rank: all ranks open the train split here, and rank 0's
         # calibration below reads the one already built (rank 0 alone at those barriers hung the run)
         DomainTokenDataset(cfg.data.local, "train", domains, cfg.data.max_seq_len, remote=cfg.data.remote)
-    if dist.get_global_rank() == 0 or not empty:
-        source = build_hf_model(cfg.model)
-    if dist.get_global_rank() == 0:
+    source = None
+    if not rank0_loads:  # every rank reads the source (and materialises the same model from it below)
+        source = together("loading the source", lambda: build_hf_model(cfg.model))
+
+    def select():  # rank 0 alone; its failure stops every rank at once, not after dist_timeout
+        nonlocal source
+        if source is None:
+            source = build_hf_model(cfg.model)
         calibration = None
         if p.method == "activation":
             calibration = calibration_batch(cfg.data.local, p.calibration_sequences, cfg.data.max_seq_len, domains,
                                             remote=cfg.data.remote)
         scorer = source.to("cuda") if _device(cfg) == "gpu" and p.method == "activation" else source
-        masks = select_masks(scorer, target, p.method, seed=cfg.seed, calibration=calibration)
-        masks = type(masks)(**{k: v.cpu() for k, v in masks.__dict__.items()})
+        chosen = select_masks(scorer, target, p.method, seed=cfg.seed, calibration=calibration)
         source = scorer.to("cpu")
         log.info("one-shot %s selection: %s -> %s", p.method, describe_shape(source_config), target)
-    if dist.get_world_size() > 1:
-        box = [masks]
-        dist.broadcast_object_list(box, src=0)
-        masks = box[0]
+        return type(chosen)(**{k: v.cpu() for k, v in chosen.__dict__.items()})
+
+    masks = from_rank_zero(f"loading the source and selecting its {p.method} masks", select)
     if source is None:  # an empty rank: the target's shape, weights from rank 0 by broadcast
         config = pruned_config(source_config, masks)
         config._attn_implementation = cfg.model.attn_implementation
@@ -357,12 +360,13 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     # a node's host memory).
     _check_vocab(manifest, source_config, cfg.data.local)
     _check_tokenizer(cfg, manifest)
-    empty = fsdp is not None and fsdp.rank0_loads and dist.get_global_rank() != 0
+    rank0_loads = fsdp is not None and fsdp.rank0_loads
     learned = cfg.pruning is not None and cfg.pruning.method == "learned"
     if cfg.pruning is not None and not learned:  # one-shot selection: the run trains the dense target model
-        hf_model = _select_one_shot(cfg, domains, source_config, empty)
-    else:
-        hf_model = build_hf_model(cfg.model, empty=empty)
+        hf_model = _select_one_shot(cfg, domains, source_config, rank0_loads)
+    else:  # a rank that cannot read the source stops every rank, not only its node
+        empty = rank0_loads and dist.get_global_rank() != 0
+        hf_model = together("building the model", lambda: build_hf_model(cfg.model, empty=empty))
     model = ComposerCausalLM(hf_model, domains=domains, cpu_autocast=cpu_bf16,
                              **_distillation(cfg, manifest, hf_model))
 
@@ -431,11 +435,14 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     # EvalSampler pads with indices the metrics never count (domain_id -1), so Composer's own de-padding,
     # which it warns it cannot do without the sampler's dataset length, is not needed.
     warnings.filterwarnings("ignore", message="DistributedSampler's dataset does not have length defined")
-    _save_resolved_config(cfg)
     install_atomic_checkpoint_writes()
-    if cfg.save_folder and cfg.autoresume and dist.get_global_rank() == 0:  # a run that continues this folder
-        repair_save_folder(cfg.save_folder)
-    dist.barrier()
+
+    def prepare_run_folder() -> None:  # rank 0 alone; the others wait for it, and stop at once if it fails
+        _save_resolved_config(cfg)
+        if cfg.save_folder and cfg.autoresume:  # a run that continues this folder
+            repair_save_folder(cfg.save_folder)
+
+    from_rank_zero("writing the run's config.yaml and repairing its save folder", prepare_run_folder)
     ckpt = resume_checkpoint(cfg.save_folder, cfg.load_path, cfg.autoresume)
     if ckpt is not None:
         check_checkpoint_file(ckpt, hf_model.config.to_dict())

@@ -185,3 +185,72 @@ def test_mask_samples_follow_the_global_position_even_on_a_retried_batch():
     assert step(2) == [0, 0, 1, 1]  # retried with half the micro-batch; state.batch was a stale micro-batch
     with pytest.raises(ValueError, match="spans mask samples 0 and 1"):
         step(8)
+
+
+def _two_ranks(rank: int, port: int, results) -> None:
+    """One of two gloo ranks: a failure at a step the ranks take together, on one rank, reaches the other."""
+    import os
+    import time
+    from datetime import timedelta
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=120))
+    from llmshearing.parallel import RankFailed, from_rank_zero, together
+
+    def on(failing_rank: int, value):
+        def fn():
+            if rank == failing_rank:
+                raise ValueError(f"rank {rank} cannot read shard 3")
+            return value
+        return fn
+
+    out = {}
+    for name, step in [
+        ("rank 0 selects", lambda: from_rank_zero("selecting", on(-1, {"picked": [1, 2]}))),
+        ("rank 0 fails alone", lambda: from_rank_zero("selecting", on(0, None))),
+        ("every rank loads", lambda: together("loading", on(-1, rank))),
+        ("rank 1 fails to load", lambda: together("loading", on(1, rank))),
+    ]:
+        start = time.monotonic()
+        try:
+            out[name] = ("ok", step())
+        except RankFailed as e:
+            out[name] = ("RankFailed", str(e))
+        except ValueError as e:
+            out[name] = ("ValueError", str(e))
+        out[name] += (time.monotonic() - start,)
+    torch.distributed.destroy_process_group()
+    results.put((rank, out))
+
+
+def test_a_failure_on_one_rank_stops_every_rank_at_once_with_its_cause():
+    """Rank 0 loading the source or selecting masks alone, or one rank's failing disk, must not leave the other
+    ranks (other nodes: their launcher does not see it) waiting in the next collective until dist_timeout."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_two_ranks, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = dict(results.get(timeout=100) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    zero, one = outcomes[0], outcomes[1]
+    assert zero["rank 0 selects"][:2] == one["rank 0 selects"][:2] == ("ok", {"picked": [1, 2]})
+    assert zero["rank 0 fails alone"][:2] == ("ValueError", "rank 0 cannot read shard 3")
+    assert one["rank 0 fails alone"][:2] == (
+        "RankFailed", "rank 0 failed while selecting: ValueError: rank 0 cannot read shard 3 (rank 0's log has the "
+        "traceback)")
+    assert [zero["every rank loads"][:2], one["every rank loads"][:2]] == [("ok", 0), ("ok", 1)]
+    assert one["rank 1 fails to load"][:2] == ("ValueError", "rank 1 cannot read shard 3")
+    assert zero["rank 1 fails to load"][:2] == (
+        "RankFailed", "rank 1 failed while loading: ValueError: rank 1 cannot read shard 3 (rank 1's log has the "
+        "traceback)")
+    # at once: far below the process group's 120 s timeout, which is where a rank waiting for a dead one ends
+    assert max(t for out in outcomes.values() for *_, t in out.values()) < 20
