@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -148,3 +150,47 @@ def write_json(path: str | Path, result: dict[str, Any]) -> Path:
     os.replace(tmp, path)
     print(f"wrote {path}")
     return path
+
+
+# -- records: finished benchmark stages kept in the repository (their models are not) ------------------------------
+
+
+def dir_identity(path: Path, skip: tuple[str, ...] = ()) -> str:
+    """What identifies a model or data folder on any machine: its files' contents by relative path (not where it
+    lies, when it was written or what its provenance notes say), so records made on one machine match on another."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.name not in skip:
+            h.update(str(p.relative_to(path)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def data_identity(data: Path) -> str:
+    """A prepared dataset's identity: its shards' contents and its manifest's settings and counts, less what names
+    this machine (input and tokenizer paths, the inputs' time stamps)."""
+    from llmshearing.data.prepare import MANIFEST
+
+    m = json.loads((data / MANIFEST).read_text())
+    m["tokenizer"].pop("path", None)
+    m["inputs"] = {k: v for k, v in m["inputs"].items() if k not in ("path", "files_sha256")}
+    blob = json.dumps({"manifest": m, "shards": dir_identity(data, skip=(MANIFEST,))}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (short), or None outside a git checkout."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def record_provenance(record: dict, code: list[str]) -> str:
+    """When and at which commit a record was made, and whether the code that computes it (``code``: paths in the
+    repository) changed since: a change that alters results must bump the benchmark's stage version; this lets a
+    reader check."""
+    out = f"recorded {record.get('recorded')} at {record.get('commit')}"
+    diff = subprocess.run(["git", "diff", "--name-only", str(record.get("commit")), "HEAD", "--", *code],
+                          cwd=REPO, capture_output=True, text=True)
+    if diff.returncode != 0:
+        return out + "; its commit is not in this checkout"
+    changed = diff.stdout.split()
+    return out + (f"; {len(changed)} file(s) of the stage code changed since" if changed else "; same stage code")

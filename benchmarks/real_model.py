@@ -74,7 +74,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    REDPAJAMA, forward_flops, matmul_params_of, step_flops, train_counted, write_json)
+    REDPAJAMA, data_identity, dir_identity, forward_flops, git_commit, matmul_params_of, record_provenance, step_flops,
+    train_counted, write_json)
 from benchmarks.stats import compare, t_critical, verdict  # noqa: E402
 from llmshearing.quickstart import KNOWN_TARGETS  # noqa: E402
 
@@ -120,27 +121,6 @@ REJECTED: dict[str, list[str]] = {
 
 def _sha(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _dir_identity(path: Path, skip: tuple[str, ...] = ()) -> str:
-    """What identifies a model or data folder on any machine: its files' contents by relative path (not where it
-    lies, when it was written or what its provenance notes say), so records made on one machine match on another."""
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and p.name not in skip:
-            h.update(str(p.relative_to(path)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()[:16]
-
-
-def _data_identity(data: Path) -> str:
-    """A prepared dataset's identity: its shards' contents and its manifest's settings and counts, less what names
-    this machine (input and tokenizer paths, the inputs' time stamps)."""
-    from llmshearing.data.prepare import MANIFEST
-
-    m = json.loads((data / MANIFEST).read_text())
-    m["tokenizer"].pop("path", None)
-    m["inputs"] = {k: v for k, v in m["inputs"].items() if k not in ("path", "files_sha256")}
-    return _sha({"manifest": m, "shards": _dir_identity(data, skip=(MANIFEST,))})
 
 
 def _resolved(yaml: str, overrides: list[str]) -> dict[str, Any]:
@@ -288,32 +268,19 @@ CODE = ["llmshearing", "benchmarks/real_model.py", "benchmarks/common.py", "yaml
 
 
 def _provenance(record: dict) -> str:
-    """When and at which commit a record was made, and whether the code that computes stages changed since (a
-    change that alters results must bump STAGE_VERSION; this lets a reader check)."""
-    import subprocess
-
-    out = f"recorded {record.get('recorded')} at {record.get('commit')}"
-    diff = subprocess.run(["git", "diff", "--name-only", str(record.get("commit")), "HEAD", "--", *CODE],
-                          cwd=REPO_ROOT, capture_output=True, text=True)
-    if diff.returncode != 0:
-        return out + "; its commit is not in this checkout"
-    changed = diff.stdout.split()
-    return out + (f"; {len(changed)} file(s) of the stage code changed since" if changed else "; same stage code")
+    return record_provenance(record, CODE)
 
 
 def write_record(records: Path, arm: str, seed: int, entries: dict[str, dict]) -> bool:
     """Keep one finished arm's stages (source evaluation, selection, pruning run, recovery) in ``records``: the
     results a report needs (per-sequence losses, tokens, FLOPs, seconds, kept units), not its models. Rewritten
     only when its stages changed; atomic. Returns whether it wrote."""
-    import subprocess
-
     records.mkdir(parents=True, exist_ok=True)
     path = records / f"{arm.replace(' ', '_')}_s{seed}.json"
     stages = {k: _pack(e) for k, e in sorted(entries.items())}
     if path.is_file() and json.loads(path.read_text())["stages"] == json.loads(json.dumps(stages, default=str)):
         return False
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                            text=True).stdout.strip() or None
+    commit = git_commit()
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"arm": arm, "seed": seed, "stage_version": STAGE_VERSION, "commit": commit,
                                "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stages": stages},
@@ -392,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                         test_fraction=args.heldout_fraction, workers=2, overwrite=True, progress=False)
     _check_prepared(data, args, source)
     # SOURCE: the GGUF conversion's note of the file it came from (a path of this machine)
-    base = {"source": _dir_identity(source, skip=("SOURCE",)), "data": _data_identity(data), "seq": args.seq_len,
+    base = {"source": dir_identity(source, skip=("SOURCE",)), "data": data_identity(data), "seq": args.seq_len,
             "batch": args.batch, "eval_sequences": args.eval_sequences}
     manifest = json.loads((data / MANIFEST).read_text())
     domains = list(manifest["domains"])

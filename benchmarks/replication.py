@@ -41,12 +41,24 @@ Protocol:
   test sequence comes from; a verdict names the lower arm only when |t| exceeds Student's two-sided 95% point at
   the seeds' degrees of freedom (4.30 with 3 seeds); the worst-domain comparison adds that domain's test error.
 - every cached run is keyed by everything that changes its result (its config overrides: steps, budget, sequence
-  length, batch, seed, learning rates, calibration, evaluation sequences; the run it continues; the code's stage
-  version), so a changed setting runs again instead of reusing a stale result.
+  length, batch, seed, learning rates, calibration, evaluation sequences; the run it continues; the source's and the
+  data's contents; the code's stage version), so a changed setting runs again instead of reusing a stale result.
+  Keys name no folder of this machine, so a key means the same run anywhere.
 
     python -m benchmarks.replication --out runs/benchmarks/replication.json       # one process
     python -m benchmarks.replication --threads 1 & python -m benchmarks.replication --threads 1   # two processes
     python -m benchmarks.replication --report-only                                 # tables from finished runs
+
+The whole benchmark takes longer than a session on 2 cores, and the output's folder does not outlive a machine:
+``--record`` keeps each run finished here in ``benchmarks/records/replication/<run>.json`` (its counts, per-sequence
+test losses, validation loss and a pruning run's convergence; no model, ~10 KB), to be committed. A recorded run is
+done on any machine whose source and data have the same contents (the source is trained again on each machine: its
+records match only where that training reproduces bit for bit; where it does not, nothing matches and every run
+trains again); a run that continues from a recorded one and is not recorded itself trains that one again first
+(its record is kept, and a rebuilt run that does not reproduce its record's test loss is logged). The report says how
+many runs came from records, at which commits, and whether the code changed since.
+
+    python -m benchmarks.replication --threads 1 --record    # run, keeping finished runs in the repository
 
 Every run is cached under the output's folder, so an interrupted benchmark continues where it stopped. Several
 processes may share the folder: each claims a run (a lock file) before training it and skips runs another process
@@ -68,13 +80,13 @@ import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import train_counted, write_json  # noqa: E402
+from benchmarks.common import REPO, train_counted, write_json  # noqa: E402
 from benchmarks.small_scale import TEST_SEQUENCES, common_overrides, ensure_data, ensure_source  # noqa: E402
 
 log = logging.getLogger("replication")
@@ -82,8 +94,9 @@ log = logging.getLogger("replication")
 BATCH, SEQ = 32, 128
 TARGET = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=3, intermediate_size=224)
 SE_BOUND = 0.005  # nats: the paired per-domain standard error the test set is meant to resolve
-STAGE_VERSION = 2  # part of every run's cache key: bump when a run's code changes what it produces
+STAGE_VERSION = 3  # part of every run's cache key: bump when a run's code changes what it produces
 CALIBRATION = 64  # training sequences scored for activation importance (one-shot and importance init)
+CODE = ["llmshearing", "benchmarks/replication.py", "benchmarks/small_scale.py", "benchmarks/common.py", "yamls"]
 
 
 def _sha(obj) -> str:
@@ -108,35 +121,129 @@ def next_rate(losses: dict[float, float], max_rates: int) -> Optional[float]:
 
 class Bench:
     """Runs (cached under a key of everything that defines them), their exports, and their test-set per-sequence
-    losses. ``run`` and ``save_oneshot`` return the keyed name every other method takes."""
+    losses. ``run`` and ``save_oneshot`` return the keyed name every other method takes.
 
-    def __init__(self, cache: Path, work: Path, data: Path, source: Path) -> None:
+    Records (``records``): a finished run's results (counts, per-sequence test losses, validation loss, the pruning
+    run's convergence), one JSON file per run, kept in the repository because the work folder does not outlive a
+    machine and the benchmark takes longer than a session. A recorded run counts as done; where a run that is not
+    recorded needs a recorded one's model (its continuation, its masks), the recorded run is trained again here
+    first (the same key: the same config, source and data) and its record is kept."""
+
+    def __init__(self, cache: Path, work: Path, data: Path, source: Path, records: Optional[Path] = None,
+                 record: bool = False) -> None:
         self.cache, self.work, self.data, self.source = cache, work, data, source
         self.work.mkdir(parents=True, exist_ok=True)
         self.domains = list(json.loads((data / "manifest.json").read_text())["domains"])
+        self.records, self.record = records, record
+        self.recorded: dict[str, dict] = {}  # keyed name -> its record
+        for f in sorted(records.glob("*.json")) if records is not None and records.is_dir() else []:
+            rec = json.loads(f.read_text())
+            self.recorded[rec["name"]] = rec
+        self.recipes: dict[str, Callable[[], None]] = {}  # keyed name -> how this process builds it
+        self.rebuilt: list[str] = []  # recorded runs trained again here for a successor
+        self._identity: Optional[dict] = None
+
+    def identity(self) -> dict:
+        """The source's and data's contents (not their paths): part of every key, so a record matches on another
+        machine exactly when it was made from the same source and data."""
+        if self._identity is None:
+            from benchmarks.common import data_identity, dir_identity
+
+            src = dir_identity(self.source, skip=("README.md", "llmshearing.json"))  # notes that name paths, dates
+            self._identity = {"source": src, "data": data_identity(self.data)}
+        return self._identity
+
+    def key(self, spec: dict) -> str:
+        """A run's key: its spec with this machine's folders as placeholders, the source's and data's identities and
+        the stage version."""
+        text = json.dumps(spec, sort_keys=True, default=str)
+        for path, mark in sorted(((str(self.work), "<work>"), (str(self.cache), "<cache>")), key=lambda x: -len(x[0])):
+            text = text.replace(path, mark)  # the longer first: one folder may lie inside the other
+        return _sha({"spec": text, **self.identity(), "version": STAGE_VERSION})
 
     def model_dir(self, name: str) -> Path:
         return self.work / f"{name}_hf"
 
     def stats(self, name: str) -> Optional[dict]:
         p = self.work / f"{name}.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        if p.is_file():
+            return json.loads(p.read_text())
+        return self.recorded[name]["stats"] if name in self.recorded else None
+
+    def built(self, name: str) -> bool:
+        """Trained (or selected) here: its model is in the work folder."""
+        return (self.work / f"{name}.json").is_file() and (self.model_dir(name) / "config.json").is_file()
 
     def done(self, name: str) -> bool:
-        return self.stats(name) is not None and (self.model_dir(name) / "config.json").is_file()
+        return name in self.recorded or self.built(name)
 
     def run(self, name: str, yaml: str, overrides: list[str], after: Optional[str] = None, train: bool = True) -> str:
         """Train ``name`` (unless cached) and export it; returns its keyed name. ``after``: the run whose tokens
         precede it (for totals); ``train`` False: only the keyed name (reporting)."""
-        key = _sha({"yaml": yaml, "overrides": overrides, "after": after, "batch": BATCH, "seq": SEQ,
-                    "common": common_overrides(self.cache), "version": STAGE_VERSION})
+        key = self.key({"yaml": yaml, "overrides": overrides, "after": after, "batch": BATCH, "seq": SEQ,
+                        "common": common_overrides(self.cache)})
         name = f"{name}-{key}"
-        if self.done(name) or not train or (after and not self.done(after)):
+        self.recipes[name] = lambda: self._train(name, yaml, overrides, after)
+        return self._build(name, after, train)
+
+    def _build(self, name: str, needs: Optional[str], train: bool) -> str:
+        if self.done(name) or not train or (needs and not self.done(needs)):
             return name  # finished, not asked for, or its predecessor is another process's and still running
+        if needs and not self.rebuild(needs):
+            return name  # its predecessor is recorded, and another process is training it again here
         with self.claim(name) as mine:
             if mine and not self.done(name):
-                self._train(name, yaml, overrides, after)
+                self.recipes[name]()
+                self._record(name)
         return name
+
+    def rebuild(self, name: str) -> bool:
+        """Make a run's model here (a recorded run's: train it again, after its own predecessor) for a run that
+        continues from it; True once it is here, False while another process holds it."""
+        if self.built(name):
+            return True
+        if name not in self.recipes:
+            raise RuntimeError(f"{name} was never planned in this process: it cannot be built")
+        before = (self.stats(name) or {}).get("after")
+        if before and not self.rebuild(before):
+            return False
+        with self.claim(name) as mine:
+            if not mine:
+                return False
+            if not self.built(name):
+                log.info("building %s here: a run continues from it", name)
+                self.recipes[name]()
+                if name in self.recorded:
+                    self.rebuilt.append(name)
+                    self._check_rebuild(name)
+        return True
+
+    def _check_rebuild(self, name: str) -> None:
+        """A rebuilt run should reproduce its record (same key; training on CPU is deterministic): say if not."""
+        rec = self.recorded[name]
+        if "test" not in rec:
+            return
+        old = _mean_all(_unpack_losses(rec["test"]))
+        new = _mean_all(_test_losses(self.model_dir(name), self.data))
+        if abs(old - new) > 1e-4:
+            log.warning("%s rebuilt here gives test loss %.5f, its record %.5f: runs do not reproduce across "
+                        "machines, so its successors differ from what the record's successors would be", name, new, old)
+
+    def _record(self, name: str) -> None:
+        """Keep a run just finished here in ``records`` (``--record``): what the report reads, not the model."""
+        if not self.record or self.records is None:
+            return
+        from benchmarks.common import git_commit
+
+        rec = {"name": name, "stats": self.stats(name),
+               "test": _pack_losses(self.test_losses(name)), "val": self.val_loss(name),
+               "shape_error": self.expected_shape_error(name), "stage_version": STAGE_VERSION, "commit": git_commit(),
+               "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        self.records.mkdir(parents=True, exist_ok=True)
+        tmp = self.records / f".{name}.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+        tmp.replace(self.records / f"{name}.json")
+        self.recorded[name] = rec
 
     @contextmanager
     def claim(self, name: str):
@@ -177,6 +284,13 @@ class Bench:
         """The source pruned to ``TARGET`` by a one-shot ``method``, or (``method="learned"``) by the final masks of
         the pruning run ``masks_of`` with every kept unit at 1 (the selection alone, without co-trained weights);
         returns its keyed name. Its own tokens are 0; a learned selection's run counts the pruning run's (``after``)."""
+        key = self.key({"method": method, "seed": seed if method == "random" else None, "masks_of": masks_of,
+                        "calibration": CALIBRATION if method == "activation" else None, "target": TARGET})
+        name = f"{name}-{key}"
+        self.recipes[name] = lambda: self._select(name, method, seed, masks_of)
+        return self._build(name, masks_of, train)
+
+    def _select(self, name: str, method: str, seed: int, masks_of: Optional[str]) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -185,29 +299,19 @@ class Bench:
         from llmshearing.pruning.baselines import select_masks
         from llmshearing.pruning.masks import DeterministicMasks
 
-        key = _sha({"method": method, "seed": seed if method == "random" else None, "masks_of": masks_of,
-                    "calibration": CALIBRATION if method == "activation" else None, "target": TARGET,
-                    "version": STAGE_VERSION})
-        name = f"{name}-{key}"
         out = self.model_dir(name)
-        if self.done(name) or not train or (masks_of and not self.done(masks_of)):
-            return name
-        with self.claim(name) as mine:
-            if not mine or self.done(name):
-                return name
-            src = AutoModelForCausalLM.from_pretrained(self.source, dtype=torch.float32)
-            if method == "learned":
-                final = max((self.work / masks_of / "masks").glob("ba*.pt"), key=lambda p: int(p.stem[2:]))
-                det = torch.load(final, weights_only=False)["deterministic"]
-                det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
-                masks = DeterministicMasks(**det)
-            else:
-                calib = calibration_batch(str(self.data), CALIBRATION, SEQ) if method == "activation" else None
-                masks = select_masks(src, TARGET, method, seed=seed, calibration=calib)
-            shutil.rmtree(out, ignore_errors=True)
-            materialize(src, masks).save_pretrained(out)
-            self._write_json(name, {"batches": 0, "samples": 0, "tokens": 0, "after": masks_of})
-        return name
+        src = AutoModelForCausalLM.from_pretrained(self.source, dtype=torch.float32)
+        if method == "learned":
+            final = max((self.work / masks_of / "masks").glob("ba*.pt"), key=lambda p: int(p.stem[2:]))
+            det = torch.load(final, weights_only=False)["deterministic"]
+            det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
+            masks = DeterministicMasks(**det)
+        else:
+            calib = calibration_batch(str(self.data), CALIBRATION, SEQ) if method == "activation" else None
+            masks = select_masks(src, TARGET, method, seed=seed, calibration=calib)
+        shutil.rmtree(out, ignore_errors=True)
+        materialize(src, masks).save_pretrained(out)
+        self._write_json(name, {"batches": 0, "samples": 0, "tokens": 0, "after": masks_of})
 
     def expected_shape_error(self, name: str) -> Optional[dict[str, float]]:
         """Relative gap between a pruning run's last logged expected sizes and the target, per structure."""
@@ -215,7 +319,7 @@ class Bench:
 
         path = self.work / name / "metrics.jsonl"
         if not path.is_file():
-            return None
+            return self.recorded.get(name, {}).get("shape_error")
         logged = read_metrics(path)
         out = {}
         for k, want in TARGET.items():
@@ -245,25 +349,49 @@ class Bench:
         return total
 
     def test_losses(self, name: str, path: Optional[Path] = None) -> dict[str, np.ndarray]:
-        """Per-sequence test losses per domain (cached), in the same order for every model."""
-        from llmshearing.evaluate import load_model, sequence_losses
-
+        """Per-sequence test losses per domain (recorded, or cached here), in the same order for every model."""
+        if name in self.recorded and "test" in self.recorded[name]:
+            return _unpack_losses(self.recorded[name]["test"])
         cached = self.work / f"{name}_test{TEST_SEQUENCES}.npz"
         if cached.is_file():
             with np.load(cached) as z:
                 return {d: z[d] for d in self.domains}
-        res = sequence_losses(load_model(path or self.model_dir(name)), self.data, "test", batch_size=64,
-                              max_sequences_per_domain=TEST_SEQUENCES)
+        res = _test_losses(path or self.model_dir(name), self.data)
         tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, **res)
         tmp.replace(cached)
         return res
 
     def val_loss(self, name: str) -> float:
-        from llmshearing.evaluate import domain_losses, load_model
+        if name in self.recorded and "val" in self.recorded[name]:
+            return float(self.recorded[name]["val"])
+        return _val_loss(self.model_dir(name), self.data)
 
-        return domain_losses(load_model(self.model_dir(name)), self.data, batch_size=64,
-                             max_sequences_per_domain=TEST_SEQUENCES, split="val")["all"]
+
+def _test_losses(model_dir: Path, data: Path) -> dict[str, np.ndarray]:
+    from llmshearing.evaluate import load_model, sequence_losses
+
+    return sequence_losses(load_model(model_dir), data, "test", batch_size=64, max_sequences_per_domain=TEST_SEQUENCES)
+
+
+def _val_loss(model_dir: Path, data: Path) -> float:
+    from llmshearing.evaluate import domain_losses, load_model
+
+    return float(domain_losses(load_model(model_dir), data, batch_size=64, max_sequences_per_domain=TEST_SEQUENCES,
+                               split="val")["all"])
+
+
+def _pack_losses(per: dict[str, np.ndarray]) -> dict[str, str]:
+    """Per-sequence losses for a record: float32 bytes in base64 (exact: ``sequence_losses`` computes in float32)."""
+    import base64
+
+    return {d: base64.b64encode(np.asarray(v, np.float32).tobytes()).decode() for d, v in per.items()}
+
+
+def _unpack_losses(packed: dict[str, str]) -> dict[str, np.ndarray]:
+    import base64
+
+    return {d: np.frombuffer(base64.b64decode(v), np.float32).astype(np.float64) for d, v in packed.items()}
 
 
 def _cfg(model_dir: Path):
@@ -310,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--kd", action="store_true", help="also run the distillation arms (issue #14)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (two processes on 2 cores: 1 each)")
     p.add_argument("--lr-sweep-only", action="store_true", help="stop after the learning-rate sweeps (seed 0, val)")
+    p.add_argument("--records", default=str(REPO / "benchmarks" / "records" / "replication"),
+                   help="finished runs kept in the repository (read as done when their keys match; '' for none)")
+    p.add_argument("--record", action="store_true", help="write each run finished here into --records")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from benchmarks.stats import clustered_se, combined_se, compare as paired, crossover as cross, t_critical, verdict
@@ -322,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     with open(cache / "build.lock", "w") as lock:  # a second process waits here while the first builds them
         fcntl.flock(lock, fcntl.LOCK_EX)
         data, source = ensure_data(cache), ensure_source(cache)
-    b = Bench(cache, Path(args.out).resolve().with_suffix(""), data, source)
+    if args.record and not args.records:
+        p.error("--record needs --records")
+    b = Bench(cache, Path(args.out).resolve().with_suffix(""), data, source,
+              records=Path(args.records) if args.records else None, record=args.record)
     domains = b.domains
     T = args.prune_steps + args.cpt_steps
     src_val = domain_losses(load_model(source), data, batch_size=64, max_sequences_per_domain=TEST_SEQUENCES,
@@ -434,7 +568,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     n_src, src_cfg = matmul_params_of(source)
     settle(lambda: [b.save_oneshot("magnitude", "magnitude", 0)])
-    tgt_dir = b.model_dir(b.save_oneshot("magnitude", "magnitude", 0))  # any selection: the target shape
+    magnitude = b.save_oneshot("magnitude", "magnitude", 0, train=False)
+    while not b.rebuild(magnitude):  # a recorded selection's model (seconds to make) held by another process
+        time.sleep(5)
+    tgt_dir = b.model_dir(magnitude)  # any selection: the target shape
     n_tgt, tgt_cfg = matmul_params_of(tgt_dir)
     ce_step = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ)  # the project's FLOPs count, attention included
     kd_cost = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ, teacher=n_src, teacher_config=src_cfg) / ce_step
@@ -685,6 +822,19 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         lines += ["", "Expected sizes at the end of pruning, relative to the target (" + ", ".join(TARGET) + "): "
                   + "; ".join(f"{n} " + "/".join(f"{x:+.1%}" for x in v.values()) for n, v in convergence.items())
                   + f". Largest: {worst:.1%}."]
+    planned = {n for v in (*arms.values(), *oneshot.values(), *scratch_by_budget.values()) for n in v}
+    from_records = sorted(n for n in planned if n in b.recorded)
+    if from_records or b.rebuilt:
+        from benchmarks.common import record_provenance
+
+        commits = {}
+        for n in from_records:
+            commits.setdefault(record_provenance(b.recorded[n], CODE), []).append(n)
+        lines += ["", f"From records ({b.records}): {len(from_records)} of the {len(planned)} runs above"
+                  + "".join(f"; {len(v)} {k}" for k, v in commits.items())
+                  + (f". Trained again here because a run that is not recorded continued from them: {len(b.rebuilt)}"
+                     if b.rebuilt else "")
+                  + "."]
     report = "\n".join(lines)
     write_json(args.out, {"target": TARGET, "T_steps": T, "batch": BATCH, "seq_len": SEQ,
                           "reference_losses_val": src_val, "learning_rates": lr_of, "lr_sweep_val": sweep,

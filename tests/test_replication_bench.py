@@ -8,16 +8,23 @@ import json
 import multiprocessing as mp
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
-def _bench(tmp_path: Path):
+def _bench(tmp_path: Path, records: Path | None = None, record: bool = False, weights: bytes = b"source weights"):
+    """A Bench in ``tmp_path``: a prepared-data manifest, one shard and a source with ``weights`` as its file."""
     from benchmarks.replication import Bench
 
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "manifest.json").write_text(json.dumps({"domains": {"a": {}, "b": {}}}))
-    return Bench(tmp_path / "cache", tmp_path / "work", data, tmp_path / "source")
+    data, source = tmp_path / "data", tmp_path / "cache" / "source_hf"
+    data.mkdir(parents=True, exist_ok=True)
+    source.mkdir(parents=True, exist_ok=True)
+    (data / "manifest.json").write_text(json.dumps({
+        "domains": {"a": {}, "b": {}}, "tokenizer": {"path": str(tmp_path / "tok")},
+        "inputs": {"path": str(tmp_path / "corpus"), "files_sha256": "machine-specific"}}))
+    (data / "shard.mds").write_bytes(b"tokens")
+    (source / "model.safetensors").write_bytes(weights)
+    return Bench(tmp_path / "cache", tmp_path / "work", data, source, records=records, record=record)
 
 
 @pytest.fixture
@@ -38,8 +45,15 @@ def fake_training(monkeypatch):
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "config.json").write_text("{}")
 
+    def test_losses(model_dir, data):  # a model's per-sequence losses: a function of the run it comes from
+        seed = sum(Path(model_dir).name.encode())
+        return {d: np.random.default_rng(seed + i).random(5).astype(np.float32).astype(float)
+                for i, d in enumerate(("a", "b"))}
+
     monkeypatch.setattr(rep, "train_counted", train_counted)
     monkeypatch.setattr(export, "export_checkpoint", export_checkpoint)
+    monkeypatch.setattr(rep, "_test_losses", test_losses)
+    monkeypatch.setattr(rep, "_val_loss", lambda model_dir, data: float(test_losses(model_dir, data)["a"].mean()))
     return trained
 
 
@@ -86,3 +100,31 @@ def test_a_sweep_grows_half_a_decade_past_a_best_rate_at_its_edge_until_brackete
     assert next_rate({1e-3: 3.65, 3e-3: 3.44, 1e-2: 3.62}, max_rates=5) is None  # bracketed
     assert next_rate({1e-3: 3.35, 3e-3: 3.26, 1e-2: 3.25, 3e-2: 3.2, 1e-1: 3.1}, max_rates=5) is None  # no more
     assert next_rate({1e-2: 3.0}, max_rates=5) is None  # one rate brackets nothing
+
+
+def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_run_that_continues_them(
+        tmp_path, fake_training):
+    """The work folder does not outlive a machine and the benchmark takes longer than a session: finished runs are
+    kept as records (no models), keyed by contents, not paths, and read as done elsewhere."""
+    records = tmp_path / "records"
+    b = _bench(tmp_path / "one", records, record=True)
+    x = b.run("x", "y.yaml", ["seed=0"])
+    z = b.run("z", "y.yaml", [f"variables.source={b.model_dir(x)}"], after=x)
+    assert fake_training == [x, z]
+    assert sorted(p.stem for p in records.glob("*.json")) == sorted([x, z]) and not list(records.glob(".*"))
+
+    c = _bench(tmp_path / "two", records)  # another machine: other folders, the same source and data
+    assert c.run("x", "y.yaml", ["seed=0"]) == x
+    assert c.run("z", "y.yaml", [f"variables.source={c.model_dir(x)}"], after=x) == z
+    assert fake_training == [x, z] and c.done(z) and not c.built(z)  # nothing trained: both recorded
+    assert c.total_tokens(z) == b.total_tokens(z) == 2
+    for d in ("a", "b"):
+        assert np.array_equal(c.test_losses(z)[d], b.test_losses(z)[d])
+    assert c.val_loss(x) == b.val_loss(x)
+
+    w = c.run("w", "y.yaml", [f"variables.source={c.model_dir(x)}"], after=x)  # not recorded: continues x's model
+    assert fake_training == [x, z, x, w] and c.rebuilt == [x] and c.built(x) and c.built(w)
+    assert not (records / f"{w}.json").exists()  # --record was not given on this machine
+
+    other = _bench(tmp_path / "three", records, weights=b"another source")
+    assert other.run("x", "y.yaml", ["seed=0"], train=False) != x  # another source: no record is its run
