@@ -348,12 +348,12 @@ def from_rank_zero(what: str, fn: Callable[[], T]) -> T:
 
     if dist.get_world_size() == 1:
         return fn()
-    error: Optional[Exception] = None
+    error: Optional[BaseException] = None
     box: list[Any] = [None]
     if dist.get_global_rank() == 0:
         try:
             box = [(True, fn())]
-        except Exception as e:  # noqa: BLE001 - sent to the other ranks, then raised here
+        except BaseException as e:  # noqa: BLE001 - sent to the other ranks (a signal too), then raised here
             error, box = e, [(False, _failure(e))]
     dist.broadcast_object_list(box, src=0)
     if error is not None:
@@ -373,11 +373,11 @@ def together(what: str, fn: Callable[[], T]) -> T:
 
     if dist.get_world_size() == 1:
         return fn()
-    error: Optional[Exception] = None
+    error: Optional[BaseException] = None
     result: Any = None
     try:
         result = fn()
-    except Exception as e:  # noqa: BLE001 - reported to the other ranks, then raised here
+    except BaseException as e:  # noqa: BLE001 - reported to the other ranks (a signal too), then raised here
         error = e
     outcomes = dist.all_gather_object(None if error is None else _failure(error))
     if error is not None:

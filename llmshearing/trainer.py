@@ -168,15 +168,20 @@ def _select_one_shot(cfg: RunConfig, domains: list[str], source_config, rank0_lo
         return type(chosen)(**{k: v.cpu() for k, v in chosen.__dict__.items()})
 
     masks = from_rank_zero(f"loading the source and selecting its {p.method} masks", select)
-    if source is None:  # an empty rank: the target's shape, weights from rank 0 by broadcast
-        config = pruned_config(source_config, masks)
-        config._attn_implementation = cfg.model.attn_implementation
-        config.dtype = torch.float32
-        with torch.device("meta"):
-            small = adapter_for(source_config).model_cls(config)
-    else:
-        small = materialize(source, masks)
-        del source
+
+    def build() -> torch.nn.Module:
+        nonlocal source
+        if source is None:  # an empty rank: the target's shape, weights from rank 0 by broadcast
+            config = pruned_config(source_config, masks)
+            config._attn_implementation = cfg.model.attn_implementation
+            config.dtype = torch.float32
+            with torch.device("meta"):
+                return adapter_for(source_config).model_cls(config)
+        out = materialize(source, masks)
+        source = None
+        return out
+
+    small = together("materialising the selected model", build)
     if cfg.model.gradient_checkpointing:
         small.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return small
@@ -319,47 +324,51 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
 
         fsdp = plan_fsdp(cfg.fsdp, "cuda" if _device(cfg) == "gpu" else "cpu")
 
-    _check_save_folder(cfg)
-    manifest = load_manifest(cfg.data.local, cfg.data.remote)
-    domains, proportions = resolve_domains(cfg.data, manifest)
-    if cfg.dynamic_loading is not None and cfg.dynamic_loading.reference_losses is not None:
-        if len(cfg.dynamic_loading.reference_losses) != len(domains):
+    def check() -> tuple:  # every rank; one that fails (its node cannot read the data or source) stops them all
+        _check_save_folder(cfg)
+        manifest = load_manifest(cfg.data.local, cfg.data.remote)
+        domains, proportions = resolve_domains(cfg.data, manifest)
+        if cfg.dynamic_loading is not None and cfg.dynamic_loading.reference_losses is not None:
+            if len(cfg.dynamic_loading.reference_losses) != len(domains):
+                raise ConfigError(
+                    f"dynamic_loading.reference_losses has {len(cfg.dynamic_loading.reference_losses)} values but the "
+                    f"run has {len(domains)} domains {domains}; give one per domain, in the same order"
+                )
+        if cfg.global_train_batch_size % dist.get_world_size():
             raise ConfigError(
-                f"dynamic_loading.reference_losses has {len(cfg.dynamic_loading.reference_losses)} values but the run "
-                f"has {len(domains)} domains {domains}; give one per domain, in the same order"
+                f"global_train_batch_size={cfg.global_train_batch_size} is not divisible by the "
+                f"{dist.get_world_size()} processes"
             )
-    if cfg.global_train_batch_size % dist.get_world_size():
-        raise ConfigError(
-            f"global_train_batch_size={cfg.global_train_batch_size} is not divisible by the "
-            f"{dist.get_world_size()} processes"
-        )
-    if cfg.pruning is not None and cfg.pruning.mask_samples > 1:
-        from llmshearing.config import check_mask_samples
+        if cfg.pruning is not None and cfg.pruning.mask_samples > 1:
+            from llmshearing.config import check_mask_samples
 
-        check_mask_samples(cfg, dist.get_world_size())
-    if "ep" in cfg.max_duration:
-        raise ConfigError(
-            f"max_duration={cfg.max_duration!r}: training data is an endless mixture, give a duration in "
-            "batches ('3200ba') or tokens ('1000000tok')"
-        )
+            check_mask_samples(cfg, dist.get_world_size())
+        if "ep" in cfg.max_duration:
+            raise ConfigError(
+                f"max_duration={cfg.max_duration!r}: training data is an endless mixture, give a duration in "
+                "batches ('3200ba') or tokens ('1000000tok')"
+            )
 
-    if cfg.eval_subset_num_batches > 0 and dist.get_world_size() > 1:
-        log.warning(
-            "eval_subset_num_batches=%d counts batches per process, so %d processes evaluate on %dx the sequences "
-            "of one; use data.eval_sequences_per_domain for an evaluation set that does not depend on world size",
-            cfg.eval_subset_num_batches, dist.get_world_size(), dist.get_world_size(),
-        )
+        if cfg.eval_subset_num_batches > 0 and dist.get_world_size() > 1:
+            log.warning(
+                "eval_subset_num_batches=%d counts batches per process, so %d processes evaluate on %dx the sequences "
+                "of one; use data.eval_sequences_per_domain for an evaluation set that does not depend on world size",
+                cfg.eval_subset_num_batches, dist.get_world_size(), dist.get_world_size(),
+            )
 
-    source_config = resolve_hf_config(cfg.model)[0]  # config.json only: checks before any weights load
-    if cfg.pruning is not None:  # family, features and target
-        from llmshearing.algorithms.l0_pruning import L0Pruning
+        source_config = resolve_hf_config(cfg.model)[0]  # config.json only: checks before any weights load
+        if cfg.pruning is not None:  # family, features and target
+            from llmshearing.algorithms.l0_pruning import L0Pruning
 
-        L0Pruning.validate(cfg.pruning, source_config)
+            L0Pruning.validate(cfg.pruning, source_config)
+        _check_vocab(manifest, source_config, cfg.data.local)
+        _check_tokenizer(cfg, manifest)
+        return manifest, domains, proportions, source_config
+
+    manifest, domains, proportions, source_config = together("checking the config, data and source", check)
     # With fsdp.sync_module_states (shipped) rank 0 alone reads the source; the others build it on the meta device
     # and receive their shards by broadcast when Composer wraps the model (8 ranks x a 27 GB fp32 7B would not fit
     # a node's host memory).
-    _check_vocab(manifest, source_config, cfg.data.local)
-    _check_tokenizer(cfg, manifest)
     rank0_loads = fsdp is not None and fsdp.rank0_loads
     learned = cfg.pruning is not None and cfg.pruning.method == "learned"
     if cfg.pruning is not None and not learned:  # one-shot selection: the run trains the dense target model
@@ -367,8 +376,8 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     else:  # a rank that cannot read the source stops every rank, not only its node
         empty = rank0_loads and dist.get_global_rank() != 0
         hf_model = together("building the model", lambda: build_hf_model(cfg.model, empty=empty))
-    model = ComposerCausalLM(hf_model, domains=domains, cpu_autocast=cpu_bf16,
-                             **_distillation(cfg, manifest, hf_model))
+    teacher = together("loading the teacher", lambda: _distillation(cfg, manifest, hf_model))
+    model = ComposerCausalLM(hf_model, domains=domains, cpu_autocast=cpu_bf16, **teacher)
 
     train_loader = build_train_dataloader(
         cfg.data, manifest, domains, proportions, cfg.global_train_batch_size, seed=cfg.seed
