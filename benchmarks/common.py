@@ -178,8 +178,10 @@ def data_identity(data: Path) -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (short), or None outside a git checkout."""
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    """The checkout's commit (short; ``-dirty`` when tracked files have uncommitted changes), or None outside a git
+    checkout."""
+    out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO, capture_output=True,
+                         text=True)
     return out.stdout.strip() or None
 
 
@@ -187,8 +189,12 @@ def record_provenance(record: dict, code: list[str]) -> str:
     """When and at which commit a record was made, and whether the code that computes it (``code``: paths in the
     repository) changed since: a change that alters results must bump the benchmark's stage version; this lets a
     reader check."""
-    out = f"recorded {record.get('recorded')} at {record.get('commit')}"
-    diff = subprocess.run(["git", "diff", "--name-only", str(record.get("commit")), "HEAD", "--", *code],
+    commit = str(record.get("commit"))
+    out = f"recorded {record.get('recorded')} at {commit}"
+    if commit.endswith("-dirty"):
+        commit = commit[: -len("-dirty")]
+        out += " (with uncommitted changes: the stage code it ran may differ from the commit's)"
+    diff = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *code],
                           cwd=REPO, capture_output=True, text=True)
     if diff.returncode != 0:
         return out + "; its commit is not in this checkout"

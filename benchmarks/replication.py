@@ -125,9 +125,11 @@ class Bench:
 
     Records (``records``): a finished run's results (counts, per-sequence test losses, validation loss, the pruning
     run's convergence), one JSON file per run, kept in the repository because the work folder does not outlive a
-    machine and the benchmark takes longer than a session. A recorded run counts as done; where a run that is not
-    recorded needs a recorded one's model (its continuation, its masks), the recorded run is trained again here
-    first (the same key: the same config, source and data) and its record is kept."""
+    machine and the benchmark takes longer than a session. A recorded run counts as done (once its predecessor
+    does); where a run that is not recorded needs a recorded one's model (its continuation, its masks), the recorded
+    run is trained again here first (the same key: the same config, source and data) and its record is kept, and
+    reported. Every run notes the contents of its own model and of the model it continued from
+    (:meth:`inconsistent` lists the runs whose predecessor's record is not the model they were trained on)."""
 
     def __init__(self, cache: Path, work: Path, data: Path, source: Path, records: Optional[Path] = None,
                  record: bool = False) -> None:
@@ -139,6 +141,7 @@ class Bench:
         for f in sorted(records.glob("*.json")) if records is not None and records.is_dir() else []:
             rec = json.loads(f.read_text())
             self.recorded[rec["name"]] = rec
+        self.read_from_records = set(self.recorded)  # (not the runs this process records)
         self.recipes: dict[str, Callable[[], None]] = {}  # keyed name -> how this process builds it
         self.rebuilt: list[str] = []  # recorded runs trained again here for a successor
         self._identity: Optional[dict] = None
@@ -158,24 +161,56 @@ class Bench:
         the stage version."""
         text = json.dumps(spec, sort_keys=True, default=str)
         for path, mark in sorted(((str(self.work), "<work>"), (str(self.cache), "<cache>")), key=lambda x: -len(x[0])):
-            text = text.replace(path, mark)  # the longer first: one folder may lie inside the other
+            text = text.replace(json.dumps(path)[1:-1], mark)  # as the JSON writes it; the longer first: one folder
+            # may lie inside the other
         return _sha({"spec": text, **self.identity(), "version": STAGE_VERSION})
 
     def model_dir(self, name: str) -> Path:
         return self.work / f"{name}_hf"
 
     def stats(self, name: str) -> Optional[dict]:
+        """A run's counts: its record's (what the report reads for every figure of a recorded run), else this work
+        folder's."""
+        if name in self.recorded:
+            return self.recorded[name]["stats"]
         p = self.work / f"{name}.json"
-        if p.is_file():
-            return json.loads(p.read_text())
-        return self.recorded[name]["stats"] if name in self.recorded else None
+        return json.loads(p.read_text()) if p.is_file() else None
 
     def built(self, name: str) -> bool:
         """Trained (or selected) here: its model is in the work folder."""
         return (self.work / f"{name}.json").is_file() and (self.model_dir(name) / "config.json").is_file()
 
     def done(self, name: str) -> bool:
-        return name in self.recorded or self.built(name)
+        if self.built(name):
+            return True
+        before = self.recorded[name]["stats"].get("after") if name in self.recorded else None
+        return name in self.recorded and (before is None or self.done(before))
+
+    def model_identity(self, name: str) -> str:
+        """The contents of a run's model (and masks) here."""
+        from benchmarks.common import dir_identity
+
+        ids = [dir_identity(self.model_dir(name), skip=("README.md", "llmshearing.json"))]
+        if (self.work / name / "masks").is_dir():
+            ids.append(dir_identity(self.work / name / "masks"))
+        return "+".join(ids)
+
+    def inconsistent(self, names) -> list[str]:
+        """Runs (of ``names`` and their predecessors) trained on a predecessor whose reported figures (its record's,
+        or this folder's) are not from the model they continued: a recorded run trained again here that did not
+        reproduce, or a run recorded without its predecessor."""
+        out, seen = [], set()
+        for name in names:
+            while name and name not in seen:
+                seen.add(name)
+                st = self.stats(name) or {}
+                before = st.get("after")
+                if before:
+                    have = (self.stats(before) or {}).get("model")
+                    if have is None or st.get("after_model") != have:
+                        out.append(name)
+                name = before
+        return sorted(out)
 
     def run(self, name: str, yaml: str, overrides: list[str], after: Optional[str] = None, train: bool = True) -> str:
         """Train ``name`` (unless cached) and export it; returns its keyed name. ``after``: the run whose tokens
@@ -215,26 +250,23 @@ class Bench:
                 self.recipes[name]()
                 if name in self.recorded:
                     self.rebuilt.append(name)
-                    self._check_rebuild(name)
+                    local = json.loads((self.work / f"{name}.json").read_text())["model"]
+                    if local != self.recorded[name]["stats"].get("model"):
+                        log.warning("%s trained again here is not its record's model: training did not reproduce "
+                                    "on this machine, so a run continued from it here is not comparable with the "
+                                    "record's successors (the report lists such runs)", name)
         return True
 
-    def _check_rebuild(self, name: str) -> None:
-        """A rebuilt run should reproduce its record (same key; training on CPU is deterministic): say if not."""
-        rec = self.recorded[name]
-        if "test" not in rec:
-            return
-        old = _mean_all(_unpack_losses(rec["test"]))
-        new = _mean_all(_test_losses(self.model_dir(name), self.data))
-        if abs(old - new) > 1e-4:
-            log.warning("%s rebuilt here gives test loss %.5f, its record %.5f: runs do not reproduce across "
-                        "machines, so its successors differ from what the record's successors would be", name, new, old)
-
     def _record(self, name: str) -> None:
-        """Keep a run just finished here in ``records`` (``--record``): what the report reads, not the model."""
-        if not self.record or self.records is None:
+        """Keep a run finished here in ``records`` (``--record``): what the report reads, not the model. Its
+        predecessor first, so that no record continues a run that is not recorded."""
+        if not self.record or self.records is None or name in self.recorded or not self.built(name):
             return
         from benchmarks.common import git_commit
 
+        before = self.stats(name).get("after")
+        if before:
+            self._record(before)
         rec = {"name": name, "stats": self.stats(name),
                "test": _pack_losses(self.test_losses(name)), "val": self.val_loss(name),
                "shape_error": self.expected_shape_error(name), "stage_version": STAGE_VERSION, "commit": git_commit(),
@@ -244,6 +276,12 @@ class Bench:
         tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
         tmp.replace(self.records / f"{name}.json")
         self.recorded[name] = rec
+
+    def record_finished(self, names) -> None:
+        """With ``--record``: keep every run of ``names`` finished here and not recorded yet (runs finished before
+        ``--record`` was given, or by a process without it)."""
+        for name in names:
+            self._record(name)
 
     @contextmanager
     def claim(self, name: str):
@@ -277,7 +315,8 @@ class Bench:
         if (run / "checkpoints" / "masks").is_dir():
             shutil.move(str(run / "checkpoints" / "masks"), str(run / "masks"))
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # keep metrics.jsonl and masks, drop the optimizer
-        counted["after"] = after
+        counted.update(after=after, model=self.model_identity(name),
+                       after_model=self.model_identity(after) if after else None)
         self._write_json(name, counted)
 
     def save_oneshot(self, name: str, method: str, seed: int, masks_of: Optional[str] = None, train: bool = True) -> str:
@@ -311,15 +350,19 @@ class Bench:
             masks = select_masks(src, TARGET, method, seed=seed, calibration=calib)
         shutil.rmtree(out, ignore_errors=True)
         materialize(src, masks).save_pretrained(out)
-        self._write_json(name, {"batches": 0, "samples": 0, "tokens": 0, "after": masks_of})
+        self._write_json(name, {"batches": 0, "samples": 0, "tokens": 0, "after": masks_of,
+                                "model": self.model_identity(name),
+                                "after_model": self.model_identity(masks_of) if masks_of else None})
 
     def expected_shape_error(self, name: str) -> Optional[dict[str, float]]:
         """Relative gap between a pruning run's last logged expected sizes and the target, per structure."""
         from llmshearing.callbacks.metrics_file import read_metrics
 
+        if name in self.recorded:
+            return self.recorded[name].get("shape_error")
         path = self.work / name / "metrics.jsonl"
         if not path.is_file():
-            return self.recorded.get(name, {}).get("shape_error")
+            return None
         logged = read_metrics(path)
         out = {}
         for k, want in TARGET.items():
@@ -366,6 +409,26 @@ class Bench:
         if name in self.recorded and "val" in self.recorded[name]:
             return float(self.recorded[name]["val"])
         return _val_loss(self.model_dir(name), self.data)
+
+
+def _target_config(source: Path, out: Path) -> Path:
+    """A folder with the target's config (the source's, at ``TARGET``'s sizes; heads keep their width): what the
+    FLOPs count reads, without selecting a model."""
+    from transformers import AutoConfig
+
+    if (out / "config.json").is_file():  # made from the same source (the folder's name carries its identity)
+        return out
+    cfg = AutoConfig.from_pretrained(source)
+    cfg.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for k, v in {**TARGET, "num_key_value_heads": TARGET["num_attention_heads"]}.items():
+        setattr(cfg, k, v)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    cfg.save_pretrained(tmp)
+    try:
+        tmp.replace(out)
+    except OSError:  # another process sharing the folder put the same config there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _test_losses(model_dir: Path, data: Path) -> dict[str, np.ndarray]:
@@ -459,18 +522,19 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
               records=Path(args.records) if args.records else None, record=args.record)
     domains = b.domains
     T = args.prune_steps + args.cpt_steps
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every process (any --threads, any machine) rounds the same references: keys use them
     src_val = domain_losses(load_model(source), data, batch_size=64, max_sequences_per_domain=TEST_SEQUENCES,
                             split="val")
+    torch.set_num_threads(args.threads or threads)
     ref = "[" + ",".join(f"{src_val[d]:.4f}" for d in domains) + "]"  # dynamic loading's references: validation
     sched = ["scheduler.t_warmup=0.03dur", "scheduler.alpha_f=0.1"]  # every run decays fully by its own end
     target_cfg = [f"model.config.{k}={v}" for k, v in TARGET.items()] + [
         f"model.config.num_key_value_heads={TARGET['num_attention_heads']}"]
 
     train = not args.report_only
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
 
     def settle(phase) -> None:
         """Run ``phase`` (it returns the names of its runs) until every run it names is done: another process may
@@ -567,11 +631,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     from benchmarks.common import matmul_params_of, step_flops
 
     n_src, src_cfg = matmul_params_of(source)
-    settle(lambda: [b.save_oneshot("magnitude", "magnitude", 0)])
-    magnitude = b.save_oneshot("magnitude", "magnitude", 0, train=False)
-    while not b.rebuild(magnitude):  # a recorded selection's model (seconds to make) held by another process
-        time.sleep(5)
-    tgt_dir = b.model_dir(magnitude)  # any selection: the target shape
+    tgt_dir = _target_config(source, b.work / f"target_config-{b.identity()['source']}")
     n_tgt, tgt_cfg = matmul_params_of(tgt_dir)
     ce_step = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ)  # the project's FLOPs count, attention included
     kd_cost = step_flops(n_tgt, tgt_cfg, BATCH * SEQ, SEQ, teacher=n_src, teacher_config=src_cfg) / ce_step
@@ -820,21 +880,31 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     if convergence:
         worst = max(abs(x) for v in convergence.values() for x in v.values())
         lines += ["", "Expected sizes at the end of pruning, relative to the target (" + ", ".join(TARGET) + "): "
-                  + "; ".join(f"{n} " + "/".join(f"{x:+.1%}" for x in v.values()) for n, v in convergence.items())
+                  + "; ".join(f"{n} " + "/".join(f"{v[k]:+.1%}" for k in TARGET if k in v)
+                              for n, v in convergence.items())
                   + f". Largest: {worst:.1%}."]
-    planned = {n for v in (*arms.values(), *oneshot.values(), *scratch_by_budget.values()) for n in v}
-    from_records = sorted(n for n in planned if n in b.recorded)
+    planned = sorted({n for v in (*arms.values(), *oneshot.values(), *scratch_by_budget.values()) for n in v})
+    if train:
+        b.record_finished(n for n in planned if b.done(n))
+    from_records = [n for n in planned if n in b.read_from_records]
     if from_records or b.rebuilt:
         from benchmarks.common import record_provenance
 
-        commits = {}
+        commits: dict[str, list[str]] = {}
         for n in from_records:
-            commits.setdefault(record_provenance(b.recorded[n], CODE), []).append(n)
+            commits.setdefault(b.recorded[n].get("commit"), []).append(b.recorded[n].get("recorded"))
+        provenance = [f"{len(v)} " + record_provenance({"commit": c, "recorded": min(v) + (f" to {max(v)}" if
+                      max(v) != min(v) else "")}, CODE) for c, v in commits.items()]
         lines += ["", f"From records ({b.records}): {len(from_records)} of the {len(planned)} runs above"
-                  + "".join(f"; {len(v)} {k}" for k, v in commits.items())
+                  + "".join(f"; {p}" for p in provenance)
                   + (f". Trained again here because a run that is not recorded continued from them: {len(b.rebuilt)}"
                      if b.rebuilt else "")
                   + "."]
+    mixed = b.inconsistent(n for n in planned if b.done(n))
+    if mixed:
+        lines += ["", f"**Not comparable**: {len(mixed)} run(s) continued a model that is not the one their "
+                  "predecessor's figures come from (a recorded run trained again here did not reproduce): "
+                  + ", ".join(mixed) + "."]
     report = "\n".join(lines)
     write_json(args.out, {"target": TARGET, "T_steps": T, "batch": BATCH, "seq_len": SEQ,
                           "reference_losses_val": src_val, "learning_rates": lr_of, "lr_sweep_val": sweep,

@@ -27,13 +27,22 @@ def _bench(tmp_path: Path, records: Path | None = None, record: bool = False, we
     return Bench(tmp_path / "cache", tmp_path / "work", data, source, records=records, record=record)
 
 
+def fake_test_losses(model_dir) -> dict[str, np.ndarray]:
+    """A model's per-sequence losses: a function of its weights file."""
+    seed = sum((Path(model_dir) / "weights").read_bytes())
+    return {d: np.random.default_rng(seed + i).random(5) for i, d in enumerate(("a", "b"))}
+
+
 @pytest.fixture
 def fake_training(monkeypatch):
     """Training and export replaced by a record of what ran (the claim logic is what is under test)."""
     import benchmarks.replication as rep
     import llmshearing.export as export
 
-    trained: list[str] = []
+    class Trained(list):
+        machine_noise = ""  # set: training on "this machine" does not reproduce another's models
+
+    trained: list[str] = Trained()
 
     def train_counted(yaml, overrides):
         run = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("variables.run_dir=")))
@@ -41,19 +50,15 @@ def fake_training(monkeypatch):
         (run / "checkpoints").mkdir(parents=True)
         return {"batches": 1, "samples": 1, "tokens": 1}
 
-    def export_checkpoint(ckpt, out, **kw):
+    def export_checkpoint(ckpt, out, **kw):  # the model: its run's name, and what differs between machines
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "config.json").write_text("{}")
-
-    def test_losses(model_dir, data):  # a model's per-sequence losses: a function of the run it comes from
-        seed = sum(Path(model_dir).name.encode())
-        return {d: np.random.default_rng(seed + i).random(5).astype(np.float32).astype(float)
-                for i, d in enumerate(("a", "b"))}
+        (Path(out) / "weights").write_text(Path(ckpt).parts[-3] + trained.machine_noise)
 
     monkeypatch.setattr(rep, "train_counted", train_counted)
     monkeypatch.setattr(export, "export_checkpoint", export_checkpoint)
-    monkeypatch.setattr(rep, "_test_losses", test_losses)
-    monkeypatch.setattr(rep, "_val_loss", lambda model_dir, data: float(test_losses(model_dir, data)["a"].mean()))
+    monkeypatch.setattr(rep, "_test_losses", lambda model_dir, data: fake_test_losses(model_dir))
+    monkeypatch.setattr(rep, "_val_loss", lambda model_dir, data: float(fake_test_losses(model_dir)["a"].mean()))
     return trained
 
 
@@ -117,14 +122,43 @@ def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_
     assert c.run("x", "y.yaml", ["seed=0"]) == x
     assert c.run("z", "y.yaml", [f"variables.source={c.model_dir(x)}"], after=x) == z
     assert fake_training == [x, z] and c.done(z) and not c.built(z)  # nothing trained: both recorded
-    assert c.total_tokens(z) == b.total_tokens(z) == 2
-    for d in ("a", "b"):
-        assert np.array_equal(c.test_losses(z)[d], b.test_losses(z)[d])
-    assert c.val_loss(x) == b.val_loss(x)
+    assert c.read_from_records == {x, z}
+    assert c.total_tokens(z) == 2
+    for d in ("a", "b"):  # the record's per-sequence losses are the model's, exactly
+        assert np.array_equal(c.test_losses(z)[d], np.asarray(fake_test_losses(b.model_dir(z))[d], np.float32))
+    assert c.val_loss(x) == pytest.approx(float(fake_test_losses(b.model_dir(x))["a"].mean()))
 
     w = c.run("w", "y.yaml", [f"variables.source={c.model_dir(x)}"], after=x)  # not recorded: continues x's model
     assert fake_training == [x, z, x, w] and c.rebuilt == [x] and c.built(x) and c.built(w)
     assert not (records / f"{w}.json").exists()  # --record was not given on this machine
+    assert c.inconsistent([w, z]) == []  # x trained again here is x's recorded model
 
-    other = _bench(tmp_path / "three", records, weights=b"another source")
+    # a third machine where training does not reproduce: the run continued from the rebuilt x is not comparable
+    fake_training.machine_noise = " (other bits)"
+    d = _bench(tmp_path / "three", records)
+    assert d.run("x", "y.yaml", ["seed=0"]) == x  # planned (as main() plans a run before its successors): recorded
+    v = d.run("v", "y.yaml", [f"variables.source={d.model_dir(x)}"], after=x)
+    assert fake_training[-2:] == [x, v] and d.inconsistent([v, z]) == [v]
+
+    # runs finished without --record are recorded later by a process with it, their predecessors first
+    fake_training.machine_noise = ""
+    e = _bench(tmp_path / "two", records, record=True)
+    w_again = e.run("w", "y.yaml", [f"variables.source={e.model_dir(x)}"], after=x)
+    assert w_again == w and fake_training[-1] == v  # built on machine two already: not trained again
+    e.record_finished([w])
+    assert (records / f"{w}.json").is_file() and e.inconsistent([w]) == []
+
+    other = _bench(tmp_path / "four", records, weights=b"another source")
     assert other.run("x", "y.yaml", ["seed=0"], train=False) != x  # another source: no record is its run
+
+
+def test_a_recorded_run_whose_predecessor_is_neither_recorded_nor_here_is_not_done(tmp_path, fake_training):
+    records = tmp_path / "records"
+    b = _bench(tmp_path / "one", records)
+    x = b.run("x", "y.yaml", ["seed=0"])
+    z = b.run("z", "y.yaml", ["seed=1"], after=x)
+    b.record, b.records = True, records
+    b._record(z)  # records x first
+    (records / f"{x}.json").unlink()  # a record set without the run z continued
+    c = _bench(tmp_path / "two", records)
+    assert z in c.recorded and not c.done(z)  # its tokens would be missing from the chain
