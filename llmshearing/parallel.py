@@ -67,7 +67,8 @@ FSDP_KEYS: dict[str, str] = {
     "HYBRID_SHARD / _HYBRID_SHARD_ZERO2 -> a 2-D mesh: replicated across nodes, sharded within a node; "
     "NO_SHARD is refused (leave out the fsdp block: Composer then uses DDP)",
     "reshard_after_forward": "FSDP2's own key (true / false); must agree with sharding_strategy if both are given",
-    "mixed_precision": "DEFAULT (parameters gathered in the run's precision, gradients reduced in fp32), PURE, FULL",
+    "mixed_precision": "DEFAULT (parameters gathered in the run's precision, gradients reduced in fp32), PURE, FULL; "
+    "device=cpu precision=amp_bf16 gathers in bf16 as a GPU's amp_bf16 does",
     "activation_checkpointing": "every decoder layer recomputed in the backward (non-reentrant checkpoint wrapper)",
     "activation_checkpointing_reentrant": "false only: FSDP2's wrapper is non-reentrant",
     "activation_cpu_offload": "activations offloaded to the CPU",
@@ -211,12 +212,27 @@ class FsdpPlan:
     translation: dict[str, str] = field(default_factory=dict)
 
 
-def plan_fsdp(block: dict[str, Any], device_type: str) -> FsdpPlan:
+def _mixed_precision(block: dict[str, Any], cpu_bf16: bool) -> str | dict[str, str]:
+    """``fsdp.mixed_precision`` as Composer's ``FSDP2Config`` takes it.
+
+    Composer derives the gathered parameters' dtype from the Trainer's precision. A CPU run in bf16 hands Composer
+    fp32 (its CPU device trains in fp32 only) and autocasts itself, so for it the policy is spelled out as Composer
+    derives it for ``amp_bf16`` on a GPU: parameters gathered (and buffers kept) in bf16, gradients reduced in fp32
+    (DEFAULT) or bf16 (PURE). The CPU test of the GPU path then runs the same dtypes as the GPUs."""
+    mp = str(block.get("mixed_precision", "DEFAULT")).upper()
+    if not cpu_bf16 or mp == "FULL":
+        return mp
+    return {"param_dtype": "bf16", "reduce_dtype": "fp32" if mp == "DEFAULT" else "bf16", "buffer_dtype": "bf16"}
+
+
+def plan_fsdp(block: dict[str, Any], device_type: str, cpu_bf16: bool = False) -> FsdpPlan:
     """The ``FSDP2Config`` for ``block`` on the current process group.
 
     Args:
         block: the run's ``fsdp:`` mapping (checked by :func:`check_fsdp_block`).
         device_type: ``cpu`` or ``cuda``.
+        cpu_bf16: the run autocasts to bf16 on the CPU (``device: cpu``, ``precision: amp_bf16``): parameters are
+            gathered in bf16 as a GPU's ``amp_bf16`` run gathers them (:func:`_mixed_precision`).
 
     Raises:
         ConfigError: the mesh degrees do not multiply to the world size.
@@ -256,7 +272,7 @@ def plan_fsdp(block: dict[str, Any], device_type: str) -> FsdpPlan:
             state_dict_type=state_dict_type,
             load_monolith_rank0_only=rank0_loads and state_dict_type == "full" and block.get("load_monolith_rank0_only",
                                                                                              True),
-            mixed_precision=str(block.get("mixed_precision", "DEFAULT")).upper(),
+            mixed_precision=_mixed_precision(block, cpu_bf16),  # type: ignore[arg-type]  # Composer reads a dict too
             verbose=bool(block.get("verbose", False)),
         )
     mesh_shape = (replicate, shard) if two_d else (shard,)

@@ -322,7 +322,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     if cfg.fsdp is not None:
         from llmshearing.parallel import plan_fsdp
 
-        fsdp = plan_fsdp(cfg.fsdp, "cuda" if _device(cfg) == "gpu" else "cpu")
+        fsdp = plan_fsdp(cfg.fsdp, "cuda" if _device(cfg) == "gpu" else "cpu", cpu_bf16=cpu_bf16)
 
     def check() -> tuple:  # every rank; one that fails (its node cannot read the data or source) stops them all
         _check_save_folder(cfg)

@@ -157,6 +157,20 @@ class Trace(Callback):
         )
 
 
+def _record_forward_dtypes(model: torch.nn.Module, extra: dict) -> None:
+    """The dtypes the first training forward sees: a decoder layer's FFN weight as the layer uses it (under FSDP, the
+    gathered parameter), that layer's input, and the masks' parameters."""
+    up = next(m for n, m in model.named_modules() if ".layers.0." in n and n.endswith("mlp.up_proj"))
+
+    def hook(module, args):
+        if "forward_dtypes" not in extra and module.training:
+            extra["forward_dtypes"] = {
+                "ffn_weight": str(module.weight.dtype), "ffn_input": str(args[0].dtype),
+                "masks": sorted({str(p.dtype) for n, p in model.named_parameters() if n.startswith("masks.")})}
+
+    up.register_forward_pre_hook(hook)
+
+
 def main() -> None:
     import warnings
 
@@ -185,6 +199,7 @@ def main() -> None:
             "plain_params": sorted(n for n, p in trainer.state.model.named_parameters()
                                    if type(p.data).__name__ != "DTensor"),
         }
+    _record_forward_dtypes(trainer.state.model, trace.extra)
     trainer.fit()
     trainer.close()
 
