@@ -57,7 +57,9 @@ def test_model_description_yamls_build_configs():
 
 
 @pytest.mark.parametrize("name, params", [("prune_pythia_410m", 162_322_944), ("prune_qwen3_1.7b", 596_049_920),
-                                          ("prune_llama3_8b_gqa", None), ("prune_2.7b", None)])
+                                          ("prune_llama3_8b_gqa", None), ("prune_2.7b", None),
+                                          ("select/activation_pythia_410m", 162_322_944),
+                                          ("select/activation_qwen3_1.7b", 596_049_920)])
 def test_shipped_pruning_targets_pass_the_family_check_before_training(name, params):
     """The family's target check (L0Pruning.from_config, run before training) accepts every shipped target;
     Pythia-410M -> 160M and Qwen3-1.7B -> 0.6B land on the published sizes."""
@@ -69,6 +71,24 @@ def test_shipped_pruning_targets_pass_the_family_check_before_training(name, par
     algo = L0Pruning.from_config(cfg.pruning, config)
     n = count_params({**algo.source, **algo.target}, config=config)
     assert params is None or n == params
+
+
+LEARNED = sorted(p for p in (REPO / "yamls").glob("prune_*.yaml") if p.name != "prune_custom.yaml")
+
+
+@pytest.mark.parametrize("learned", LEARNED, ids=lambda p: p.stem)
+def test_every_shipped_pruning_yaml_has_a_one_shot_twin_of_the_same_source_and_target(learned):
+    """One-shot activation selection is a pruning mode of the recipe beside the learned masks: for every shipped
+    ``prune_<size>.yaml``, ``select/activation_<size>.yaml`` prunes the same source (family and config) to the same
+    target, at the same sequence length."""
+    twin = REPO / "yamls" / "select" / f"activation_{learned.stem.removeprefix('prune_')}.yaml"
+    assert twin.is_file(), f"{twin.name} is missing"
+    extra = ["variables.reference_losses=[2.0,1.0,2.0,2.0,2.0,2.0,2.0]"]
+    a, b = load_config(learned, VARS + extra), load_config(twin, VARS + extra)
+    assert (a.pruning.method, b.pruning.method) == ("learned", "activation")
+    assert b.pruning.calibration_sequences > 0
+    assert (a.model.family, dict(a.model.config), a.pruning.target, a.data.max_seq_len) == (
+        b.model.family, dict(b.model.config), b.pruning.target, b.data.max_seq_len)
 
 
 def _write(tmp_path, text):

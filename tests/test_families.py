@@ -84,6 +84,33 @@ def test_masked_materialised_and_exported_agree_per_family_and_structure_set(nam
     assert r["tied"] == make_tiny_model(name).config.tie_word_embeddings
 
 
+@pytest.mark.parametrize("method", ["activation", "magnitude"])
+@pytest.mark.parametrize("name", sorted(FULL_TARGETS))
+def test_one_shot_selection_of_each_family_builds_the_exact_target(name, method):
+    """``pruning.method`` activation / magnitude (the one-shot twins of the learned YAMLs) on every family: the
+    selection materialises at the target shape, runs, and keeps each layer's highest-scored FFN channels."""
+    from llmshearing.pruning import materialize
+    from llmshearing.pruning.baselines import select_masks
+    from llmshearing.pruning.importance import activation_scores
+
+    model = make_tiny_model(name).eval()
+    target = target_for(name, STRUCTURE_SETS["all"])
+    fields = {k: v for k, v in vars(target).items() if v is not None}
+    ids = torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    masks = select_masks(model, fields, method, calibration=ids if method == "activation" else None)
+    small = materialize(model, masks)
+    want = dict(fields, num_key_value_heads=target.num_key_value_heads or target.num_attention_heads)
+    assert {k: v for k, v in describe_shape(small.config).items() if k in want} == want
+    with torch.no_grad():
+        assert torch.isfinite(small(input_ids=ids[:1]).logits).all()
+    if method == "activation":
+        scores = activation_scores(model, ids)["intermediate"]
+        kept_layers = [i for i, keep in enumerate(masks.layer_keep.tolist()) if keep]
+        for i in kept_layers:
+            kept = masks.intermediate_keep[i]
+            assert scores[i][kept].min() >= scores[i][~kept].max()
+
+
 def test_every_tiny_config_has_a_target():
     assert set(FULL_TARGETS) >= set(TINY_CONFIGS)
 
