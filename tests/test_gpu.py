@@ -22,3 +22,23 @@ def test_fsdp_pruning_saves_exports_and_loads_at_the_target_shape(tmp_path):
     res = pruning_smoke(DRY_SMOKE, data, tmp_path, args, steps=4)
     assert res["fsdp"] is True
     assert {k: res["exported_shape"][k] for k in DRY_SMOKE["prune"]} == DRY_SMOKE["prune"]
+
+
+def test_a_distillation_teacher_is_on_the_gpu_once_the_trainer_is_built(mds_data, tmp_path):
+    """Each rank puts its teacher on its GPU as it loads it: 8 ranks' host copies of a 7B teacher would be ~110 GB."""
+    import torch
+
+    from llmshearing.config import load_config
+    from llmshearing.trainer import build_trainer
+    from tests.helpers import REPO, save_tiny_cpu_source
+
+    src = save_tiny_cpu_source(tmp_path / "src")
+    cfg = load_config(REPO / "yamls" / "prune" / "tiny_cpu.yaml", [
+        f"variables.data={mds_data}", f"variables.run_dir={tmp_path / 'run'}", f"variables.source={src}",
+        "variables.vocab_size=512", "data.max_seq_len=64", "global_train_batch_size=8",
+        "device_train_microbatch_size=4", "max_duration=2ba", "device=gpu", "precision=amp_bf16",
+        "distillation.ce_weight=0.5"])
+    trainer = build_trainer(cfg)
+    teacher = trainer.state.model.teacher
+    assert teacher.device.type == "cuda" and next(teacher.model.parameters()).dtype == torch.bfloat16
+    trainer.close()

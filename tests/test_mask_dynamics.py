@@ -346,3 +346,30 @@ def test_frozen_weights_leave_the_source_untouched_while_the_masks_learn(mds_dat
     assert any(not torch.equal(masks_before[k], v) for k, v in trainer.state.model.masks.state_dict().items())
     assert all(g.log_alpha_min == -9.2 for g in trainer.state.model.masks.gates.values())
     trainer.close()
+
+
+def test_top_k_takes_units_tied_at_the_clamp_in_index_order():
+    """At convergence many units sit exactly at the lower clamp and still count towards the expected size, so top-k
+    picks among exact ties. They are taken in index order (a stable sort), so evaluation on a GPU and the export on
+    the CPU keep the same units; the default sort orders ties differently on each (and on the CPU, not by index)."""
+    gate = HardConcrete((2, 64), keep=40)
+    with torch.no_grad():
+        gate.log_alpha.fill_(LOG_ALPHA_MIN)
+        gate.log_alpha[:, ::2] = 5.0  # 32 live units per row: 8 more must come from the 32 tied ones
+    _, keep = gate.deterministic("target")
+    tied_kept = [torch.nonzero(row[1::2]).flatten().tolist() for row in keep]
+    assert tied_kept == [list(range(8))] * 2
+    assert keep[:, ::2].all()
+
+
+def test_flash_attention_scores_under_bf16_autocast_on_a_gpu_only():
+    """flash-attn takes fp16 / bf16 only, and the source is scored in fp32 outside the trainer's precision context."""
+    from types import SimpleNamespace
+
+    from llmshearing.pruning.importance import scores_in_bf16
+
+    def bf16(attn: str, device: str) -> bool:
+        return scores_in_bf16(SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn)), torch.device(device))
+
+    assert bf16("flash_attention_2", "cuda")
+    assert not bf16("sdpa", "cuda") and not bf16("eager", "cuda") and not bf16("flash_attention_2", "cpu")

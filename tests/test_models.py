@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from llmshearing.config import ModelConfig
 from llmshearing.models import ComposerCausalLM, build_hf_model
+from llmshearing.models.composer_causal_lm import token_cross_entropy
 from llmshearing.models.families import count_params, describe_shape
 from tests.helpers import TINY_CONFIGS, make_tiny_model, save_tiny_model
 
@@ -73,3 +74,44 @@ def test_loss_is_next_token_cross_entropy_and_domains_accumulate():
     assert counts.tolist() == [8.0, 16.0]
     assert torch.allclose(sums.sum() / counts.sum(), loss.double(), atol=1e-6)
     assert model.pop_train_domain_sums()[1].sum() == 0  # reset after pop
+
+
+def test_a_batch_retried_after_out_of_memory_logs_only_the_attempt_that_finished():
+    """Composer re-runs BEFORE_TRAIN_BATCH when it retries a batch after a CUDA OOM (device_train_microbatch_size:
+    auto): the failed attempt's per-domain sums are dropped there."""
+    from types import SimpleNamespace
+
+    from llmshearing.callbacks import DomainLossMonitor
+
+    model = ComposerCausalLM(make_tiny_model("llama2_mha"), domains=["a", "b"])
+    ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "domain_id": torch.tensor([0, 1, 1])}
+    logged = {}
+    logger = SimpleNamespace(log_metrics=logged.update)
+    state = SimpleNamespace(model=model)
+    monitor = DomainLossMonitor()
+    monitor.before_train_batch(state, logger)
+    model.loss(model(batch), batch)  # the attempt that ran out of memory half-way
+    monitor.before_train_batch(state, logger)  # the retry
+    loss = model.loss(model(batch), batch)
+    monitor.batch_end(state, logger)
+    assert logged["metrics/train/tokens_a"] == 8 and logged["metrics/train/tokens_b"] == 16
+    with torch.no_grad():
+        per_token, _ = token_cross_entropy(model(batch), batch)
+    assert abs(logged["metrics/train/LanguageCrossEntropy_a"] - per_token[0].mean().item()) < 1e-6
+    assert loss.item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluation_cross_entropy_one_sequence_at_a_time_equals_the_batched_one(dtype):
+    """Without gradients the fp32 upcast is taken per sequence (memory); the values are the same bits."""
+    logits = torch.randn(3, 17, 501, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ids = torch.randint(0, 501, (3, 17), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[1, 5:] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    with torch.no_grad():
+        evaluated, valid = token_cross_entropy(logits, batch)
+    trained, _ = token_cross_entropy(logits.clone().requires_grad_(), batch)
+    assert torch.equal(evaluated, trained.detach()) and evaluated.dtype == torch.float32
+    assert valid[1, 4:].logical_not().all() and valid[0].all()

@@ -23,6 +23,14 @@ class DomainLossMonitor(Callback):
     | ``metrics/train/KD_<domain>`` | token-averaged KL(teacher || student) of the domain (distillation runs) |
     """
 
+    def before_train_batch(self, state: State, logger: Logger) -> None:
+        # a batch Composer retries after a CUDA out-of-memory error (device_train_microbatch_size: auto) starts
+        # again from here: the failed attempt's partial sums are dropped, not counted twice
+        model = state.model
+        if not hasattr(model, "pop_train_domain_sums") and hasattr(model, "module"):
+            model = model.module
+        model.pop_train_domain_sums()
+
     def batch_end(self, state: State, logger: Logger) -> None:
         model = state.model
         if not hasattr(model, "pop_train_domain_sums") and hasattr(model, "module"):

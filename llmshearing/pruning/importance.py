@@ -27,7 +27,20 @@ from torch import nn
 from llmshearing.models.adapters import adapter_for
 from llmshearing.models.families import head_dim
 
-__all__ = ["activation_scores", "gate_scores"]
+__all__ = ["activation_scores", "gate_scores", "scores_in_bf16", "scoring_autocast"]
+
+
+def scores_in_bf16(model: nn.Module, device: torch.device) -> bool:
+    """Whether scoring autocasts to bf16: for flash-attn on a GPU only (flash-attn takes fp16 / bf16, and the source
+    is scored in its fp32 weights outside the trainer's precision context); SDPA and eager attention score in the
+    weights' own precision."""
+    flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
+    return flash and device.type == "cuda"
+
+
+def scoring_autocast(model: nn.Module, device: torch.device) -> torch.autocast:
+    """The autocast context of a scoring forward (:func:`scores_in_bf16`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=scores_in_bf16(model, device))
 
 
 @torch.no_grad()
@@ -84,10 +97,11 @@ def activation_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int
     try:
         for start in range(0, len(input_ids), batch_size):
             ids = input_ids[start : start + batch_size].to(dev)
-            try:  # no logits over the sequence: only the activations inside are needed
-                model(input_ids=ids, logits_to_keep=1, use_cache=False)
-            except TypeError:  # a family whose forward has no logits_to_keep
-                model(input_ids=ids, use_cache=False)
+            with scoring_autocast(model, dev):
+                try:  # no logits over the sequence: only the activations inside are needed
+                    model(input_ids=ids, logits_to_keep=1, use_cache=False)
+                except TypeError:  # a family whose forward has no logits_to_keep
+                    model(input_ids=ids, use_cache=False)
             tokens += ids.numel()
     finally:
         for h in handles:

@@ -129,7 +129,9 @@ class HardConcrete(nn.Module):
         """(test-time values with non-kept entries zeroed, boolean keep mask): the largest ``log_alpha`` of each
         row are kept, as many as :meth:`kept_per_row` says."""
         la = self.log_alpha.detach()
-        order = la.argsort(dim=-1, descending=True)
+        # stable: units tied at the clamp are taken in index order, the same on the CPU (export) as on a GPU
+        # (evaluation during training); the default sort breaks ties differently on each
+        order = la.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(self.n, device=la.device).expand_as(order))
         keep = rank < self.kept_per_row(mode)[..., None]
         return self.test_values() * keep, keep
@@ -140,7 +142,7 @@ class HardConcrete(nn.Module):
         below it, linear in rank between (higher score = more important)."""
         if tuple(scores.shape) != self.shape:
             raise ValueError(f"importance scores of shape {tuple(scores.shape)} for gates of shape {self.shape}")
-        order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True)
+        order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True, stable=True)
         frac = torch.arange(self.n, device=order.device, dtype=torch.float32) / max(self.n - 1, 1)
         rank_frac = torch.empty_like(frac.expand_as(order)).scatter_(-1, order, frac.expand_as(order).contiguous())
         self.log_alpha.copy_((LOG_ALPHA_MAX - spread * rank_frac).clamp(self.log_alpha_min, LOG_ALPHA_MAX))
