@@ -37,7 +37,7 @@ CPT = YAMLS / "continue_pretrain_2.7b.yaml"
 GQA = YAMLS / "prune_llama3_8b_gqa.yaml"
 SELECT = YAMLS / "select" / "activation_2.7b.yaml"
 TOL = 1e-5
-BF16_LOSS_TOL, BF16_WEIGHT_TOL = 1e-4, 5e-3  # bf16 runs against each other; measured 9.5e-6 and 4.3e-4 (6 steps)
+BF16_LOSS_TOL, BF16_WEIGHT_TOL = 1e-4, 5e-3  # a bf16 run against an fp32 one; measured 1.1e-5 and 4.3e-4
 STEPS = 6
 
 
@@ -329,27 +329,24 @@ def test_bf16_under_fsdp_gathers_weights_in_bf16_keeps_masks_fp32_and_tracks_one
                                                                                           work):
     """The GPU YAML's precision (amp_bf16, fsdp.mixed_precision DEFAULT) on the CPU: FSDP gathers each layer's
     weights in bf16 as on GPUs, the masks and multipliers stay fp32 and whole, the master weights fp32. The reference
-    is one process autocasting to bf16 with fp32 weights: the two differ by bf16 rounding (the residual stream is
-    bf16 under FSDP, fp32 in one process), so they agree to bf16 precision, not to float32 rounding as in fp32."""
-    bf16 = ["device=cpu", "precision=amp_bf16"]
-    one = run_traced(work / "bf16_one.pt", PRUNE, _prune(mds_data, source, work / "bf16_one", False, "fsdp=null", *bf16))
-    fsdp = run_traced(work / "bf16_fsdp.pt", PRUNE, _prune(mds_data, source, work / "bf16_fsdp", False, *bf16), nproc=2)
-    cfg = fsdp["fsdp"]["config"]
-    assert cfg["mixed_precision"] == {"param_dtype": "bf16", "reduce_dtype": "fp32", "buffer_dtype": "bf16"}
+    is the fp32 run in one process: they differ by bf16 rounding, so they agree to bf16 precision, not to float32
+    rounding as the fp32 runs do. Measured (6 steps): losses 1.1e-5 (relative), weights 4.3e-4; against one process
+    autocasting to bf16 the same (9.5e-6, 4.3e-4)."""
+    fsdp = run_traced(work / "bf16_fsdp.pt", PRUNE, _prune(mds_data, source, work / "bf16_fsdp", False, "device=cpu",
+                                                           "precision=amp_bf16"), nproc=2)
+    assert fsdp["fsdp"]["config"]["mixed_precision"] == {"param_dtype": "bf16", "reduce_dtype": "fp32",
+                                                         "buffer_dtype": "bf16"}
     assert fsdp["forward_dtypes"] == {"ffn_weight": "torch.bfloat16", "ffn_input": "torch.bfloat16",
                                       "masks": ["torch.float32"]}
-    assert one["forward_dtypes"]["ffn_weight"] == "torch.float32"  # autocast casts inside the matmul
+    assert prune_one["forward_dtypes"]["ffn_weight"] == "torch.float32"
     assert all(v.dtype == torch.float32 for v in fsdp["tensors"].values())  # fp32 master weights, masks, multipliers
-    assert one["batches"] == fsdp["batches"] == prune_one["batches"]
-    rel = max(abs(a[k] - b[k]) / max(abs(a[k]), 1.0) for a, b in zip(one["losses"], fsdp["losses"]) for k in a)
-    to_fp32 = max(abs(a["loss/train/lm_loss"] - b["loss/train/lm_loss"]) for a, b in zip(one["losses"],
-                                                                                         prune_one["losses"]))
-    weights = max((one["tensors"][k] - fsdp["tensors"][k]).abs().max().item() for k in one["tensors"]
+    assert fsdp["batches"] == prune_one["batches"]
+    rel = max(abs(a[k] - b[k]) / max(abs(a[k]), 1.0) for a, b in zip(prune_one["losses"], fsdp["losses"]) for k in a)
+    weights = max((prune_one["tensors"][k] - fsdp["tensors"][k]).abs().max().item() for k in prune_one["tensors"]
                   if k.startswith("model."))
-    print(f"bf16: FSDP vs one process, losses {rel:.2e} (relative), weights {weights:.2e}; "
-          f"one process bf16 vs fp32, lm loss {to_fp32:.2e}")
-    assert 0.0 < rel <= BF16_LOSS_TOL and 0.0 < weights <= BF16_WEIGHT_TOL, (rel, weights)
-    assert to_fp32 > 0.0  # the bf16 runs did compute in bf16
+    print(f"bf16 FSDP vs fp32 one process: losses {rel:.2e} (relative), weights {weights:.2e}")
+    # bf16 arithmetic shows in the weights, 250x the fp32 runs' rounding (1.7e-6)
+    assert 0.0 < rel <= BF16_LOSS_TOL and 10 * TOL < weights <= BF16_WEIGHT_TOL, (rel, weights)
     assert max(abs(a["loss/train/lagrangian"]) for a in fsdp["losses"]) > 0.1  # the constraint is active
 
 
