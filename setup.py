@@ -27,7 +27,7 @@ setup(
         # lm-evaluation-harness (llmshearing.evaluate --tasks): an unpinned lm_eval pulls huggingface_hub 2.x, which
         # transformers 4.57 refuses; this set resolves and runs with the pinned stack (README, "Evaluation")
         "eval": ["lm_eval==0.4.13", "huggingface_hub>=0.34,<1.0", "datasets>=4,<6", "accelerate>=1.0"],
-        "gpu": ["flash-attn>=2.5"],
+        "gpu": ["flash-attn>=2.5", "accelerate>=1.0"],  # accelerate: a distillation teacher read onto each GPU
         # a Hugging Face dataset as data prep's input (llmshearing.data.hf_source); the hub pin as for the eval extra
         "hf": ["datasets>=4,<6", "huggingface_hub>=0.34,<1.0"],
         "wandb": ["wandb>=0.17"],  # loggers: {wandb: {project: ...}} (README, "Logging")

@@ -106,8 +106,15 @@ class Teacher:
         return self.model.num_parameters()
 
 
-def load_teacher(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> Teacher:
-    """The teacher at ``path`` (a Hugging Face directory, a ``.gguf`` file or a GGUF short name)."""
+def load_teacher(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                 device: Optional[torch.device] = None) -> Teacher:
+    """The teacher at ``path`` (a Hugging Face directory, a ``.gguf`` file or a GGUF short name), on ``device``.
+
+    On a GPU the weights are read straight onto it (``device_map``, with accelerate installed: the ``gpu`` extra), so a
+    node's ranks, which all load at once, do not each hold a host copy (8 x 13.5 GB for a bf16 LLaMA2-7B); without
+    accelerate the model is read on the host and then moved."""
+    import importlib.util
+
     from transformers import AutoModelForCausalLM
 
     from llmshearing.models.gguf import resolve_pretrained
@@ -115,7 +122,14 @@ def load_teacher(path: str, dtype: torch.dtype = torch.float32, attn_implementat
     resolved = resolve_pretrained(path)
     if not (Path(resolved) / "config.json").is_file():
         raise FileNotFoundError(f"distillation.teacher={path!r} is not a Hugging Face model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation=attn_implementation)
+    direct = device is not None and device.type == "cuda" and importlib.util.find_spec("accelerate") is not None
+    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation=attn_implementation,
+                                                 **({"device_map": {"": str(device)}} if direct else {}))
+    if device is not None and not direct:
+        if device.type == "cuda":
+            log.warning("teacher read on the host, then moved to %s: install accelerate (the gpu extra) to read it "
+                        "onto the GPU directly", device)
+        model.to(device)
     log.info("teacher %s: %.2fM parameters, frozen", path, model.num_parameters() / 1e6)
     return Teacher(model)
 

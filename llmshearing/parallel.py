@@ -217,12 +217,13 @@ def _mixed_precision(block: dict[str, Any], cpu_bf16: bool) -> str | dict[str, s
 
     Composer derives the gathered parameters' dtype from the Trainer's precision. A CPU run in bf16 hands Composer
     fp32 (its CPU device trains in fp32 only) and autocasts itself, so for it the policy is spelled out as Composer
-    derives it for ``amp_bf16`` on a GPU: parameters gathered (and buffers kept) in bf16, gradients reduced in fp32
-    (DEFAULT) or bf16 (PURE). The CPU test of the GPU path then runs the same dtypes as the GPUs."""
+    derives it for ``amp_bf16`` on a GPU: parameters gathered in bf16, gradients reduced in fp32 (DEFAULT) or bf16
+    (PURE); buffers are not cast (Composer's FSDP2 policy has no buffer dtype). The CPU test of the GPU path then runs
+    the same dtypes as the GPUs."""
     mp = str(block.get("mixed_precision", "DEFAULT")).upper()
     if not cpu_bf16 or mp == "FULL":
         return mp
-    return {"param_dtype": "bf16", "reduce_dtype": "fp32" if mp == "DEFAULT" else "bf16", "buffer_dtype": "bf16"}
+    return {"param_dtype": "bf16", "reduce_dtype": "fp32" if mp == "DEFAULT" else "bf16"}
 
 
 def plan_fsdp(block: dict[str, Any], device_type: str, cpu_bf16: bool = False) -> FsdpPlan:

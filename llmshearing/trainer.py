@@ -74,9 +74,8 @@ def _distillation(cfg: RunConfig, manifest: dict, student) -> dict[str, Any]:
     path = d.teacher or cfg.model.pretrained
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(d.dtype) or (
         torch.bfloat16 if _device(cfg) == "gpu" else torch.float32)
-    teacher = load_teacher(path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
-    if _device(cfg) == "gpu":  # onto this rank's GPU at once: 8 ranks' host copies of a 7B teacher would be ~110 GB
-        teacher.to(torch.device("cuda", torch.cuda.current_device()))
+    device = torch.device("cuda", torch.cuda.current_device()) if _device(cfg) == "gpu" else None
+    teacher = load_teacher(path, dtype=dtype, attn_implementation=cfg.model.attn_implementation, device=device)
     if path != cfg.model.pretrained:  # the pruning source shares the student's tokenizer by construction
         check_tokenizers_agree(path, cfg.tokenizer or manifest["tokenizer"]["path"],
                                teacher.model.config.vocab_size, student.config.vocab_size)

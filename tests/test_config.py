@@ -80,7 +80,8 @@ LEARNED = sorted(p for p in (REPO / "yamls").glob("prune_*.yaml") if p.name != "
 def test_every_shipped_pruning_yaml_has_a_one_shot_twin_of_the_same_source_and_target(learned):
     """One-shot activation selection is a pruning mode of the recipe beside the learned masks: for every shipped
     ``prune_<size>.yaml``, ``select/activation_<size>.yaml`` prunes the same source (family and config) to the same
-    target, at the same sequence length."""
+    target, at the same sequence length, and trains for as many tokens as the learned recipe's pruning plus its
+    continued pre-training (48,000 steps of 2^20 tokens, ``parts/continue_pretrain_common.yaml``)."""
     twin = REPO / "yamls" / "select" / f"activation_{learned.stem.removeprefix('prune_')}.yaml"
     assert twin.is_file(), f"{twin.name} is missing"
     extra = ["variables.reference_losses=[2.0,1.0,2.0,2.0,2.0,2.0,2.0]"]
@@ -89,6 +90,12 @@ def test_every_shipped_pruning_yaml_has_a_one_shot_twin_of_the_same_source_and_t
     assert b.pruning.calibration_sequences > 0
     assert (a.model.family, dict(a.model.config), a.pruning.target, a.data.max_seq_len) == (
         b.model.family, dict(b.model.config), b.pruning.target, b.data.max_seq_len)
+
+    def tokens(cfg) -> int:
+        assert cfg.max_duration.endswith("ba")
+        return int(cfg.max_duration[:-2]) * cfg.global_train_batch_size * cfg.data.max_seq_len
+
+    assert tokens(b) == tokens(a) + 48_000 * 2**20, (tokens(a), tokens(b))
 
 
 def _write(tmp_path, text):

@@ -25,7 +25,8 @@ def test_fsdp_pruning_saves_exports_and_loads_at_the_target_shape(tmp_path):
 
 
 def test_a_distillation_teacher_is_on_the_gpu_once_the_trainer_is_built(mds_data, tmp_path):
-    """Each rank puts its teacher on its GPU as it loads it: 8 ranks' host copies of a 7B teacher would be ~110 GB."""
+    """Each rank reads its teacher onto its GPU (device_map, with accelerate): 8 ranks loading at once would otherwise
+    each hold a host copy of it (~110 GB for a bf16 LLaMA2-7B)."""
     import torch
 
     from llmshearing.config import load_config

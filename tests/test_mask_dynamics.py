@@ -373,3 +373,16 @@ def test_flash_attention_scores_under_bf16_autocast_on_a_gpu_only():
 
     assert bf16("flash_attention_2", "cuda")
     assert not bf16("sdpa", "cuda") and not bf16("eager", "cuda") and not bf16("flash_attention_2", "cpu")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_activation_scoring_runs_its_forwards_under_the_scoring_autocast(bf16, monkeypatch):
+    """activation_scores enters scoring_autocast around every forward (forced on here: on the CPU, CPU autocast)."""
+    import llmshearing.pruning.importance as importance
+
+    monkeypatch.setattr(importance, "scores_in_bf16", lambda model, device: bf16)
+    model = make_tiny_model("llama2_mha")
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    activation_scores(model, torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(0)), batch_size=2)
+    assert seen == [bf16, bf16]

@@ -103,8 +103,18 @@ def test_a_batch_retried_after_out_of_memory_logs_only_the_attempt_that_finished
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_evaluation_cross_entropy_one_sequence_at_a_time_equals_the_batched_one(dtype):
+def test_evaluation_cross_entropy_one_sequence_at_a_time_equals_the_batched_one(dtype, monkeypatch):
     """Without gradients the fp32 upcast is taken per sequence (memory); the values are the same bits."""
+    import llmshearing.models.composer_causal_lm as ccl
+
+    rows = []
+    original = ccl.F.cross_entropy
+
+    def counting(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(ccl.F, "cross_entropy", counting)
     logits = torch.randn(3, 17, 501, generator=torch.Generator().manual_seed(0)).to(dtype)
     ids = torch.randint(0, 501, (3, 17), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
@@ -112,6 +122,8 @@ def test_evaluation_cross_entropy_one_sequence_at_a_time_equals_the_batched_one(
     batch = {"input_ids": ids, "labels": labels}
     with torch.no_grad():
         evaluated, valid = token_cross_entropy(logits, batch)
+    assert rows == [16, 16, 16]  # one sequence of T-1 positions at a time
     trained, _ = token_cross_entropy(logits.clone().requires_grad_(), batch)
+    assert rows[3:] == [48]
     assert torch.equal(evaluated, trained.detach()) and evaluated.dtype == torch.float32
     assert valid[1, 4:].logical_not().all() and valid[0].all()

@@ -268,3 +268,19 @@ def test_one_process_runs_the_step_itself():
     assert from_rank_zero("selecting", lambda: 3) == together("loading", lambda: 3) == 3
     with pytest.raises(ValueError, match="no source"):
         together("loading", lambda: (_ for _ in ()).throw(ValueError("no source")))
+
+
+def test_cpu_bf16_spells_out_the_fsdp_policy_composer_derives_for_amp_bf16_on_gpus():
+    """Composer derives the gathered dtype from the Trainer's precision, which a CPU run gives as fp32 (it autocasts
+    itself): for device=cpu precision=amp_bf16 the policy is written out as a GPU's amp_bf16 gets it."""
+    from composer.core.precision import Precision
+    from composer.distributed.fsdp2 import create_mixed_precision_policy
+
+    from llmshearing.parallel import _mixed_precision
+
+    want = {"DEFAULT": (torch.bfloat16, torch.float32), "PURE": (torch.bfloat16, torch.bfloat16), "FULL": (None, None)}
+    for mp, dtypes in want.items():
+        gpu = create_mixed_precision_policy(Precision.AMP_BF16, mp)
+        cpu = create_mixed_precision_policy(Precision.FP32, _mixed_precision({"mixed_precision": mp.lower()}, True))
+        assert (cpu.param_dtype, cpu.reduce_dtype) == (gpu.param_dtype, gpu.reduce_dtype) == dtypes
+        assert _mixed_precision({"mixed_precision": mp}, False) == mp  # fp32 and GPU runs: Composer's own

@@ -160,7 +160,9 @@ class Trace(Callback):
 def _record_forward_dtypes(model: torch.nn.Module, extra: dict) -> None:
     """The dtypes the first training forward sees: a decoder layer's FFN weight as the layer uses it (under FSDP, the
     gathered parameter), that layer's input, and the masks' parameters."""
-    up = next(m for n, m in model.named_modules() if ".layers.0." in n and n.endswith("mlp.up_proj"))
+    up = next((m for n, m in model.named_modules() if ".layers.0." in n and n.endswith("mlp.up_proj")), None)
+    if up is None:  # a family without an up_proj (GPT-NeoX, Phi-3): not recorded
+        return
 
     def hook(module, args):
         if "forward_dtypes" not in extra and module.training:

@@ -36,9 +36,10 @@ __all__ = ["select_masks"]
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean keep-mask of the ``k`` largest entries along the last dim."""
+    """Boolean keep-mask of the ``k`` largest entries along the last dim; ties in index order (a stable sort: the
+    same units on the CPU and on a GPU)."""
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    return keep.scatter(-1, scores.topk(k, dim=-1).indices, True)
+    return keep.scatter(-1, scores.argsort(dim=-1, descending=True, stable=True)[..., :k], True)
 
 
 @torch.no_grad()

@@ -156,7 +156,7 @@ class HardConcrete(nn.Module):
         not wind up during a ramp (see ``pruning.init`` in the configuration)."""
         if tuple(scores.shape) != self.shape:
             raise ValueError(f"importance scores of shape {tuple(scores.shape)} for gates of shape {self.shape}")
-        order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True)
+        order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True, stable=True)
         pos = (self.keep - 0.5 - torch.arange(self.n, device=order.device, dtype=torch.float32)) / self.n
         placed = (self.threshold + spread * pos).expand_as(order).contiguous()  # by rank, not yet clamped
         self.log_alpha.copy_(torch.empty_like(placed).scatter_(-1, order, placed))
