@@ -121,4 +121,5 @@ def test_a_killed_distilled_run_resumes_bit_for_bit(mds_data, tmp_path):
     assert out["first_batch"] == 4 and out["batches"] == ref["batches"][4:]
     assert out["losses"] == ref["losses"][4:] and out["proportions"] == ref["proportions"][4:]
     assert all(torch.equal(out["tensors"][k], t) for k, t in ref["tensors"].items())
-    # several processes: tests/test_fsdp.py::test_distillation_under_fsdp_equals_one_process_and_keeps_the_teacher_out
+    # several processes: tests/test_fsdp.py::
+    # test_the_improved_learned_stage_with_distillation_under_fsdp_equals_one_process_and_keeps_the_teacher_out
