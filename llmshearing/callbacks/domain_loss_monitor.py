@@ -23,18 +23,19 @@ class DomainLossMonitor(Callback):
     | ``metrics/train/KD_<domain>`` | token-averaged KL(teacher || student) of the domain (distillation runs) |
     """
 
+    @staticmethod
+    def _model(state: State):
+        """The model that accumulates the sums (inside a DDP wrapper when there is one)."""
+        model = state.model
+        return model.module if not hasattr(model, "pop_train_domain_sums") and hasattr(model, "module") else model
+
     def before_train_batch(self, state: State, logger: Logger) -> None:
         # a batch Composer retries after a CUDA out-of-memory error (device_train_microbatch_size: auto) starts
         # again from here: the failed attempt's partial sums are dropped, not counted twice
-        model = state.model
-        if not hasattr(model, "pop_train_domain_sums") and hasattr(model, "module"):
-            model = model.module
-        model.pop_train_domain_sums()
+        self._model(state).pop_train_domain_sums()
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        model = state.model
-        if not hasattr(model, "pop_train_domain_sums") and hasattr(model, "module"):
-            model = model.module
+        model = self._model(state)
         parts = model.pop_train_domain_sums()
         if parts[0].numel() == 0:
             return

@@ -53,9 +53,9 @@ def token_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) ->
         loss = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)).float(), targets.reshape(-1), ignore_index=-100,
                                reduction="none").view_as(targets)  # (B, T-1)
     else:
-        loss = torch.stack([F.cross_entropy(shifted[b].float(), targets[b], ignore_index=-100, reduction="none")
-                            for b in range(shifted.size(0))]) if shifted.size(0) else targets.new_zeros(
-                                targets.shape, dtype=torch.float32)
+        loss = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        for b in range(shifted.size(0)):
+            loss[b] = F.cross_entropy(shifted[b].float(), targets[b], ignore_index=-100, reduction="none")
     return loss, targets != -100
 
 

@@ -30,16 +30,15 @@ from transformers import PreTrainedModel
 from llmshearing.models.adapters import adapter_for
 from llmshearing.models.families import head_dim
 from llmshearing.pruning.importance import activation_scores
-from llmshearing.pruning.masks import DeterministicMasks
+from llmshearing.pruning.masks import DeterministicMasks, descending_order
 
 __all__ = ["select_masks"]
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean keep-mask of the ``k`` largest entries along the last dim; ties in index order (a stable sort: the
-    same units on the CPU and on a GPU)."""
+    """Boolean keep-mask of the ``k`` largest entries along the last dim, ties in index order."""
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    return keep.scatter(-1, scores.argsort(dim=-1, descending=True, stable=True)[..., :k], True)
+    return keep.scatter(-1, descending_order(scores)[..., :k], True)
 
 
 @torch.no_grad()

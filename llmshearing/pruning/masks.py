@@ -57,7 +57,15 @@ from transformers import PretrainedConfig
 
 from llmshearing.models.families import count_params
 
-__all__ = ["DeterministicMasks", "HardConcrete", "LOG_ALPHA_MAX", "LOG_ALPHA_MIN", "ShearingMasks"]
+__all__ = ["DeterministicMasks", "HardConcrete", "LOG_ALPHA_MAX", "LOG_ALPHA_MIN", "ShearingMasks", "descending_order"]
+
+
+def descending_order(values: torch.Tensor) -> torch.Tensor:
+    """Indices that sort each row of ``values`` from largest to smallest, ties in index order. Every ranking of units
+    (top-k of the masks, importance inits, one-shot selection) goes through here: a stable sort keeps the same units
+    on the CPU (export) as on a GPU (evaluation during training); the default sort breaks ties differently on each
+    (units tied at the clamp are common at convergence)."""
+    return values.argsort(dim=-1, descending=True, stable=True)
 
 LIMIT_L, LIMIT_R = -0.1, 1.1
 # The reference's bounds on log_alpha: [ln 0.01, ln 100]. The upper one is also the default start.
@@ -129,9 +137,7 @@ class HardConcrete(nn.Module):
         """(test-time values with non-kept entries zeroed, boolean keep mask): the largest ``log_alpha`` of each
         row are kept, as many as :meth:`kept_per_row` says."""
         la = self.log_alpha.detach()
-        # stable: units tied at the clamp are taken in index order, the same on the CPU (export) as on a GPU
-        # (evaluation during training); the default sort breaks ties differently on each
-        order = la.argsort(dim=-1, descending=True, stable=True)
+        order = descending_order(la)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(self.n, device=la.device).expand_as(order))
         keep = rank < self.kept_per_row(mode)[..., None]
         return self.test_values() * keep, keep
@@ -142,7 +148,7 @@ class HardConcrete(nn.Module):
         below it, linear in rank between (higher score = more important)."""
         if tuple(scores.shape) != self.shape:
             raise ValueError(f"importance scores of shape {tuple(scores.shape)} for gates of shape {self.shape}")
-        order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True, stable=True)
+        order = descending_order(scores.to(self.log_alpha.device).float())
         frac = torch.arange(self.n, device=order.device, dtype=torch.float32) / max(self.n - 1, 1)
         rank_frac = torch.empty_like(frac.expand_as(order)).scatter_(-1, order, frac.expand_as(order).contiguous())
         self.log_alpha.copy_((LOG_ALPHA_MAX - spread * rank_frac).clamp(self.log_alpha_min, LOG_ALPHA_MAX))
@@ -156,7 +162,7 @@ class HardConcrete(nn.Module):
         not wind up during a ramp (see ``pruning.init`` in the configuration)."""
         if tuple(scores.shape) != self.shape:
             raise ValueError(f"importance scores of shape {tuple(scores.shape)} for gates of shape {self.shape}")
-        order = scores.to(self.log_alpha.device).float().argsort(dim=-1, descending=True, stable=True)
+        order = descending_order(scores.to(self.log_alpha.device).float())
         pos = (self.keep - 0.5 - torch.arange(self.n, device=order.device, dtype=torch.float32)) / self.n
         placed = (self.threshold + spread * pos).expand_as(order).contiguous()  # by rank, not yet clamped
         self.log_alpha.copy_(torch.empty_like(placed).scatter_(-1, order, placed))
