@@ -238,6 +238,13 @@ class Stages:
                 tmp.replace(self.file)
         return self.state["stages"][key]["result"]
 
+    def prior(self, name: str, spec: dict[str, Any], fn: Callable[[], dict]) -> dict:
+        """A stage another one is built from: its result from this work folder or a record (whose folders may be
+        gone: the caller reads what the record keeps), else run here."""
+        self._refresh()
+        hit = self.entry(name, spec)
+        return hit["result"] if hit else self.run(name, spec, fn)
+
     def seconds(self, name: str, spec: dict[str, Any], record: Optional[str] = None) -> float:
         return (self.entry(name, spec, record) or {}).get("seconds", float("nan"))
 
@@ -262,6 +269,23 @@ def _unpack(entry: dict) -> dict:
         bits = np.unpackbits(np.frombuffer(bytes.fromhex(v["bits"]), np.uint8))[:n].astype(bool)
         out[k] = bits.reshape(v["shape"]).tolist()
     return {**entry, "result": {**entry["result"], "keep": out}}
+
+
+def kv_groups(config) -> int:
+    """The source's key/value groups (GPT-NeoX names none: one per head)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def masks_from_keep(keep: dict[str, list], groups: int) -> dict[str, torch.Tensor]:
+    """Deterministic masks (``DeterministicMasks`` fields) from a record's kept units: kept units at 1, and a KV group
+    kept when any of its query heads is (what a materialised model needs of it)."""
+    import torch
+
+    det = {f"{k}_keep": torch.tensor(keep[k], dtype=torch.bool) for k in ("layer", "hidden", "intermediate", "head")}
+    heads = det["head_keep"]
+    det["kv_keep"] = heads.reshape(heads.shape[0], groups, -1).any(-1)
+    det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
+    return det
 
 
 CODE = ["llmshearing", "benchmarks/real_model.py", "benchmarks/common.py", "yamls"]  # what computes a stage
@@ -485,9 +509,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     def learned_on_source(seed: int, masks_of: str, pruned: dict, spec: dict) -> dict:
         """The pruning run's masks on the source weights; its tokens and FLOPs are this arm's too (it needed them)."""
         out = work / f"select_on_source_{masks_of}_s{seed}-{_sha(spec)[:8]}"
-        det = torch.load(pruned.get("masks", work / f"masks_{masks_of}_s{seed}.pt"), weights_only=False)
-        det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
         src = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        masks_file = Path(pruned.get("masks", work / f"masks_{masks_of}_s{seed}.pt"))
+        if masks_file.is_file():
+            det = torch.load(masks_file, weights_only=False)
+        else:  # a recorded pruning run (its folders are on another machine): its kept units, not run again
+            det = masks_from_keep(pruned["keep"], kv_groups(src.config))
+        det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
         shutil.rmtree(out, ignore_errors=True)
         materialize(src, DeterministicMasks(**det)).save_pretrained(out)
         from llmshearing.data.tokenizer import load_tokenizer
@@ -524,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         name, spec, fn = plan["learned"][0]
         os_spec = {**base, "masks_of": _sha(spec), "seed": seed}
         plan["learned on source"] = ((f"select_on_source_s{seed}", os_spec,
-                                      lambda: learned_on_source(seed, "learned", stages.run(name, spec, fn), os_spec)),
+                                      lambda: learned_on_source(seed, "learned", stages.prior(name, spec, fn), os_spec)),
                                      args.budget - args.prune_steps)
         needs[seed] = {"learned on source": (name, spec, fn)}
         return plan
@@ -554,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                     continue
             else:
                 if pre:
-                    stages.run(*pre)
+                    stages.prior(*pre)
                 sel = stages.run(sel_name, sel_spec, sel_fn)
                 rname, rspec, rfn = recover(tag, seed, sel, sel_spec, rec_steps)
                 rec = stages.run(rname, rspec, rfn)

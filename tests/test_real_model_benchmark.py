@@ -60,6 +60,20 @@ def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir
     again = (tmp_path / "fresh_out.md").read_text()
     body = lambda md: md.split("\n", 1)[1]  # noqa: E731 - after the heading, which names the source's path
     assert body(again).startswith(body(report).rstrip("\n")) and "From records" in again  # every figure, kept units
+    # an arm built on another's recorded stage: without its own record, "learned on source" takes the learned arm's
+    # kept units from that arm's record (the pruning run is not repeated) and reproduces its recovery
+    (recs / "learned_on_source_s0.json").unlink()
+    rebuilt, away = tmp_path / "rebuilt", tmp_path / "work_elsewhere"
+    (tmp_path / "work").rename(away)  # the records' folders (the pruning run's masks) are not on this machine
+    assert main([*args, "--work", str(rebuilt), "--out", str(tmp_path / "rebuilt_out"), "--records", str(recs),
+                 "--arms", "learned on source"]) == 0
+    away.rename(tmp_path / "work")
+    made = [p.name for p in rebuilt.iterdir() if p.name.startswith(("prune_", "recover_", "select_"))]
+    assert not [m for m in made if m.startswith("prune_")] and [m for m in made if m.startswith("select_on_source")]
+    first = json.loads((tmp_path / "work" / "state.json").read_text())["stages"]
+    again_stages = json.loads((rebuilt / "state.json").read_text())["stages"]
+    key = next(k for k in again_stages if k.startswith("recover_learned_on_source"))
+    assert again_stages[key]["result"]["test"] == first[key]["result"]["test"]
     # a second run reuses every stage (nothing trains again)
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     n_stages = len(state["stages"])
@@ -132,3 +146,36 @@ def test_a_prepared_data_folder_is_reused_only_for_the_settings_it_was_made_from
             _check_prepared(tmp_path, bad, tmp_path / "tok")
     with pytest.raises(SystemExit, match="tokenizer"):
         _check_prepared(tmp_path, ok, tmp_path / "other_tok")
+
+
+@pytest.mark.parametrize("name,target", [("llama3_gqa", (2, 40, 4, None, 50)), ("llama3_gqa", (2, 40, 4, 1, 50)),
+                                         ("llama2_mha", (2, 32, 2, None, 24))])
+def test_a_recorded_selection_rebuilds_the_model_its_pruning_run_exported(name, target):
+    """``learned on source`` from a record (the pruning run's folders are on another machine) materialises the same
+    model as from the run's own deterministic masks: the record's kept units are enough, KV groups included."""
+    import torch
+
+    from benchmarks.real_model import kv_groups, masks_from_keep
+    from llmshearing.config import TargetShape
+    from llmshearing.models.families import describe_shape
+    from llmshearing.pruning import ShearingMasks, materialize, resolve_target
+    from llmshearing.pruning.masks import DeterministicMasks
+    from tests.helpers import make_tiny_model
+
+    model = make_tiny_model(name)
+    src = describe_shape(model.config)
+    structures = ["layer", "head", "intermediate", "hidden"]
+    masks = ShearingMasks(src, resolve_target(src, TargetShape(*target), structures), structures)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for g in masks.gates.values():
+            g.log_alpha.copy_(torch.randn(g.log_alpha.shape, generator=gen) * 3)
+    det = masks.deterministic().to_dict()
+    keep = {k: det[f"{k}_keep"].tolist() for k in ("layer", "hidden", "intermediate", "head")}  # what a record keeps
+    rebuilt = masks_from_keep(keep, kv_groups(model.config))
+    assert torch.equal(rebuilt["kv_keep"], det["kv_keep"])
+    det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})  # kept units at 1
+    a, b = materialize(model, DeterministicMasks(**det)), materialize(model, DeterministicMasks(**rebuilt))
+    assert a.config.to_dict() == b.config.to_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
