@@ -43,3 +43,25 @@ def test_a_distillation_teacher_is_on_the_gpu_once_the_trainer_is_built(mds_data
     teacher = trainer.state.model.teacher
     assert teacher.device.type == "cuda" and next(teacher.model.parameters()).dtype == torch.bfloat16
     trainer.close()
+
+
+def test_mask_sampling_and_the_lagrangian_do_not_synchronise_the_device():
+    import torch
+
+    from llmshearing.config import TargetShape
+    from llmshearing.models.families import describe_shape
+    from llmshearing.pruning import ShearingMasks, resolve_target
+    from tests.helpers import make_tiny_model
+
+    src = describe_shape(make_tiny_model("llama3_gqa").config)
+    structures = ["layer", "head", "intermediate", "hidden"]
+    masks = ShearingMasks(src, resolve_target(src, TargetShape(2, 40, 4, 1, 50), structures), structures).cuda()
+    masks.set_progress(0.5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        z = masks.sampled()
+        loss, _ = masks.lagrangian()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert z["hidden_count"].is_cuda and torch.isfinite(loss)

@@ -52,7 +52,7 @@ def test_penalty_is_per_row_so_rows_cannot_trade_off():
     the mean gap would be zero; the per-row penalty is positive and pulls each row toward the target."""
     src = describe_shape(make_tiny_model("llama2_mha").config)
     masks = ShearingMasks(src, resolve_target(src, TargetShape(3, 32, 4, None, 24), ["intermediate"]), ["intermediate"])
-    masks.target_progress.fill_(1.0)  # target: 24 of 48 channels per layer
+    masks.set_progress(1.0)  # target: 24 of 48 channels per layer
     g = masks.gates["intermediate"]
     with torch.no_grad():
         g.log_alpha.fill_(LOG_ALPHA_MIN)
@@ -162,8 +162,9 @@ def test_init_at_target_starts_at_the_target_with_the_ranking_top_k_kept(log_alp
         assert float(la.min()) >= log_alpha_min - 1e-6 and float(la.max()) <= LOG_ALPHA_MAX + 1e-6
     # the ramp is flat: the constraint holds from the first step and the ramp's end
     for progress in (0.0, 1.0):
-        masks.target_progress.fill_(progress)
+        masks.set_progress(progress)
         loss, logs = masks.lagrangian()
+        logs = {k: float(v) for k, v in logs.items()}  # device values are tensors
         assert abs(float(loss)) < 1e-6
         for name, g in masks.gates.items():
             assert logs[f"expected_{name}"] == pytest.approx(logs[f"target_{name}"], abs=1e-3)
@@ -197,8 +198,9 @@ def test_projection_puts_every_row_on_the_count_and_keeps_its_order(log_alpha_mi
     masks = _masks()
     for progress in (1.0, 0.5):
         masks.project_(progress)
-        masks.target_progress.fill_(progress)
+        masks.set_progress(progress)
         loss, logs = masks.lagrangian()
+        logs = {k: float(v) for k, v in logs.items()}  # device values are tensors
         for name, g in masks.gates.items():
             assert logs[f"expected_{name}"] == pytest.approx(logs[f"target_{name}"], abs=1e-3), (name, progress)
             if progress == 1.0:
@@ -386,3 +388,22 @@ def test_activation_scoring_runs_its_forwards_under_the_scoring_autocast(bf16, m
     model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
     activation_scores(model, torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(0)), batch_size=2)
     assert seen == [bf16, bf16]
+
+
+def test_a_training_forwards_masks_and_lagrangian_read_nothing_back_from_the_device(monkeypatch):
+    """Sampling a forward's masks and the Lagrangian run every micro-batch: a value read back to the host there (a
+    ``float()``, ``.item()``, ``int()``) makes a GPU wait each time. Checked on CPU by making such reads fail."""
+    masks = _masks()
+    masks.set_progress(0.5)
+
+    def read_back(*args, **kwargs):
+        raise AssertionError("a device value read back to the host")
+
+    for name in ("__float__", "__int__", "__index__", "__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    z = masks.sampled()
+    loss, logs = masks.lagrangian()
+    monkeypatch.undo()
+    assert isinstance(z["hidden_count"], torch.Tensor) and float(z["hidden_count"]) == float((z["hidden"] != 0).sum())
+    assert all(isinstance(logs[f"expected_{k}"], torch.Tensor) for k in masks.gates)
+    assert logs["target_hidden"] == pytest.approx(masks.ramped_target("hidden", 0.5))

@@ -127,7 +127,7 @@ def test_masks_stay_whole_and_fp32_when_the_weights_are_sharded_in_bf16():
     handle = o_proj.register_forward_pre_hook(lambda m, a: seen.update(weight=m.weight.dtype))
     ids = torch.randint(0, model.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "domain_id": torch.zeros(2, dtype=torch.long)}
-    masks.target_progress.fill_(1.0)
+    masks.set_progress(1.0)
     loss = model.loss(model(batch), batch) + masks.lagrangian()[0]
     loss.backward()
     handle.remove()
@@ -146,7 +146,7 @@ def test_the_global_gradient_norm_counts_sharded_and_replicated_gradients_once()
     model, _, _ = _masked_composer_model()
     batch = {"input_ids": torch.randint(0, 160, (2, 12), generator=torch.Generator().manual_seed(1)),
              "domain_id": torch.zeros(2, dtype=torch.long)}
-    model.masks.target_progress.fill_(1.0)
+    model.masks.set_progress(1.0)
     (model.loss(model(batch), batch) + model.masks.lagrangian()[0]).backward()
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad.clone() for p in params]

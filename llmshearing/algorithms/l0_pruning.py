@@ -144,7 +144,7 @@ class L0Pruning(Algorithm):
         self.masks: Optional[ShearingMasks] = None
         self._warmup_batches = 0
         self._started = False
-        self._lagrangian_logs: dict[str, float] = {}
+        self._lagrangian_logs: dict[str, torch.Tensor | float] = {}
 
     @classmethod
     def from_config(
@@ -306,7 +306,7 @@ class L0Pruning(Algorithm):
                 "device_train_microbatch_size dividing global_train_batch_size / pruning.mask_samples")
         self.masks.sample = first
         self._offset += n
-        self.masks.target_progress.fill_(self._progress(step))
+        self.masks.set_progress(self._progress(step))
 
     def _progress(self, step: int) -> float:
         """How far the target ramp is at ``step`` (0: the start sizes, 1: the target)."""
@@ -322,7 +322,10 @@ class L0Pruning(Algorithm):
         state.loss = {"total": lm_loss + lagrangian, "lm_loss": lm_loss, "lagrangian": lagrangian}
 
     def _log(self, state: State, logger: Logger) -> None:
-        metrics: dict[str, Any] = {f"pruning/{k}": v for k, v in self._lagrangian_logs.items()}
+        logs = self._lagrangian_logs
+        on_device = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+        values = torch.stack([logs[k].float() for k in on_device]).tolist() if on_device else []  # one sync a step
+        metrics: dict[str, Any] = {f"pruning/{k}": v for k, v in {**logs, **dict(zip(on_device, values))}.items()}
         metrics["pruning/expected_params"] = self.masks.expected_params()
         metrics.update({f"pruning/weak_kept_{k}": v for k, v in self.masks.weak_kept().items()})
         for k, v in self.masks.expected_shape().items():

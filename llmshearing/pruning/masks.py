@@ -279,7 +279,10 @@ class ShearingMasks(nn.Module):
         self.gates = nn.ModuleDict(gates)
         # lambdas[name] = (lambda_1, lambda_2); updated by gradient *ascent* (negative lr, see L0Pruning).
         self.lambdas = nn.ParameterDict({name: nn.Parameter(torch.zeros(2)) for name in gates})
+        # how far the target ramp is (0: start sizes, 1: the target), kept on the host: reading it costs no device
+        # sync; the buffer mirrors it and marks the masks' device
         self.register_buffer("target_progress", torch.zeros(()), persistent=False)
+        self.progress = 0.0
         self._set_start_fraction()
         self.step = 0
         self.sample = 0  # which of the step's independent mask samples a training forward draws
@@ -348,11 +351,16 @@ class ShearingMasks(nn.Module):
     def expected_params(self) -> float:
         return count_params(self.expected_shape(), self.tie_word_embeddings, self.qkv_bias, config=self.config)
 
+    def set_progress(self, progress: float) -> None:
+        """Where the target ramp is for the next forwards (0: the start sizes, 1: the target)."""
+        self.progress = float(progress)
+        self.target_progress.fill_(self.progress)
+
     def ramped_target(self, name: str, progress: Optional[float] = None) -> float:
         """The ramped target kept count per row of structure ``name`` (at ``progress``; None: the current)."""
         full, tgt = self._full_and_target(name)
         start = self.start_fraction[name]
-        progress = float(self.target_progress) if progress is None else progress
+        progress = self.progress if progress is None else progress
         return (start + progress * (tgt / full - start)) * full
 
     def project_(self, progress: float) -> None:
@@ -361,9 +369,10 @@ class ShearingMasks(nn.Module):
         for name, g in self.gates.items():
             g.project_(self.ramped_target(name, progress))
 
-    def lagrangian(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def lagrangian(self) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Sum over structures of the mean over rows of ``l1 * (s_hat_r - t) + l2 * (s_hat_r - t)^2`` on kept
-        fractions; and a log dict."""
+        fractions; and a log dict, whose device values are detached tensors (it runs every micro-batch: reading
+        them as floats here would wait for the device each time)."""
         total = torch.zeros((), device=self.target_progress.device)
         logs: dict[str, float] = {}
         for name, g in self.gates.items():
@@ -373,10 +382,10 @@ class ShearingMasks(nn.Module):
             gap = rows / full - t
             lam = self.lambdas[name]
             total = total + (lam[0] * gap + lam[1] * gap * gap).mean()
-            logs[f"expected_{name}"] = float(rows.mean())
+            logs[f"expected_{name}"] = rows.detach().mean()
             logs[f"target_{name}"] = t * full
-            logs[f"lambda1_{name}"] = float(lam[0])
-            logs[f"lambda2_{name}"] = float(lam[1])
+            logs[f"lambda1_{name}"] = lam[0].detach()
+            logs[f"lambda2_{name}"] = lam[1].detach()
         return total, logs
 
     def weak_kept(self) -> dict[str, int]:
@@ -390,9 +399,11 @@ class ShearingMasks(nn.Module):
     # -- masks for a forward pass --------------------------------------------------------------------
     def _noise(self, shape: tuple[int, ...], name: str, device: torch.device) -> torch.Tensor:
         key = np.random.SeedSequence([self.seed, self.step, self.sample, sorted(self.gates).index(name)])
-        gen = torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
-        u = torch.rand(shape, generator=gen, dtype=torch.float32)
-        return u.clamp(1e-6, 1 - 1e-6).to(device)
+        # drawn on the masks' device: no host-to-device copy per sample (a GPU draws other numbers than the CPU for
+        # the same key; each draws the same ones on any world size)
+        gen = torch.Generator(device=device).manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        u = torch.rand(shape, generator=gen, dtype=torch.float32, device=device)
+        return u.clamp(1e-6, 1 - 1e-6)
 
     def refresh(self, training: bool) -> dict[str, torch.Tensor]:
         """Compute this forward's masks: sampled (training) or deterministic in ``eval_mode`` (evaluation); none
@@ -414,7 +425,8 @@ class ShearingMasks(nn.Module):
 
     def sampled(self) -> dict[str, torch.Tensor]:
         z = {name: g.sample(self._noise(g.shape, name, g.log_alpha.device)) for name, g in self.gates.items()}
-        n_hidden = int(torch.count_nonzero(z["hidden"])) if "hidden" in z else self.d
+        # the kept hidden count stays on the device (no sync per forward)
+        n_hidden = torch.count_nonzero(z["hidden"]) if "hidden" in z else self.d
         return self._hook_masks(z, n_hidden)
 
     def deterministic(self, mode: str = "target") -> DeterministicMasks:
@@ -456,7 +468,7 @@ class ShearingMasks(nn.Module):
             z["head"] = dm.head
         return self._hook_masks(z, int(dm.hidden_keep.sum()) if "hidden" in self.gates else self.d)
 
-    def _hook_masks(self, z: dict[str, torch.Tensor], n_hidden: int) -> dict[str, torch.Tensor]:
+    def _hook_masks(self, z: dict[str, torch.Tensor], n_hidden: int | torch.Tensor) -> dict[str, torch.Tensor]:
         """Masks as the hooks use them: only gated structures; ``head`` as (L, H); the kept hidden count."""
         out = {k: v for k, v in z.items() if k in ("layer", "hidden", "intermediate")}
         if self.gqa and ("kv_group" in z or (z.get("head") is not None and z["head"].dim() == 3)):
@@ -467,5 +479,8 @@ class ShearingMasks(nn.Module):
         elif "head" in z:
             out["head"] = z["head"]
         if "hidden" in out:
-            out["hidden_count"] = torch.tensor(float(max(n_hidden, 1)), device=out["hidden"].device)
+            if isinstance(n_hidden, torch.Tensor):
+                out["hidden_count"] = n_hidden.to(torch.float32).clamp_min(1.0)
+            else:
+                out["hidden_count"] = torch.tensor(float(max(n_hidden, 1)), device=out["hidden"].device)
         return out
