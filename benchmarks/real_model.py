@@ -271,11 +271,6 @@ def _unpack(entry: dict) -> dict:
     return {**entry, "result": {**entry["result"], "keep": out}}
 
 
-def kv_groups(config) -> int:
-    """The source's key/value groups (GPT-NeoX names none: one per head)."""
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
 def masks_from_keep(keep: dict[str, list], groups: int) -> dict[str, torch.Tensor]:
     """Deterministic masks (``DeterministicMasks`` fields) from a record's kept units: kept units at 1, and a KV group
     kept when any of its query heads is (what a materialised model needs of it)."""
@@ -514,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         if masks_file.is_file():
             det = torch.load(masks_file, weights_only=False)
         else:  # a recorded pruning run (its folders are on another machine): its kept units, not run again
-            det = masks_from_keep(pruned["keep"], kv_groups(src.config))
+            from llmshearing.models.families import describe_shape
+
+            det = masks_from_keep(pruned["keep"], describe_shape(src.config)["num_key_value_heads"])
         det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
         shutil.rmtree(out, ignore_errors=True)
         materialize(src, DeterministicMasks(**det)).save_pretrained(out)
@@ -595,16 +592,26 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             calib = 0.0
             if "calibration_tokens" not in sel and sel_spec.get("calibration"):  # selections cached by stage version 2
                 calib = forward_flops(n_src, src_cfg, sel_spec["calibration"] * args.seq_len, args.seq_len)
-            seconds = stages.seconds(sel_name, sel_spec, record) + stages.seconds(rname, rspec, record)
-            if pre:
-                seconds += stages.seconds(pre[0], pre[1], record)
+            timed = [(sel_name, sel_spec), (rname, rspec)] + ([pre[:2]] if pre else [])
+            seconds = sum(stages.seconds(n, sp, record) for n, sp in timed)
+            # stages this arm took from another arm's record (e.g. the learned arm's pruning run): run elsewhere
+            elsewhere = sum(stages.seconds(n, sp, record) for n, sp in timed
+                            if (stages.entry(n, sp, record) or {}).get("from_record")
+                            or (record is None and stages.record_of(n, sp) is not None))
             results.setdefault(arm, {})[seed] = {
                 **rec, "selection": sel, "tokens": sel.get("tokens", 0) + rec_tokens,
-                "flops": sel.get("flops", 0.0) + calib + rec["recovery_flops"], "seconds": seconds}
+                "flops": sel.get("flops", 0.0) + calib + rec["recovery_flops"], "seconds": seconds,
+                "seconds_elsewhere": elsewhere}
 
     if args.record:
         for (arm, seed), named in used.items():
-            entries = {stages.key(n, sp): stages.entry(n, sp) for n, sp in named}
+            entries = {}
+            for n, sp in named:
+                entry, origin = stages.entry(n, sp), stages.record_of(n, sp)
+                if origin is not None and n != "source_eval":  # run for another arm, on another machine: say where
+                    r = stages.records[origin]
+                    entry = {**entry, "from_record": {"file": origin, "commit": r["commit"], "recorded": r["recorded"]}}
+                entries[stages.key(n, sp)] = entry
             if write_record(Path(args.records), arm, seed, entries):
                 log.info("recorded %s, seed %d in %s", arm, seed, args.records)
     report = _report(args, results, clusters, docs, domains, manifest, source_eval)
@@ -627,6 +634,12 @@ def _mean_loss(r: dict, split: str) -> float:
     return float(np.mean(np.concatenate([np.asarray(v) for v in r[split].values()])))
 
 
+def _elsewhere(r: dict) -> str:
+    """Wall time that ran on another machine, for another arm (a stage read from its record)."""
+    m = r.get("seconds_elsewhere", 0.0) / 60
+    return f" ({m:.0f} min of it another arm's stage, run elsewhere)" if m > 0 else ""
+
+
 def _report(args, results: dict, clusters: dict, docs: dict, domains: list[str], manifest: dict,
             source_eval: dict) -> str:
     split = "val" if args.phase == "tune" else "test"
@@ -640,7 +653,7 @@ def _report(args, results: dict, clusters: dict, docs: dict, domains: list[str],
         for seed, r in sorted(by_seed.items()):
             worst = max(float(np.mean(r[split][d])) - float(np.mean(source_eval[split][d])) for d in domains)
             lines.append(f"| {arm} | {seed} | {r['tokens'] / 1e6:.3f}M | {r['flops']:.3g} | {_mean_loss(r, split):.4f} "
-                         f"| {worst:.3f} | {r['seconds'] / 60:.0f} min |")
+                         f"| {worst:.3f} | {r['seconds'] / 60:.0f} min{_elsewhere(r)} |")
     lines += ["", "| arm | seeds | mean " + split + " loss ± SE over seeds | vs activation: diff (SE seed, SE test) t "
               "-> verdict | vs random | vs improved (ablations) |", "|---|---|---|---|---|---|"]
     for arm, by_seed in results.items():

@@ -65,3 +65,8 @@ def test_mask_sampling_and_the_lagrangian_do_not_synchronise_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert z["hidden_count"].is_cuda and torch.isfinite(loss)
+    # the gate noise is the CPU's, whatever the GPU (CUDA's own generator depends on its multiprocessor count)
+    cpu = ShearingMasks(src, resolve_target(src, TargetShape(2, 40, 4, 1, 50), structures), structures)
+    for name, g in masks.gates.items():
+        assert torch.equal(masks._noise((32, 11008), name, torch.device("cuda")).cpu(),
+                           cpu._noise((32, 11008), name, torch.device("cpu")))

@@ -407,3 +407,6 @@ def test_a_training_forwards_masks_and_lagrangian_read_nothing_back_from_the_dev
     assert isinstance(z["hidden_count"], torch.Tensor) and float(z["hidden_count"]) == float((z["hidden"] != 0).sum())
     assert all(isinstance(logs[f"expected_{k}"], torch.Tensor) for k in masks.gates)
     assert logs["target_hidden"] == pytest.approx(masks.ramped_target("hidden", 0.5))
+    with torch.no_grad():  # the optimizer's in-place step comes before the step's log: the log keeps this step's
+        masks.lambdas["hidden"].add_(1.0)
+    assert float(logs["lambda1_hidden"]) == 0.0

@@ -66,8 +66,11 @@ def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir
     rebuilt, away = tmp_path / "rebuilt", tmp_path / "work_elsewhere"
     (tmp_path / "work").rename(away)  # the records' folders (the pruning run's masks) are not on this machine
     assert main([*args, "--work", str(rebuilt), "--out", str(tmp_path / "rebuilt_out"), "--records", str(recs),
-                 "--arms", "learned on source"]) == 0
+                 "--arms", "learned on source", "--record"]) == 0
     away.rename(tmp_path / "work")
+    written = json.loads((recs / "learned_on_source_s0.json").read_text())["stages"]
+    assert [e["from_record"]["file"] for k, e in written.items() if k.startswith("prune_learned")] == ["learned_s0.json"]
+    assert "another arm's stage, run elsewhere" in (tmp_path / "rebuilt_out.md").read_text()
     made = [p.name for p in rebuilt.iterdir() if p.name.startswith(("prune_", "recover_", "select_"))]
     assert not [m for m in made if m.startswith("prune_")] and [m for m in made if m.startswith("select_on_source")]
     first = json.loads((tmp_path / "work" / "state.json").read_text())["stages"]
@@ -155,7 +158,7 @@ def test_a_recorded_selection_rebuilds_the_model_its_pruning_run_exported(name, 
     model as from the run's own deterministic masks: the record's kept units are enough, KV groups included."""
     import torch
 
-    from benchmarks.real_model import kv_groups, masks_from_keep
+    from benchmarks.real_model import masks_from_keep
     from llmshearing.config import TargetShape
     from llmshearing.models.families import describe_shape
     from llmshearing.pruning import ShearingMasks, materialize, resolve_target
@@ -172,7 +175,7 @@ def test_a_recorded_selection_rebuilds_the_model_its_pruning_run_exported(name, 
             g.log_alpha.copy_(torch.randn(g.log_alpha.shape, generator=gen) * 3)
     det = masks.deterministic().to_dict()
     keep = {k: det[f"{k}_keep"].tolist() for k in ("layer", "hidden", "intermediate", "head")}  # what a record keeps
-    rebuilt = masks_from_keep(keep, kv_groups(model.config))
+    rebuilt = masks_from_keep(keep, src["num_key_value_heads"])
     assert torch.equal(rebuilt["kv_keep"], det["kv_keep"])
     det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})  # kept units at 1
     a, b = materialize(model, DeterministicMasks(**det)), materialize(model, DeterministicMasks(**rebuilt))

@@ -324,7 +324,8 @@ class L0Pruning(Algorithm):
     def _log(self, state: State, logger: Logger) -> None:
         logs = self._lagrangian_logs
         on_device = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
-        values = torch.stack([logs[k].float() for k in on_device]).tolist() if on_device else []  # one sync a step
+        # one read for the step's Lagrangian logs (the per-step shape and weak-unit counts below read a few more)
+        values = torch.stack([logs[k].float() for k in on_device]).tolist() if on_device else []
         metrics: dict[str, Any] = {f"pruning/{k}": v for k, v in {**logs, **dict(zip(on_device, values))}.items()}
         metrics["pruning/expected_params"] = self.masks.expected_params()
         metrics.update({f"pruning/weak_kept_{k}": v for k, v in self.masks.weak_kept().items()})

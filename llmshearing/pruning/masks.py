@@ -384,8 +384,9 @@ class ShearingMasks(nn.Module):
             total = total + (lam[0] * gap + lam[1] * gap * gap).mean()
             logs[f"expected_{name}"] = rows.detach().mean()
             logs[f"target_{name}"] = t * full
-            logs[f"lambda1_{name}"] = lam[0].detach()
-            logs[f"lambda2_{name}"] = lam[1].detach()
+            lam_now = lam.detach().clone()  # a copy: the optimizer updates the multipliers in place before the log
+            logs[f"lambda1_{name}"] = lam_now[0]
+            logs[f"lambda2_{name}"] = lam_now[1]
         return total, logs
 
     def weak_kept(self) -> dict[str, int]:
@@ -399,11 +400,13 @@ class ShearingMasks(nn.Module):
     # -- masks for a forward pass --------------------------------------------------------------------
     def _noise(self, shape: tuple[int, ...], name: str, device: torch.device) -> torch.Tensor:
         key = np.random.SeedSequence([self.seed, self.step, self.sample, sorted(self.gates).index(name)])
-        # drawn on the masks' device: no host-to-device copy per sample (a GPU draws other numbers than the CPU for
-        # the same key; each draws the same ones on any world size)
-        gen = torch.Generator(device=device).manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
-        u = torch.rand(shape, generator=gen, dtype=torch.float32, device=device)
-        return u.clamp(1e-6, 1 - 1e-6)
+        gen = torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        # drawn on the CPU (the same numbers on any device, GPU model and world size: CUDA's generator maps numbers
+        # to elements by the GPU's number of multiprocessors for large tensors); to a GPU through pinned memory,
+        # asynchronously (the device does not wait for the host, nor the host for the device)
+        pinned = device.type == "cuda"
+        u = torch.empty(shape, dtype=torch.float32, pin_memory=pinned).uniform_(generator=gen)
+        return u.to(device, non_blocking=pinned).clamp_(1e-6, 1 - 1e-6)
 
     def refresh(self, training: bool) -> dict[str, torch.Tensor]:
         """Compute this forward's masks: sampled (training) or deterministic in ``eval_mode`` (evaluation); none
