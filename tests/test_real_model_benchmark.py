@@ -182,3 +182,37 @@ def test_a_recorded_selection_rebuilds_the_model_its_pruning_run_exported(name, 
     assert a.config.to_dict() == b.config.to_dict()
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_massive_activation_report_finds_an_amplified_channel_and_which_records_kept_it(corpus_dir, small_tokenizer,
+                                                                                       tmp_path, capsys):
+    """The channel made massive (its embedding column scaled up) ranks first, and a record that dropped it says so."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.massive_activations import main
+    from benchmarks.real_model import _pack
+    from llmshearing.data.tokenizer import load_tokenizer
+
+    src = save_tiny_cpu_source(tmp_path / "src")
+    load_tokenizer(small_tokenizer).save_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 5] *= 1000.0  # channel 5 carries a massive activation
+    model.save_pretrained(src)
+    d = model.config.hidden_size
+    records = tmp_path / "records"
+    records.mkdir()
+    for arm, kept5, loss in (("activation", True, 4.0), ("random", False, 7.0)):
+        keep = np.ones(d, bool)
+        keep[5] = kept5
+        keep[-1] = not kept5
+        stages = {"select#1": _pack({"spec": {}, "result": {"keep": {"hidden": keep.tolist()}}, "seconds": 1.0}),
+                  "recover_x#2": {"spec": {}, "result": {"test": {"code": [loss, loss]}}, "seconds": 1.0}}
+        (records / f"{arm}_s0.json").write_text(json.dumps({"arm": arm, "seed": 0, "stages": stages}))
+    assert main(["--source", str(src), "--data", str(corpus_dir), "--records", str(records),
+                 "--domains", "code", "docstrings", "--seq-len", "32", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "top 2: 5 (" in out
+    assert "| activation, seed 0 | 4.0000 | kept |" in out and "| random, seed 0 | 7.0000 | **dropped** |" in out
