@@ -277,7 +277,7 @@ class L0Pruning(Algorithm):
             scores = activation_scores(self.hf_model, ids)
         if dist.get_world_size() > 1:  # every rank scored the same sequences; rank 0's scores make the masks equal
             for name in sorted(scores):
-                t = scores[name].to(self.masks.target_progress.device)
+                t = scores[name].to(self.masks.device)
                 dist.broadcast(t, src=0)
                 scores[name] = t.cpu()
         self.masks.init_from_scores(gate_scores(scores, {k: g.shape for k, g in self.masks.gates.items()}),

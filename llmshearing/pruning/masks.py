@@ -279,9 +279,9 @@ class ShearingMasks(nn.Module):
         self.gates = nn.ModuleDict(gates)
         # lambdas[name] = (lambda_1, lambda_2); updated by gradient *ascent* (negative lr, see L0Pruning).
         self.lambdas = nn.ParameterDict({name: nn.Parameter(torch.zeros(2)) for name in gates})
-        # how far the target ramp is (0: start sizes, 1: the target), kept on the host: reading it costs no device
-        # sync; the buffer mirrors it and marks the masks' device
-        self.register_buffer("target_progress", torch.zeros(()), persistent=False)
+        # where the masks live (moved with the module; no values, not in the state dict)
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+        # how far the target ramp is (0: start sizes, 1: the target), kept on the host: reading it costs no device sync
         self.progress = 0.0
         self._set_start_fraction()
         self.step = 0
@@ -354,7 +354,10 @@ class ShearingMasks(nn.Module):
     def set_progress(self, progress: float) -> None:
         """Where the target ramp is for the next forwards (0: the start sizes, 1: the target)."""
         self.progress = float(progress)
-        self.target_progress.fill_(self.progress)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_anchor.device
 
     def ramped_target(self, name: str, progress: Optional[float] = None) -> float:
         """The ramped target kept count per row of structure ``name`` (at ``progress``; None: the current)."""
@@ -373,8 +376,8 @@ class ShearingMasks(nn.Module):
         """Sum over structures of the mean over rows of ``l1 * (s_hat_r - t) + l2 * (s_hat_r - t)^2`` on kept
         fractions; and a log dict, whose device values are detached tensors (it runs every micro-batch: reading
         them as floats here would wait for the device each time)."""
-        total = torch.zeros((), device=self.target_progress.device)
-        logs: dict[str, float] = {}
+        total = torch.zeros((), device=self.device)
+        logs: dict[str, torch.Tensor | float] = {}
         for name, g in self.gates.items():
             full, _ = self._full_and_target(name)
             t = self.ramped_target(name) / full  # ramped target fraction: start -> tgt/full
@@ -428,16 +431,14 @@ class ShearingMasks(nn.Module):
 
     def sampled(self) -> dict[str, torch.Tensor]:
         z = {name: g.sample(self._noise(g.shape, name, g.log_alpha.device)) for name, g in self.gates.items()}
-        # the kept hidden count stays on the device (no sync per forward)
-        n_hidden = torch.count_nonzero(z["hidden"]) if "hidden" in z else self.d
-        return self._hook_masks(z, n_hidden)
+        return self._hook_masks(z, torch.count_nonzero(z["hidden"]) if "hidden" in z else None)
 
     def deterministic(self, mode: str = "target") -> DeterministicMasks:
         """Masks of every structure (see the module docstring for ``mode``)."""
         vals, keeps = {}, {}
         for name, g in self.gates.items():
             vals[name], keeps[name] = g.deterministic(mode)
-        dev = self.target_progress.device
+        dev = self.device
         L, d, m, H, G = self.L, self.d, self.m, self.H, self.G
         ones = lambda *s: torch.ones(s, device=dev)  # noqa: E731
         trues = lambda *s: torch.ones(s, dtype=torch.bool, device=dev)  # noqa: E731
@@ -469,10 +470,11 @@ class ShearingMasks(nn.Module):
         z = {k: v for k, v in z.items() if k in self.gates}
         if "head" in self.gates or "kv_group" in self.gates:
             z["head"] = dm.head
-        return self._hook_masks(z, int(dm.hidden_keep.sum()) if "hidden" in self.gates else self.d)
+        return self._hook_masks(z, dm.hidden_keep.sum() if "hidden" in self.gates else None)
 
-    def _hook_masks(self, z: dict[str, torch.Tensor], n_hidden: int | torch.Tensor) -> dict[str, torch.Tensor]:
-        """Masks as the hooks use them: only gated structures; ``head`` as (L, H); the kept hidden count."""
+    def _hook_masks(self, z: dict[str, torch.Tensor], n_hidden: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Masks as the hooks use them: only gated structures; ``head`` as (L, H); the kept hidden count (a device
+        tensor: no sync per forward), given when the hidden dimension is gated."""
         out = {k: v for k, v in z.items() if k in ("layer", "hidden", "intermediate")}
         if self.gqa and ("kv_group" in z or (z.get("head") is not None and z["head"].dim() == 3)):
             dev = next(iter(z.values())).device
@@ -482,8 +484,5 @@ class ShearingMasks(nn.Module):
         elif "head" in z:
             out["head"] = z["head"]
         if "hidden" in out:
-            if isinstance(n_hidden, torch.Tensor):
-                out["hidden_count"] = n_hidden.to(torch.float32).clamp_min(1.0)
-            else:
-                out["hidden_count"] = torch.tensor(float(max(n_hidden, 1)), device=out["hidden"].device)
+            out["hidden_count"] = n_hidden.to(torch.float32).clamp_min(1.0)
         return out
