@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import REDPAJAMA, REPO
+from benchmarks.real_model import _mean_loss, _unpack
 
 
 def peak_activations(source: str, data: Path, seq_len: int, domains: list[str]) -> np.ndarray:
@@ -48,19 +49,16 @@ def peak_activations(source: str, data: Path, seq_len: int, domains: list[str]) 
 def kept_hidden(record: dict) -> np.ndarray | None:
     """The hidden channels an arm's selection kept (from its record's packed bits)."""
     for entry in record["stages"].values():
-        keep = entry["result"].get("keep")
+        keep = _unpack(entry)["result"].get("keep")
         if keep and "hidden" in keep:
-            v = keep["hidden"]
-            n = int(np.prod(v["shape"]))
-            return np.unpackbits(np.frombuffer(bytes.fromhex(v["bits"]), np.uint8))[:n].astype(bool)
+            return np.asarray(keep["hidden"], bool)
     return None
 
 
 def test_loss(record: dict) -> float:
-    for key, entry in record["stages"].items():
-        if key.startswith("recover_"):
-            return float(np.mean(np.concatenate([np.asarray(v) for v in entry["result"]["test"].values()])))
-    return float("nan")
+    """The arm's mean test loss after its recovery."""
+    return next((_mean_loss(e["result"], "test") for k, e in record["stages"].items() if k.startswith("recover_")),
+                float("nan"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,14 +272,13 @@ def _unpack(entry: dict) -> dict:
 
 
 def masks_from_keep(keep: dict[str, list], groups: int) -> dict[str, torch.Tensor]:
-    """Deterministic masks (``DeterministicMasks`` fields) from a record's kept units: kept units at 1, and a KV group
-    kept when any of its query heads is (what a materialised model needs of it)."""
+    """The ``*_keep`` fields of ``DeterministicMasks`` from a record's kept units, a KV group kept when any of its
+    query heads is (what a materialised model needs of it); the values are the caller's (kept units at 1)."""
     import torch
 
     det = {f"{k}_keep": torch.tensor(keep[k], dtype=torch.bool) for k in ("layer", "hidden", "intermediate", "head")}
     heads = det["head_keep"]
     det["kv_keep"] = heads.reshape(heads.shape[0], groups, -1).any(-1)
-    det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
     return det
 
 
