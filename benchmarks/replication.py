@@ -28,11 +28,12 @@ Protocol:
 - every arm's tokens include everything it needed after the source: ``learned masks on source`` counts the pruning
   run its masks come from.
 - learning rates: one small sweep (``--lrs``; a best rate at the grid's edge adds the next half decade that way, up
-  to ``--lr-extensions`` times, and one still at the edge is reported as such) on the validation split, at budget ``T`` and seed 0, for each
-  of the two kinds of training: from random init (scratch) and from a selected model (continued
-  training: tuned on the ``random`` arm, then used by every continued-training arm, ``sheared`` included).
-  The pruning stage keeps its config's mask dynamics (mask/lambda lr 1.0, 10% warmup, reference init and clamp)
-  and trains the weights at the continued-training rate (the paper uses one model rate for both stages).
+  to ``--lr-extensions`` times, and one still at the edge is reported as such) on the validation split, at budget
+  ``T`` and a seed of its own (``--sweep-seed``, so no reported seed is the best of several runs), for each of the
+  two kinds of training: from random init (scratch) and from a selected model (continued training: tuned on the
+  ``random`` arm, then used by every continued-training arm, ``sheared`` included). The pruning stage's model rate
+  is swept the same way after the whole sheared chain (``--prune-lrs`` and the continued-training rate); the stage
+  keeps its config's mask dynamics (mask/lambda lr 1.0, 10% warmup, reference init and clamp).
 - seeds 0..n-1: the seed sets the trainer's data order and domain draws, the masks' gate noise, and the
   random selection; the magnitude selection is deterministic.
 - tokens and passes over the training data come from the trainer's timestamps and the batch sampler.
@@ -41,8 +42,9 @@ Protocol:
   test sequence comes from; a verdict names the lower arm only when |t| exceeds Student's two-sided 95% point at
   the seeds' degrees of freedom (4.30 with 3 seeds); the worst-domain comparison adds that domain's test error.
 - every cached run is keyed by everything that changes its result (its config overrides: steps, budget, sequence
-  length, batch, seed, learning rates, calibration, evaluation sequences; the run it continues; the source's and the
-  data's contents; the code's stage version), so a changed setting runs again instead of reusing a stale result.
+  length, batch, seed, learning rates, calibration, evaluation sequences; its YAML file's contents with the files it
+  includes; the run it continues; the source's and the data's contents; the code's stage version, bumped by hand when
+  the code changes what a run produces), so a changed setting runs again instead of reusing a stale result.
   Keys name no folder of this machine, so a key means the same run anywhere.
 
     python -m benchmarks.replication --out runs/benchmarks/replication.json       # one process
@@ -94,7 +96,8 @@ log = logging.getLogger("replication")
 BATCH, SEQ = 32, 128
 TARGET = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=3, intermediate_size=224)
 SE_BOUND = 0.005  # nats: the paired per-domain standard error the test set is meant to resolve
-STAGE_VERSION = 3  # part of every run's cache key: bump when a run's code changes what it produces
+STAGE_VERSION = 4  # part of every run's cache key: bump when a run's code changes what it produces (4: gate noise
+# drawn on the CPU, top-k ties in a stable order, one BOS/EOS per cut document)
 CALIBRATION = 64  # training sequences scored for activation importance (one-shot and importance init)
 CODE = ["llmshearing", "benchmarks/replication.py", "benchmarks/small_scale.py", "benchmarks/common.py", "yamls"]
 
@@ -215,8 +218,10 @@ class Bench:
     def run(self, name: str, yaml: str, overrides: list[str], after: Optional[str] = None, train: bool = True) -> str:
         """Train ``name`` (unless cached) and export it; returns its keyed name. ``after``: the run whose tokens
         precede it (for totals); ``train`` False: only the keyed name (reporting)."""
-        key = self.key({"yaml": yaml, "overrides": overrides, "after": after, "batch": BATCH, "seq": SEQ,
-                        "common": common_overrides(self.cache)})
+        from llmshearing.config import yaml_contents
+
+        key = self.key({"yaml": yaml, "yaml_contents": yaml_contents(REPO / yaml), "overrides": overrides,
+                        "after": after, "batch": BATCH, "seq": SEQ, "common": common_overrides(self.cache)})
         name = f"{name}-{key}"
         self.recipes[name] = lambda: self._train(name, yaml, overrides, after)
         return self._build(name, after, train)
@@ -324,7 +329,8 @@ class Bench:
         the pruning run ``masks_of`` with every kept unit at 1 (the selection alone, without co-trained weights);
         returns its keyed name. Its own tokens are 0; a learned selection's run counts the pruning run's (``after``)."""
         key = self.key({"method": method, "seed": seed if method == "random" else None, "masks_of": masks_of,
-                        "calibration": CALIBRATION if method == "activation" else None, "target": TARGET})
+                        "calibration": CALIBRATION if method == "activation" else None,
+                        "seq": SEQ if method == "activation" else None, "target": TARGET})
         name = f"{name}-{key}"
         self.recipes[name] = lambda: self._select(name, method, seed, masks_of)
         return self._build(name, masks_of, train)
@@ -485,22 +491,24 @@ def _fmt(m: float, se: float) -> str:
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, top to bottom
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/replication.json")
-    p.add_argument("--cache", default="runs/benchmarks/cache_v3")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v4")
     p.add_argument("--prune-steps", type=int, default=400)
     p.add_argument("--cpt-steps", type=int, default=600)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
-                   help="swept on validation, seed 0, budget T (a grid that brackets the optimum)")
+                   help="swept on validation, the sweep seed, budget T (a grid that brackets the optimum)")
     p.add_argument("--scratch-budgets", type=float, nargs="+", default=[2.0, 3.0],
                    help="extra scratch budgets (multiples of T), every seed, each its own fully decayed run")
     p.add_argument("--lr-extensions", type=int, default=2,
                    help="rates a sweep may add, half a decade at a time, when its best is at the grid's edge")
-    p.add_argument("--prune-lrs", type=float, nargs="+", default=[1e-4],
-                   help="model lrs of the pruning stage swept on validation, seed 0, with the continued-training lr")
+    p.add_argument("--sweep-seed", type=int, default=100,
+                   help="the learning-rate sweeps' seed (not one of the reported seeds 0..n-1)")
+    p.add_argument("--prune-lrs", type=float, nargs="+", default=[1e-4, 1e-3],
+                   help="model lrs of the pruning stage swept on validation (the sweep seed), with the continued-training lr, grown like --lrs")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     p.add_argument("--kd", action="store_true", help="also run the distillation arms (issue #14)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (two processes on 2 cores: 1 each)")
-    p.add_argument("--lr-sweep-only", action="store_true", help="stop after the learning-rate sweeps (seed 0, val)")
+    p.add_argument("--lr-sweep-only", action="store_true", help="stop after the learning-rate sweeps (the sweep seed, val)")
     p.add_argument("--records", default=str(REPO / "benchmarks" / "records" / "replication"),
                    help="finished runs kept in the repository (read as done when their keys match; '' for none)")
     p.add_argument("--record", action="store_true", help="write each run finished here into --records")
@@ -583,10 +591,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             *([f"distillation.teacher={source}"] if kd_cpt else [])], after=prune, train=train)
         return prune, name
 
-    # 1. learning rates, on validation (seed 0, budget T); a grid whose best rate is at its edge grows half a decade
+    # 1. learning rates, on validation (the sweep seed, budget T); a grid whose best rate is at its edge grows half a decade
     # that way (at most --lr-extensions times) until the best is bracketed
-    settle(lambda: [n for lr in args.lrs for n in (scratch(T, lr, 0), oneshot_ft("random", 0, lr))])
-    run_of = {"scratch": lambda lr: scratch(T, lr, 0), "continued": lambda lr: oneshot_ft("random", 0, lr)}
+    sw = args.sweep_seed  # a seed of its own: the best run of a sweep is not one of the reported arms' seeds
+    settle(lambda: [n for lr in args.lrs for n in (scratch(T, lr, sw), oneshot_ft("random", sw, lr))])
+    run_of = {"scratch": lambda lr: scratch(T, lr, sw), "continued": lambda lr: oneshot_ft("random", sw, lr)}
     val_of: dict[str, float] = {}  # run name -> validation loss
 
     def val(name: str) -> float:
@@ -613,15 +622,24 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         log.info("learning rates chosen on validation: %s (%s; at the grid's edge: %s)", lr_of, sweep, edge)
         write_json(args.out, {"lr_sweep_val": sweep, "learning_rates": lr_of, "at_edge": edge, "args": vars(args)})
         return 0
-    # the pruning stage's model lr: the paper's 1e-4 or the continued-training rate, chosen on validation after
-    # the whole sheared chain (pruning + continued training, seed 0, budget T)
-    prune_lrs = sorted({*args.prune_lrs, lr_of["continued"]})
-    settle(lambda: [n for plr in prune_lrs for n in sheared(0, lr_of["continued"], True, plr=plr)])
-    sweep["pruning"] = {}
-    for plr in prune_lrs:
-        _, name = sheared(0, lr_of["continued"], True, plr=plr)
-        if b.done(name):
-            sweep["pruning"][f"{plr:g}"] = val(name)
+    # the pruning stage's model lr: from the paper's 1e-4 to the continued-training rate, chosen on validation after
+    # the whole sheared chain (pruning + continued training, the sweep's seed, budget T), grown like the others
+    grid = sorted({*args.prune_lrs, lr_of["continued"]})
+    max_rates = len(grid) + args.lr_extensions
+
+    def chain(plr: float) -> str:
+        return sheared(sw, lr_of["continued"], True, plr=plr)[1]
+
+    while True:
+        settle(lambda: [n for plr in grid for n in sheared(sw, lr_of["continued"], True, plr=plr)])
+        losses = {plr: val(chain(plr)) for plr in grid if b.done(chain(plr))}
+        nxt = next_rate(losses, max_rates) if len(losses) == len(grid) else None
+        if nxt is None or (not train and not b.done(chain(nxt))):
+            break
+        grid = sorted(grid + [nxt])
+    sweep["pruning"] = {f"{plr:g}": x for plr, x in sorted(losses.items())}
+    best = min(losses, key=losses.get) if losses else None
+    edge["pruning"] = best is not None and best in (min(grid), max(grid)) and len(losses) == len(grid)
     prune_lr = float(min(sweep["pruning"], key=sweep["pruning"].get)) if sweep["pruning"] else lr_of["continued"]
     lr_of["pruning"] = prune_lr
     log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)

@@ -83,7 +83,7 @@ def ensure_source(cache: Path) -> Path:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default="runs/benchmarks/cache_v3")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v4")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(ensure_source(Path(args.cache).resolve()))

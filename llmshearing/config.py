@@ -36,6 +36,7 @@ __all__ = [
     "TargetShape",
     "load_config",
     "load_yaml",
+    "yaml_contents",
 ]
 
 
@@ -560,6 +561,12 @@ def load_yaml(path: str | Path, overrides: typing.Sequence[str] = ()) -> DictCon
                               f"on the command line, e.g. {missing}=<value>") from None
         raise ConfigError(f"{path}: could not resolve the config: {' '.join(str(e).split())}") from None
     return om.create(resolved)
+
+
+def yaml_contents(path: str | Path) -> dict:
+    """The YAML file with its ``includes:`` merged, before overrides and interpolation (comments dropped): what a
+    run's config is made of, for a cache key that changes when the file or one it includes does."""
+    return om.to_container(_load_with_includes(Path(path), seen=()), resolve=False)
 
 
 def _load_with_includes(path: Path, seen: tuple[Path, ...]) -> DictConfig:

@@ -12,6 +12,7 @@ split; this reports on ``test`` unless told otherwise).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 from llmshearing.data.dataset import DomainTokenDataset, load_manifest
 from llmshearing.data.loaders import _round_robin
 from llmshearing.models.composer_causal_lm import token_cross_entropy
+
+log = logging.getLogger(__name__)
 
 __all__ = ["domain_losses", "generate", "load_model", "paired_difference", "sequence_documents", "sequence_losses"]
 
@@ -98,6 +101,11 @@ def sequence_documents(
     if eos is None:
         raise ValueError(f"{data}: the manifest records no end-of-document token; documents cannot be told apart")
     bos = manifest["tokenizer"].get("bos_token_id")
+    if manifest.get("max_doc_chars") and manifest.get("document_marks") != "document":
+        log.warning("%s was prepared with max_doc_chars=%s by an llmshearing that marked every piece of a cut "
+                    "document with its own BOS/EOS: the ids here are pieces, not documents, so standard errors "
+                    "clustered by them are too small; prepare the data again for document ids", data,
+                    manifest["max_doc_chars"])
     domains = list(domains) if domains else list(manifest["domains"])
     ds = DomainTokenDataset(str(data), split, domains, manifest["seq_len"], manifest=manifest)
     out = {}

@@ -73,7 +73,7 @@ def _hold(work: str, name: str, ready, release) -> None:  # another process hold
 
 def test_a_claimed_run_is_skipped_and_taken_once_released(tmp_path, fake_training):
     b = _bench(tmp_path)
-    name = b.run("x", "y.yaml", ["seed=0"], train=False)  # the keyed name, nothing run
+    name = b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"], train=False)  # the keyed name, nothing run
     assert fake_training == [] and not b.done(name)
     ctx = mp.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
@@ -81,17 +81,17 @@ def test_a_claimed_run_is_skipped_and_taken_once_released(tmp_path, fake_trainin
     holder.start()
     try:
         assert ready.wait(10)
-        assert b.run("x", "y.yaml", ["seed=0"]) == name
+        assert b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == name
         assert fake_training == [] and not b.done(name)  # another process holds it: skipped, not trained twice
-        nxt = b.run("z", "y.yaml", ["seed=0"], after=name)
+        nxt = b.run("z", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"], after=name)
         assert fake_training == [] and not b.done(nxt)  # its predecessor is not finished: skipped
     finally:
         release.set()
         holder.join(10)
-    assert b.run("x", "y.yaml", ["seed=0"]) == name and b.done(name)
-    assert b.run("z", "y.yaml", ["seed=0"], after=name) == nxt and b.done(nxt)
+    assert b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == name and b.done(name)
+    assert b.run("z", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"], after=name) == nxt and b.done(nxt)
     assert fake_training == [name, nxt]
-    assert b.run("x", "y.yaml", ["seed=0"]) == name and fake_training == [name, nxt]  # done: never again
+    assert b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == name and fake_training == [name, nxt]  # done: never again
     assert b.total_tokens(nxt) == 2  # the chain's tokens: its own and its predecessor's
     assert not list(b.work.glob("*.tmp*"))  # the done markers were written atomically
 
@@ -113,14 +113,14 @@ def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_
     kept as records (no models), keyed by contents, not paths, and read as done elsewhere."""
     records = tmp_path / "records"
     b = _bench(tmp_path / "one", records, record=True)
-    x = b.run("x", "y.yaml", ["seed=0"])
-    z = b.run("z", "y.yaml", [f"variables.source={b.model_dir(x)}"], after=x)
+    x = b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"])
+    z = b.run("z", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={b.model_dir(x)}"], after=x)
     assert fake_training == [x, z]
     assert sorted(p.stem for p in records.glob("*.json")) == sorted([x, z]) and not list(records.glob(".*"))
 
     c = _bench(tmp_path / "two", records)  # another machine: other folders, the same source and data
-    assert c.run("x", "y.yaml", ["seed=0"]) == x
-    assert c.run("z", "y.yaml", [f"variables.source={c.model_dir(x)}"], after=x) == z
+    assert c.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == x
+    assert c.run("z", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={c.model_dir(x)}"], after=x) == z
     assert fake_training == [x, z] and c.done(z) and not c.built(z)  # nothing trained: both recorded
     assert c.read_from_records == {x, z}
     assert c.total_tokens(z) == 2
@@ -128,7 +128,7 @@ def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_
         assert np.array_equal(c.test_losses(z)[d], np.asarray(fake_test_losses(b.model_dir(z))[d], np.float32))
     assert c.val_loss(x) == pytest.approx(float(fake_test_losses(b.model_dir(x))["a"].mean()))
 
-    w = c.run("w", "y.yaml", [f"variables.source={c.model_dir(x)}"], after=x)  # not recorded: continues x's model
+    w = c.run("w", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={c.model_dir(x)}"], after=x)  # not recorded: continues x's model
     assert fake_training == [x, z, x, w] and c.rebuilt == [x] and c.built(x) and c.built(w)
     assert not (records / f"{w}.json").exists()  # --record was not given on this machine
     assert c.inconsistent([w, z]) == []  # x trained again here is x's recorded model
@@ -136,29 +136,41 @@ def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_
     # a third machine where training does not reproduce: the run continued from the rebuilt x is not comparable
     fake_training.machine_noise = " (other bits)"
     d = _bench(tmp_path / "three", records)
-    assert d.run("x", "y.yaml", ["seed=0"]) == x  # planned (as main() plans a run before its successors): recorded
-    v = d.run("v", "y.yaml", [f"variables.source={d.model_dir(x)}"], after=x)
+    assert d.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == x  # planned (as main() plans a run before its successors): recorded
+    v = d.run("v", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={d.model_dir(x)}"], after=x)
     assert fake_training[-2:] == [x, v] and d.inconsistent([v, z]) == [v]
 
     # runs finished without --record are recorded later by a process with it, their predecessors first
     fake_training.machine_noise = ""
     e = _bench(tmp_path / "two", records, record=True)
-    w_again = e.run("w", "y.yaml", [f"variables.source={e.model_dir(x)}"], after=x)
+    w_again = e.run("w", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={e.model_dir(x)}"], after=x)
     assert w_again == w and fake_training[-1] == v  # built on machine two already: not trained again
     e.record_finished([w])
     assert (records / f"{w}.json").is_file() and e.inconsistent([w]) == []
 
     other = _bench(tmp_path / "four", records, weights=b"another source")
-    assert other.run("x", "y.yaml", ["seed=0"], train=False) != x  # another source: no record is its run
+    assert other.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"], train=False) != x  # another source: no record is its run
 
 
 def test_a_recorded_run_whose_predecessor_is_neither_recorded_nor_here_is_not_done(tmp_path, fake_training):
     records = tmp_path / "records"
     b = _bench(tmp_path / "one", records)
-    x = b.run("x", "y.yaml", ["seed=0"])
-    z = b.run("z", "y.yaml", ["seed=1"], after=x)
+    x = b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"])
+    z = b.run("z", "yamls/pretrain/tiny_cpu.yaml", ["seed=1"], after=x)
     b.record, b.records = True, records
     b._record(z)  # records x first
     (records / f"{x}.json").unlink()  # a record set without the run z continued
     c = _bench(tmp_path / "two", records)
     assert z in c.recorded and not c.done(z)  # its tokens would be missing from the chain
+
+
+def test_a_run_key_changes_with_its_yaml_or_a_file_it_includes_not_with_a_comment(tmp_path, fake_training):
+    b = _bench(tmp_path)
+    run, base = tmp_path / "run.yaml", tmp_path / "base.yaml"
+    base.write_text("optimizer:\n  lr: 0.001\n")
+    run.write_text("includes:\n  - base.yaml\nseed: 1\n")
+    first = b.run("x", str(run), ["seed=0"], train=False)
+    run.write_text("# what this run is\nincludes:\n  - base.yaml\nseed: 1\n")
+    assert b.run("x", str(run), ["seed=0"], train=False) == first
+    base.write_text("optimizer:\n  lr: 0.003\n")
+    assert b.run("x", str(run), ["seed=0"], train=False) != first

@@ -148,3 +148,25 @@ def test_embedded_corpus_domains_share_no_source_file(corpus_dir):
     doc_lines = [ln.strip() for r in rows["docstrings"] for ln in r["text"].splitlines() if len(ln.strip()) > 30]
     shared = sum(ln in code_lines for ln in doc_lines) / len(doc_lines)
     assert len(doc_lines) > 500 and shared < 0.05
+
+
+def test_a_cut_document_is_one_bos_eos_document_so_sequence_ids_name_documents(tmp_path, small_tokenizer):
+    """max_doc_chars cuts each document into ~6 pieces; they are joined again under one [BOS] ... [EOS], so
+    ``sequence_documents`` (which counts EOS) clusters by document, not by piece (marking every piece made the
+    replication's clustered standard errors too small)."""
+    from llmshearing.evaluate import sequence_documents
+
+    _marked_corpus(tmp_path / "in")
+    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 32, val_fraction=0.2, test_fraction=0.2,
+                          max_doc_chars=100, progress=False)
+    assert res.manifest["document_marks"] == "document"
+    eos = res.manifest["tokenizer"]["eos_token_id"]
+    ds = DomainTokenDataset(str(res.output), "test", ["web"], 32)
+    stream = np.concatenate([ds[i]["input_ids"].numpy() for i in range(len(ds))])
+    documents = res.manifest["domains"]["web"]["test"]["documents"]
+    pieces = sum(len(text) // 100 + 1 for _, split, text in iter_documents(tmp_path / "in", 0, 0.2, 0.2)
+                 if split == "test")
+    assert pieces > 3 * documents  # the cut did happen
+    assert documents - 1 <= int((stream == eos).sum()) <= documents  # the packed tail may drop the last EOS
+    ids = sequence_documents(res.output, "test")["web"]
+    assert ids[-1] <= documents - 1 and len(set(ids.tolist())) > documents // 2

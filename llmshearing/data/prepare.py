@@ -22,8 +22,10 @@ training documents instead (packed last, so the output stays independent of chun
 few documents for that (a split would hold no full sequence: one long book, say) holds out the *tail* of its
 token stream instead, and is marked ``document_disjoint: false`` in the manifest. Long documents can
 be cut into pieces of at most ``max_doc_chars`` characters (at line breaks) before tokenizing; the pieces
-stay together. :func:`iter_documents` yields the same keys and splits without tokenizing, so a tokenizer
-can be trained on the training split alone.
+stay together, joined again into one ``[BOS] ... [EOS]`` document (``document_marks: document`` in the
+manifest; data prepared before 2026-12-03 marked every piece, so a cut document counted as several).
+:func:`iter_documents` yields the same keys and splits without tokenizing, so a tokenizer can be trained on the
+training split alone.
 
 Work is split into tasks of about ``chunk_bytes`` of input (whole lines of a plain file; a compressed
 file is one task), tokenized by ``workers`` processes and packed in input order by the parent, so the
@@ -191,7 +193,7 @@ def _lines(task: _Task) -> Iterator[tuple[int, bytes]]:
 @dataclass
 class _ChunkResult:
     task: _Task
-    # split -> (documents concatenated in input order, each its pieces' [BOS] tokens [EOS] in a row; lengths)
+    # split -> (documents concatenated in input order, each [BOS] its pieces' tokens [EOS]; lengths)
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     lines: int = 0  # newline characters in the chunk: where the next chunk of the file starts counting
     text_tokens: int = 0
@@ -320,10 +322,10 @@ def _tokenize_task(task: _Task) -> _ChunkResult:
         text_tokens += sum(len(p) for p in ids)
         docs: dict[int, list[int]] = {}
         for doc_index, piece in zip(owner, ids):  # pieces of a document are consecutive
-            docs.setdefault(doc_index, []).extend(w["bos"] + piece + w["eos"])
+            docs.setdefault(doc_index, []).extend(piece)
         by_split: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
-        for doc_index, tokens in docs.items():
-            by_split[docs_split[doc_index]].append(tokens)
+        for doc_index, tokens in docs.items():  # one [BOS] ... [EOS] per document, however many pieces it was cut in
+            by_split[docs_split[doc_index]].append(w["bos"] + tokens + w["eos"])
         for split, ds in by_split.items():
             if ds:
                 lengths = np.fromiter((len(x) for x in ds), dtype=np.int64, count=len(ds))
@@ -764,6 +766,7 @@ def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, se
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "max_doc_chars": max_doc_chars,
+        "document_marks": "document",  # one BOS/EOS pair per document (not per max_doc_chars piece)
         "domains": manifest_domains,
     }
     shutil.rmtree(tmp / "_tokenizer", ignore_errors=True)
