@@ -514,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--record", action="store_true", help="write each run finished here into --records")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from benchmarks.stats import clustered_se, combined_se, compare as paired, crossover as cross, t_critical, verdict
+    from benchmarks.stats import (clustered_se, compare as paired, seed_matched_crossover, t_critical, verdict,
+                                  worst_excess_compare)
     from llmshearing.evaluate import domain_losses, load_model, sequence_documents
 
     cache = Path(args.cache).resolve()
@@ -750,8 +751,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         s = summary(v)
         if s:
             rows[k] = s
-    for steps, n in extra_scratch.items():
-        s = summary([n])
+    for steps in extra_scratch:
+        s = summary(scratch_by_budget[steps])  # every seed run at that budget
         if s:
             rows[f"scratch, {steps / T:g}T"] = s
 
@@ -769,15 +770,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         lc = {s: b.test_losses(y) for s, _, y in pairs}
         flat = lambda per: np.concatenate([per[d] for d in domains])  # noqa: E731
         r = paired({s: flat(x) for s, x in la.items()}, {s: flat(x) for s, x in lc.items()}, clusters)
-        if metric == "worst_excess":
+        if metric == "worst_excess":  # each arm's worst domain per seed, its test error with those domains fixed
+            r = worst_excess_compare(la, lc, src_mean, docs)
             per_seed = [worst_excess(la[s]) - worst_excess(lc[s]) for s in la]
-            worst_d = max(domains, key=lambda d: np.mean([la[s][d].mean() for s in la]) - src_mean[d])
-            dd = np.mean([la[s][worst_d] - lc[s][worst_d] for s in la], axis=0)
-            se_seed = _sem(per_seed)
-            se_test = clustered_se(dd, docs[worst_d])
-            se = combined_se(se_seed, se_test, len(per_seed))
-            r = {**r, "diff": statistics.mean(per_seed), "se_seed": se_seed, "se_test": se_test, "se": se,
-                 "t": statistics.mean(per_seed) / se if se else float("nan"), "worst_domain": worst_d}
         else:
             per_seed = [float(flat(la[s]).mean() - flat(lc[s]).mean()) for s in la]
         per_domain = {}
@@ -805,37 +800,35 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     # tokens scratch needs to reach an arm's final test loss, between fully decayed scratch runs; and the same in
     # compute: FLOPs of the arm (pruning steps at the source's size, teacher forwards) in scratch-step units
     def crossover_of(arm: str, steps_equiv: float) -> Optional[dict]:
-        """Scratch tokens to reach ``arm``'s test loss: on the seed means of scratch runs at T, 2T, 3T trained with
-        the same seeds, and seed by seed (scratch seed s against the arm's seed s)."""
-        if arm not in rows:
+        """Scratch tokens to reach ``arm``'s test loss, between scratch runs at T, 2T, 3T: with the seeds every budget
+        and the arm have, on their means and seed by seed (scratch seed s against the arm's seed s)."""
+        every = {**arms, **legacy}
+        if arm not in every:
             return None
-        budgets = sorted(scratch_by_budget)
-        done = {steps: [n for n in scratch_by_budget[steps] if b.done(n)] for steps in budgets}
-        if not all(done.values()):
+        curves = {steps * BATCH * SEQ: {s: _mean_all(b.test_losses(n)) for s, n in enumerate(scratch_by_budget[steps])
+                                        if b.done(n)} for steps in scratch_by_budget}
+        mine = {s: _mean_all(b.test_losses(n)) for s, n in enumerate(every[arm]) if b.done(n)}
+        r = seed_matched_crossover(curves, mine)
+        if r is None:
             return None
-        seeds = min(len(v) for v in done.values())
-        curve = [(steps * BATCH * SEQ, statistics.mean(_mean_all(b.test_losses(n)) for n in done[steps][:seeds]))
-                 for steps in budgets]
-        target_loss, tok = rows[arm]["loss"], T * BATCH * SEQ
-        needed = cross([t for t, _ in curve], [l for _, l in curve], target_loss)
-        per_seed = []
-        for s, arm_loss in enumerate(rows[arm]["per_seed_loss"][:seeds]):
-            pts = [(steps * BATCH * SEQ, _mean_all(b.test_losses(done[steps][s]))) for steps in budgets]
-            n = cross([t for t, _ in pts], [l for _, l in pts], arm_loss)
-            per_seed.append(None if n is None else n / tok)
+        tok = T * BATCH * SEQ
         compute_tok = steps_equiv * BATCH * SEQ  # scratch tokens of the same FLOPs as the arm
-        return {"arm": arm, "seeds": seeds, "curve_tokens_loss": curve, "sheared_loss": target_loss,
-                "sheared_tokens": tok, "scratch_tokens_to_match": needed, "ratio": None if needed is None else needed / tok,
-                "per_seed_ratio": per_seed, "compute_equivalent_scratch_tokens": compute_tok,
-                "ratio_in_compute": None if needed is None else needed / compute_tok,
-                "note": None if needed else f"not reached by {curve[-1][0] / tok:g}T"}
+        needed = r["tokens"]
+        return {"arm": arm, "seeds": r["seeds"], "curve_tokens_loss": r["curve"], "sheared_loss": r["target"],
+                "sheared_tokens": tok, "scratch_tokens_to_match": needed, "where": r["where"],
+                "ratio": None if needed is None else needed / tok,
+                "per_seed_ratio": {s: (None if n is None else n / tok, w) for s, (n, w) in r["per_seed"].items()},
+                "compute_equivalent_scratch_tokens": compute_tok,
+                "ratio_in_compute": None if needed is None else needed / compute_tok}
 
-    prune_cost = n_src / n_tgt  # a pruning step trains the source-size masked model (6 N_source per token)
+    # a pruning step trains the masked source (6 N_source + attention per token; with distillation the teacher's
+    # forward too), in units of a target training step: the project's FLOPs count, as for kd_cost
+    prune_cost = step_flops(n_src, src_cfg, BATCH * SEQ, SEQ) / ce_step
+    prune_kd_cost = step_flops(n_src, src_cfg, BATCH * SEQ, SEQ, teacher=n_src, teacher_config=src_cfg) / ce_step
     crossovers = [c for c in (
         crossover_of("sheared", args.prune_steps * prune_cost + args.cpt_steps),
         crossover_of("sheared + KD", args.prune_steps * prune_cost + args.cpt_steps * kd_cost),
-        crossover_of("sheared, KD in both", args.prune_steps * (prune_cost + n_src / (3 * n_tgt))
-                     + args.cpt_steps * kd_cost)) if c]
+        crossover_of("sheared, KD in both", args.prune_steps * prune_kd_cost + args.cpt_steps * kd_cost)) if c]
     crossover = crossovers[0] if crossovers else None
 
     # the test set's resolution: paired per-domain SE achieved, and the sequences needed for SE_BOUND
@@ -855,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
              f"(sweep: {json.dumps(sweep)})"
              + ("; at the edge of the grid, not bracketed: " + ", ".join(k for k, e in edge.items() if e)
                 if any(edge.values()) else "; every swept rate's optimum is inside its grid") + ".", "",
+             ("Test loss and worst excess: mean over seeds +- the between-seed SE (the comparisons below add the "
+              "test-set error)."), "",
              "| arm | seeds | tokens after source (trainer) | passes over train (code/docstrings/reference) | test loss | "
              + " | ".join(domains) + " | worst excess over source |",
              "|---|---|---|---|---|" + "---|" * len(domains) + "---|"]
@@ -873,13 +868,22 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     if crossover:
         lines += ["", "Scratch, final test loss of each fully decayed run: " + ", ".join(
             f"{t / 1e6:.2f}M tokens {l:.3f}" for t, l in crossover["curve_tokens_loss"]) + "."]
+    largest = max(scratch_by_budget) / T
+
+    def ratio_text(r: Optional[float], where: str) -> str:
+        if where == "beyond":
+            return f"not reached by {largest:g}T"
+        return f"{r:.2f}x" if where == "between" else f"<= {r:.2f}x (scratch at T is already as low)"
+
     for c in crossovers:
-        per_seed = ", ".join("not reached" if r is None else f"{r:.2f}x" for r in c["per_seed_ratio"])
+        per_seed = ", ".join(f"seed {s} {ratio_text(*v)}" for s, v in c["per_seed_ratio"].items())
         lines.append(f"- {c['arm']} {c['sheared_loss']:.3f} at {c['sheared_tokens'] / 1e6:.2f}M tokens "
-                     f"({c['compute_equivalent_scratch_tokens'] / 1e6:.2f}M scratch tokens of the same FLOPs), scratch "
-                     f"curve of {c['seeds']} seed(s) per budget: "
-                     + (f"scratch needs {c['scratch_tokens_to_match'] / 1e6:.2f}M tokens: {c['ratio']:.2f}x in tokens, "
-                        f"{c['ratio_in_compute']:.2f}x in compute" if c["scratch_tokens_to_match"] else c["note"])
+                     f"({c['compute_equivalent_scratch_tokens'] / 1e6:.2f}M scratch tokens of the same FLOPs), against "
+                     f"scratch seeds {', '.join(map(str, c['seeds']))} at every budget: "
+                     + (f"scratch needs {'at most ' if c['where'] == 'at most' else ''}"
+                        f"{c['scratch_tokens_to_match'] / 1e6:.2f}M tokens: {c['ratio']:.2f}x in tokens, "
+                        f"{c['ratio_in_compute']:.2f}x in compute" if c["where"] != "beyond"
+                        else ratio_text(None, "beyond"))
                      + f"; seed by seed: {per_seed}.")
     if args.kd or any(rows.get(k) for k in kd_arms):
         lines.append(f"- distillation: a KD continued-training step costs {kd_cost:.2f}x a CE step in FLOPs (the "

@@ -7,8 +7,9 @@
 - The two errors add in quadrature; ``t = diff / se`` is compared with the t distribution's two-sided 95% point
   at the seeds' degrees of freedom (4.30 for 3 seeds): a verdict names the lower arm only when ``|t|`` exceeds it.
 - Scratch crossover: the tokens a from-scratch model needs to reach a loss, interpolated in log tokens between
-  budgets trained with the *same* seeds (a curve of seed means); "not reached" when the largest budget's loss is
-  still above it.
+  budgets trained with the *same* seeds (a curve of seed means, and seed by seed); "not reached" when the largest
+  budget's loss is still above it, "at most" the smallest budget when that one already reaches it.
+- Worst-domain excess: each arm's worst domain per seed; its test error holds those domains fixed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["T_975", "clustered_se", "combined_se", "compare", "crossover", "t_critical", "verdict"]
+__all__ = ["T_975", "clustered_se", "combined_se", "compare", "crossover", "seed_matched_crossover", "t_critical", "verdict",
+           "worst_excess_compare"]
 
 # two-sided 95% points of Student's t (scipy.stats.t.ppf(0.975, df)); df > 30: the normal's 1.96 is within 4%
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -89,17 +91,74 @@ def compare(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray], clusters: 
             "t": diff / se if se and math.isfinite(se) else float("nan"), "df": len(seeds) - 1, "n_seeds": len(seeds)}
 
 
-def crossover(budgets: Sequence[float], losses: Sequence[float], target: float) -> Optional[float]:
+def crossover(budgets: Sequence[float], losses: Sequence[float], target: float) -> tuple[Optional[float], str]:
     """Tokens at which a curve of (budget, loss) points, trained with the same seeds at every budget, first reaches
-    ``target``: linear in log tokens between the two budgets that bracket it; the first budget if it is already at
-    or below; None ("not reached") if the largest budget's loss is still above it."""
+    ``target``, and where that is: ``"between"`` two budgets (linear in log tokens between the two that bracket it),
+    ``"at most"`` the smallest budget (already at or below ``target`` there: the tokens are an upper bound), or
+    ``"beyond"`` the largest (still above ``target``: None, not reached)."""
     pts = sorted(zip(budgets, losses))
     if not pts:
-        return None
+        return None, "beyond"
     if pts[0][1] <= target:
-        return float(pts[0][0])
+        return float(pts[0][0]), "at most"
     for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
         if l1 <= target < l0:
             w = (l0 - target) / (l0 - l1)
-            return float(math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0))))
-    return None
+            return float(math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0)))), "between"
+    return None, "beyond"
+
+
+def seed_matched_crossover(curves: Mapping[float, Mapping[int, float]], arm: Mapping[int, float]) -> Optional[dict]:
+    """Where scratch runs reach an arm's loss, with the seeds every budget and the arm have: ``curves`` maps a
+    budget (tokens) to ``{seed: final loss}``, ``arm`` is ``{seed: loss}``. The curve of seed means against the arm's
+    mean over the same seeds, and seed by seed (scratch seed s against the arm's seed s). None without a common seed.
+
+    Returns:
+        ``seeds``, ``curve`` ([(tokens, mean loss)]), ``target`` (the arm's mean), ``tokens`` and ``where`` (see
+        :func:`crossover`), ``per_seed`` ({seed: (tokens, where)}).
+    """
+    seeds = sorted(set(arm).intersection(*(set(v) for v in curves.values())))
+    if not seeds or not curves:
+        return None
+    budgets = sorted(curves)
+    curve = [(float(t), float(np.mean([curves[t][s] for s in seeds]))) for t in budgets]
+    target = float(np.mean([arm[s] for s in seeds]))
+    tokens, where = crossover([t for t, _ in curve], [x for _, x in curve], target)
+    per_seed = {s: crossover(budgets, [curves[t][s] for t in budgets], arm[s]) for s in seeds}
+    return {"seeds": seeds, "curve": curve, "target": target, "tokens": tokens, "where": where, "per_seed": per_seed}
+
+
+def worst_excess_compare(a: Mapping[int, Mapping[str, np.ndarray]], b: Mapping[int, Mapping[str, np.ndarray]],
+                         reference: Mapping[str, float], documents: Mapping[str, np.ndarray]) -> dict:
+    """Paired comparison of the worst domain's excess loss over ``reference`` (per domain): per seed, A's worst
+    domain's mean loss minus its reference, less B's (each arm's worst domain, per seed). ``a`` / ``b``:
+    ``{seed: {domain: per-sequence test losses}}``; ``documents``: each domain's sequences' document ids.
+
+    The test-set error holds the worst domains fixed (as chosen): the metric's seed mean is then a sum over domains
+    of means of per-sequence values (each seed's worst-domain losses of A, less B's), whose clustered errors add in
+    quadrature across domains (their documents are distinct). Returns what :func:`compare` returns, plus
+    ``worst`` ({seed: (A's worst domain, B's)})."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("no seed in common")
+    domains = list(reference)
+
+    def worst(per: Mapping[str, np.ndarray]) -> str:
+        return max(domains, key=lambda d: float(np.mean(per[d])) - reference[d])
+
+    picks = {s: (worst(a[s]), worst(b[s])) for s in seeds}
+    per_seed = np.array([(float(np.mean(a[s][da])) - reference[da]) - (float(np.mean(b[s][db])) - reference[db])
+                         for s, (da, db) in picks.items()])
+    diff = float(per_seed.mean())
+    se_seed = float(per_seed.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else float("nan")
+    var_test = 0.0
+    for d in domains:
+        v = sum((np.asarray(a[s][d], np.float64) if da == d else 0.0) - (np.asarray(b[s][d], np.float64) if db == d
+                else 0.0) for s, (da, db) in picks.items()) / len(seeds)
+        if np.ndim(v) and np.any(v != 0):  # a domain no seed's worst is contributes exactly 0
+            var_test += clustered_se(v, documents[d]) ** 2
+    se_test = math.sqrt(var_test)
+    se = combined_se(se_seed, se_test, len(seeds))
+    return {"diff": diff, "se_seed": se_seed, "se_test": se_test, "se": se,
+            "t": diff / se if se and math.isfinite(se) else float("nan"), "df": len(seeds) - 1,
+            "n_seeds": len(seeds), "worst": picks}

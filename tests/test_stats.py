@@ -48,13 +48,51 @@ def test_compare_pairs_seeds_adds_the_test_error_and_uses_the_seeds_df():
     assert verdict(-0.09, float("nan"), 2) == "undetermined"
 
 
-def test_crossover_interpolates_in_log_tokens_and_says_when_not_reached():
+def test_crossover_interpolates_in_log_tokens_and_says_when_not_reached_or_already_reached():
     budgets, losses = [1e6, 2e6, 4e6], [4.0, 3.6, 3.4]
-    assert crossover(budgets, losses, 3.6) == pytest.approx(2e6)
-    mid = crossover(budgets, losses, 3.5)
-    assert mid == pytest.approx(math.exp((math.log(2e6) + math.log(4e6)) / 2))
-    assert crossover(budgets, losses, 4.5) == pytest.approx(1e6)
-    assert crossover(budgets, losses, 3.3) is None
+    assert crossover(budgets, losses, 3.6) == (pytest.approx(2e6), "between")
+    mid, where = crossover(budgets, losses, 3.5)
+    assert mid == pytest.approx(math.exp((math.log(2e6) + math.log(4e6)) / 2)) and where == "between"
+    assert crossover(budgets, losses, 4.5) == (pytest.approx(1e6), "at most")  # an upper bound, not "1.00x"
+    assert crossover(budgets, losses, 3.3) == (None, "beyond")
+
+
+def test_seed_matched_crossover_pairs_scratch_and_arm_by_seed_not_by_position():
+    from benchmarks.stats import seed_matched_crossover
+
+    # scratch seed 2 missing at the largest budget: only seeds 0 and 1 are on every budget
+    curves = {1e6: {0: 4.0, 1: 4.2, 2: 9.0}, 2e6: {0: 3.6, 1: 3.8, 2: 9.0}, 4e6: {0: 3.4, 1: 3.6}}
+    arm = {1: 3.8, 0: 3.6, 2: 0.0}
+    r = seed_matched_crossover(curves, arm)
+    assert r["seeds"] == [0, 1]
+    assert r["curve"] == [(1e6, pytest.approx(4.1)), (2e6, pytest.approx(3.7)), (4e6, pytest.approx(3.5))]
+    assert r["target"] == pytest.approx(3.7)  # the arm's mean over the same seeds (seed 2's 0.0 left out)
+    assert r["tokens"] == pytest.approx(2e6) and r["where"] == "between"
+    assert r["per_seed"][0] == (pytest.approx(2e6), "between") and r["per_seed"][1] == (pytest.approx(2e6), "between")
+    assert seed_matched_crossover({1e6: {0: 4.0}}, {1: 3.0}) is None
+
+
+def test_worst_excess_compare_takes_each_arms_worst_domain_and_its_test_error():
+    from benchmarks.stats import worst_excess_compare
+
+    ref = {"x": 1.0, "y": 1.0}
+    docs = {"x": np.repeat(np.arange(8), 4), "y": np.repeat(np.arange(8), 4)}
+
+    def arm(x_shift, y_shift, seed):
+        r = np.random.default_rng(seed)
+        return {"x": 1.0 + x_shift + 0.1 * r.standard_normal(32), "y": 1.0 + y_shift + 0.1 * r.standard_normal(32)}
+
+    a = {s: arm(0.5, 0.1, s) for s in range(3)}  # A is worst on x (~+0.5)
+    b = {s: arm(0.0, 0.3, 10 + s) for s in range(3)}  # B is worst on y (~+0.3)
+    r = worst_excess_compare(a, b, ref, docs)
+    assert all(p == ("x", "y") for p in r["worst"].values())
+    want = np.mean([(a[s]["x"].mean() - 1) - (b[s]["y"].mean() - 1) for s in range(3)])
+    assert r["diff"] == pytest.approx(want) and r["df"] == 2
+    # the test error is both domains' (A's x less B's y): more than either one alone
+    vx = np.mean([a[s]["x"] for s in range(3)], axis=0)
+    vy = np.mean([b[s]["y"] for s in range(3)], axis=0)
+    assert r["se_test"] == pytest.approx(math.hypot(clustered_se(vx, docs["x"]), clustered_se(vy, docs["y"])))
+    assert r["se"] == pytest.approx(math.hypot(r["se_seed"], r["se_test"]))
 
 
 @pytest.mark.parametrize("bos,eos", [(1, 1), (2, 1), (None, 1)])
