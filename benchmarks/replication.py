@@ -25,6 +25,9 @@ Protocol:
   evaluation stands in for a budget. Scratch is run at ``T``, 2T and 3T with the same seeds; the tokens scratch
   needs to match an arm are interpolated in log tokens between those final losses, on the seed means and seed by
   seed (``benchmarks/stats.py``: ``crossover``).
+- scratch trains at the domains' token shares (no dynamic loading); ``sheared_constant`` continues at the same
+  shares (only its pruning steps load dynamically), so ``sheared_constant - scratch`` is the comparison least helped
+  by dynamic loading.
 - every arm's tokens include everything it needed after the source: ``learned masks on source`` counts the pruning
   run its masks come from.
 - learning rates: one small sweep (``--lrs``; a best rate at the grid's edge adds the next half decade that way, up
@@ -786,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     comparisons = [c for c in (
         compare("sheared", "scratch"),
+        compare("sheared_constant", "scratch"),  # both trained at the token shares (only its 400 pruning steps load
+        # dynamically): the comparison with the least help from dynamic loading
         *(compare(a, o) for a in ("sheared", "sheared (importance init)") for o in ("random", "magnitude", "activation")),
         compare("sheared", "sheared (importance init)"),
         compare("learned masks on source", "sheared"),
@@ -827,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     prune_kd_cost = step_flops(n_src, src_cfg, BATCH * SEQ, SEQ, teacher=n_src, teacher_config=src_cfg) / ce_step
     crossovers = [c for c in (
         crossover_of("sheared", args.prune_steps * prune_cost + args.cpt_steps),
+        crossover_of("sheared_constant", args.prune_steps * prune_cost + args.cpt_steps),
         crossover_of("sheared + KD", args.prune_steps * prune_cost + args.cpt_steps * kd_cost),
         crossover_of("sheared, KD in both", args.prune_steps * prune_kd_cost + args.cpt_steps * kd_cost)) if c]
     crossover = crossovers[0] if crossovers else None
