@@ -853,7 +853,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
              f"{lr_of['continued']:g}, pruning stage (model weights) {lr_of['pruning']:g} "
              f"(sweep: {json.dumps(sweep)})"
              + ("; at the edge of the grid, not bracketed: " + ", ".join(k for k, e in edge.items() if e)
-                if any(edge.values()) else "; every swept rate's optimum is inside its grid") + ".", "",
+                if any(edge.values()) else "; every swept rate's optimum is inside its grid"
+                if all(sweep.values()) else "; the sweeps have not finished") + ".", "",
              ("Test loss and worst excess: mean over seeds +- the between-seed SE (the comparisons below add the "
               "test-set error)."), "",
              "| arm | seeds | tokens after source (trainer) | passes over train (code/docstrings/reference) | test loss | "
