@@ -609,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     sweep: dict[str, dict[str, float]] = {}
     edge: dict[str, bool] = {}
+    complete: dict[str, bool] = {}  # every rate of the sweep's final grid has run
     for kind, run in run_of.items():
         grid = sorted(args.lrs)
         while True:
@@ -621,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         sweep[kind] = {f"{lr:g}": x for lr, x in sorted(losses.items())}
         best = min(losses, key=losses.get) if losses else None
         edge[kind] = best is not None and best in (min(grid), max(grid)) and len(losses) == len(grid)
+        complete[kind] = bool(losses) and len(losses) == len(grid)
     lr_of = {k: float(min(v, key=v.get)) if v else args.lrs[0] for k, v in sweep.items()}
     if args.lr_sweep_only:
         log.info("learning rates chosen on validation: %s (%s; at the grid's edge: %s)", lr_of, sweep, edge)
@@ -644,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     sweep["pruning"] = {f"{plr:g}": x for plr, x in sorted(losses.items())}
     best = min(losses, key=losses.get) if losses else None
     edge["pruning"] = best is not None and best in (min(grid), max(grid)) and len(losses) == len(grid)
+    complete["pruning"] = bool(losses) and len(losses) == len(grid)
     prune_lr = float(min(sweep["pruning"], key=sweep["pruning"].get)) if sweep["pruning"] else lr_of["continued"]
     lr_of["pruning"] = prune_lr
     log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)
@@ -854,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
              f"(sweep: {json.dumps(sweep)})"
              + ("; at the edge of the grid, not bracketed: " + ", ".join(k for k, e in edge.items() if e)
                 if any(edge.values()) else "; every swept rate's optimum is inside its grid"
-                if all(sweep.values()) else "; the sweeps have not finished") + ".", "",
+                if all(complete.values()) else "; the sweeps have not finished") + ".", "",
              ("Test loss and worst excess: mean over seeds +- the between-seed SE (the comparisons below add the "
               "test-set error)."), "",
              "| arm | seeds | tokens after source (trainer) | passes over train (code/docstrings/reference) | test loss | "
