@@ -20,7 +20,7 @@ continued-training steps, counted by the trainer):
 Protocol:
 - data split by document into train / val / test (``benchmarks/small_scale.py``); the tokenizer saw only
   train. Dynamic loading's reference losses are the source's *validation* losses; every number reported
-  here is on *test* (at most ``TEST_SEQUENCES`` sequences per domain, fixed before any run).
+  here is on *test* (every test sequence: at most ``TEST_SEQUENCES`` per domain, fixed before any run).
 - every arm is a run (or two, for ``sheared``) whose cosine schedule ends at its own budget: no mid-run
   evaluation stands in for a budget. Scratch is run at ``T``, 2T and 3T with the same seeds; the tokens scratch
   needs to match an arm are interpolated in log tokens between those final losses, on the seed means and seed by
@@ -92,7 +92,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from benchmarks.common import REPO, train_counted, write_json  # noqa: E402
-from benchmarks.small_scale import TEST_SEQUENCES, common_overrides, ensure_data, ensure_source  # noqa: E402
+from benchmarks.small_scale import (TEST_SEQUENCES, VAL_SEQUENCES, common_overrides, ensure_data,  # noqa: E402
+                                   ensure_source)
 
 log = logging.getLogger("replication")
 
@@ -449,7 +450,7 @@ def _test_losses(model_dir: Path, data: Path) -> dict[str, np.ndarray]:
 def _val_loss(model_dir: Path, data: Path) -> float:
     from llmshearing.evaluate import domain_losses, load_model
 
-    return float(domain_losses(load_model(model_dir), data, batch_size=64, max_sequences_per_domain=TEST_SEQUENCES,
+    return float(domain_losses(load_model(model_dir), data, batch_size=64, max_sequences_per_domain=VAL_SEQUENCES,
                                split="val")["all"])
 
 
@@ -538,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every process (any --threads, any machine) rounds the same references: keys use them
-    src_val = domain_losses(load_model(source), data, batch_size=64, max_sequences_per_domain=TEST_SEQUENCES,
+    src_val = domain_losses(load_model(source), data, batch_size=64, max_sequences_per_domain=VAL_SEQUENCES,
                             split="val")
     torch.set_num_threads(args.threads or threads)
     ref = "[" + ",".join(f"{src_val[d]:.4f}" for d in domains) + "]"  # dynamic loading's references: validation
