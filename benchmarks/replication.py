@@ -508,11 +508,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     p.add_argument("--sweep-seed", type=int, default=100,
                    help="the learning-rate sweeps' seed (not one of the reported seeds 0..n-1)")
     p.add_argument("--prune-lrs", type=float, nargs="+", default=[1e-4, 1e-3],
-                   help="model lrs of the pruning stage swept on validation (the sweep seed), with the continued-training lr, grown like --lrs")
+                   help="model lrs of the pruning stage swept on validation (the sweep seed) with the continued-training "
+                        "lr, grown like --lrs")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
     p.add_argument("--kd", action="store_true", help="also run the distillation arms (issue #14)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (two processes on 2 cores: 1 each)")
-    p.add_argument("--lr-sweep-only", action="store_true", help="stop after the learning-rate sweeps (the sweep seed, val)")
+    p.add_argument("--lr-sweep-only", action="store_true",
+                   help="stop after the learning-rate sweeps (the sweep seed, val)")
     p.add_argument("--records", default=str(REPO / "benchmarks" / "records" / "replication"),
                    help="finished runs kept in the repository (read as done when their keys match; '' for none)")
     p.add_argument("--record", action="store_true", help="write each run finished here into --records")
@@ -596,8 +598,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             *([f"distillation.teacher={source}"] if kd_cpt else [])], after=prune, train=train)
         return prune, name
 
-    # 1. learning rates, on validation (the sweep seed, budget T); a grid whose best rate is at its edge grows half a decade
-    # that way (at most --lr-extensions times) until the best is bracketed
+    # 1. learning rates, on validation (the sweep seed, budget T); a grid whose best rate is at its edge grows half a
+    # decade that way (at most --lr-extensions times) until the best is bracketed
     sw = args.sweep_seed  # a seed of its own: the best run of a sweep is not one of the reported arms' seeds
     settle(lambda: [n for lr in args.lrs for n in (scratch(T, lr, sw), oneshot_ft("random", sw, lr))])
     run_of = {"scratch": lambda lr: scratch(T, lr, sw), "continued": lambda lr: oneshot_ft("random", sw, lr)}

@@ -20,8 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["T_975", "clustered_se", "combined_se", "compare", "crossover", "seed_matched_crossover", "t_critical", "verdict",
-           "worst_excess_compare"]
+__all__ = ["T_975", "clustered_se", "combined_se", "compare", "crossover", "seed_matched_crossover", "t_critical",
+           "verdict", "worst_excess_compare"]
 
 # two-sided 95% points of Student's t (scipy.stats.t.ppf(0.975, df)); df > 30: the normal's 1.96 is within 4%
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
