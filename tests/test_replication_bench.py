@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 
+
+YAML = "yamls/pretrain/tiny_cpu.yaml"  # a real file: a run's key hashes its YAML's contents
+
 def _bench(tmp_path: Path, records: Path | None = None, record: bool = False, weights: bytes = b"source weights"):
     """A Bench in ``tmp_path``: a prepared-data manifest, one shard and a source with ``weights`` as its file."""
     from benchmarks.replication import Bench
@@ -73,7 +76,7 @@ def _hold(work: str, name: str, ready, release) -> None:  # another process hold
 
 def test_a_claimed_run_is_skipped_and_taken_once_released(tmp_path, fake_training):
     b = _bench(tmp_path)
-    name = b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"], train=False)  # the keyed name, nothing run
+    name = b.run("x", YAML, ["seed=0"], train=False)  # the keyed name, nothing run
     assert fake_training == [] and not b.done(name)
     ctx = mp.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
@@ -81,17 +84,17 @@ def test_a_claimed_run_is_skipped_and_taken_once_released(tmp_path, fake_trainin
     holder.start()
     try:
         assert ready.wait(10)
-        assert b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == name
+        assert b.run("x", YAML, ["seed=0"]) == name
         assert fake_training == [] and not b.done(name)  # another process holds it: skipped, not trained twice
-        nxt = b.run("z", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"], after=name)
+        nxt = b.run("z", YAML, ["seed=0"], after=name)
         assert fake_training == [] and not b.done(nxt)  # its predecessor is not finished: skipped
     finally:
         release.set()
         holder.join(10)
-    assert b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == name and b.done(name)
-    assert b.run("z", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"], after=name) == nxt and b.done(nxt)
+    assert b.run("x", YAML, ["seed=0"]) == name and b.done(name)
+    assert b.run("z", YAML, ["seed=0"], after=name) == nxt and b.done(nxt)
     assert fake_training == [name, nxt]
-    assert b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == name and fake_training == [name, nxt]  # done: never again
+    assert b.run("x", YAML, ["seed=0"]) == name and fake_training == [name, nxt]  # done: never again
     assert b.total_tokens(nxt) == 2  # the chain's tokens: its own and its predecessor's
     assert not list(b.work.glob("*.tmp*"))  # the done markers were written atomically
 
@@ -113,14 +116,14 @@ def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_
     kept as records (no models), keyed by contents, not paths, and read as done elsewhere."""
     records = tmp_path / "records"
     b = _bench(tmp_path / "one", records, record=True)
-    x = b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"])
-    z = b.run("z", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={b.model_dir(x)}"], after=x)
+    x = b.run("x", YAML, ["seed=0"])
+    z = b.run("z", YAML, [f"variables.source={b.model_dir(x)}"], after=x)
     assert fake_training == [x, z]
     assert sorted(p.stem for p in records.glob("*.json")) == sorted([x, z]) and not list(records.glob(".*"))
 
     c = _bench(tmp_path / "two", records)  # another machine: other folders, the same source and data
-    assert c.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == x
-    assert c.run("z", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={c.model_dir(x)}"], after=x) == z
+    assert c.run("x", YAML, ["seed=0"]) == x
+    assert c.run("z", YAML, [f"variables.source={c.model_dir(x)}"], after=x) == z
     assert fake_training == [x, z] and c.done(z) and not c.built(z)  # nothing trained: both recorded
     assert c.read_from_records == {x, z}
     assert c.total_tokens(z) == 2
@@ -128,7 +131,7 @@ def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_
         assert np.array_equal(c.test_losses(z)[d], np.asarray(fake_test_losses(b.model_dir(z))[d], np.float32))
     assert c.val_loss(x) == pytest.approx(float(fake_test_losses(b.model_dir(x))["a"].mean()))
 
-    w = c.run("w", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={c.model_dir(x)}"], after=x)  # not recorded: continues x's model
+    w = c.run("w", YAML, [f"variables.source={c.model_dir(x)}"], after=x)  # not recorded: continues x's model
     assert fake_training == [x, z, x, w] and c.rebuilt == [x] and c.built(x) and c.built(w)
     assert not (records / f"{w}.json").exists()  # --record was not given on this machine
     assert c.inconsistent([w, z]) == []  # x trained again here is x's recorded model
@@ -136,27 +139,27 @@ def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_
     # a third machine where training does not reproduce: the run continued from the rebuilt x is not comparable
     fake_training.machine_noise = " (other bits)"
     d = _bench(tmp_path / "three", records)
-    assert d.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"]) == x  # planned (as main() plans a run before its successors): recorded
-    v = d.run("v", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={d.model_dir(x)}"], after=x)
+    assert d.run("x", YAML, ["seed=0"]) == x  # planned (as main() plans a run before its successors): recorded
+    v = d.run("v", YAML, [f"variables.source={d.model_dir(x)}"], after=x)
     assert fake_training[-2:] == [x, v] and d.inconsistent([v, z]) == [v]
 
     # runs finished without --record are recorded later by a process with it, their predecessors first
     fake_training.machine_noise = ""
     e = _bench(tmp_path / "two", records, record=True)
-    w_again = e.run("w", "yamls/pretrain/tiny_cpu.yaml", [f"variables.source={e.model_dir(x)}"], after=x)
+    w_again = e.run("w", YAML, [f"variables.source={e.model_dir(x)}"], after=x)
     assert w_again == w and fake_training[-1] == v  # built on machine two already: not trained again
     e.record_finished([w])
     assert (records / f"{w}.json").is_file() and e.inconsistent([w]) == []
 
     other = _bench(tmp_path / "four", records, weights=b"another source")
-    assert other.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"], train=False) != x  # another source: no record is its run
+    assert other.run("x", YAML, ["seed=0"], train=False) != x  # another source: no record is its run
 
 
 def test_a_recorded_run_whose_predecessor_is_neither_recorded_nor_here_is_not_done(tmp_path, fake_training):
     records = tmp_path / "records"
     b = _bench(tmp_path / "one", records)
-    x = b.run("x", "yamls/pretrain/tiny_cpu.yaml", ["seed=0"])
-    z = b.run("z", "yamls/pretrain/tiny_cpu.yaml", ["seed=1"], after=x)
+    x = b.run("x", YAML, ["seed=0"])
+    z = b.run("z", YAML, ["seed=1"], after=x)
     b.record, b.records = True, records
     b._record(z)  # records x first
     (records / f"{x}.json").unlink()  # a record set without the run z continued
