@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
-
 YAML = "yamls/pretrain/tiny_cpu.yaml"  # a real file: a run's key hashes its YAML's contents
+
 
 def _bench(tmp_path: Path, records: Path | None = None, record: bool = False, weights: bytes = b"source weights"):
     """A Bench in ``tmp_path``: a prepared-data manifest, one shard and a source with ``weights`` as its file."""
