@@ -43,7 +43,8 @@ Protocol:
 - a difference is reported as mean over seeds +- a standard error that adds the between-seed error and the
   test-set sampling error of the seed-averaged paired per-sequence differences, clustered by the document each
   test sequence comes from; a verdict names the lower arm only when |t| exceeds Student's two-sided 95% point at
-  the seeds' degrees of freedom (4.30 with 3 seeds); the worst-domain comparison adds that domain's test error.
+  the seeds' degrees of freedom (4.30 with 3 seeds); the worst-domain comparison takes each arm's worst domain per
+  seed and adds those domains' test error.
 - every cached run is keyed by everything that changes its result (its config overrides: steps, budget, sequence
   length, batch, seed, learning rates, calibration, evaluation sequences; its YAML file's contents with the files it
   includes; the run it continues; the source's and the data's contents; the code's stage version, bumped by hand when
@@ -147,6 +148,10 @@ class Bench:
         self.recorded: dict[str, dict] = {}  # keyed name -> its record
         for f in sorted(records.glob("*.json")) if records is not None and records.is_dir() else []:
             rec = json.loads(f.read_text())
+            if rec.get("test_sequences") != TEST_SEQUENCES:  # its test losses cover another test set
+                log.warning("%s: recorded with test_sequences=%s, not %s: not used", f.name, rec.get("test_sequences"),
+                            TEST_SEQUENCES)
+                continue
             self.recorded[rec["name"]] = rec
         self.read_from_records = set(self.recorded)  # (not the runs this process records)
         self.recipes: dict[str, Callable[[], None]] = {}  # keyed name -> how this process builds it
@@ -278,7 +283,8 @@ class Bench:
             self._record(before)
         rec = {"name": name, "stats": self.stats(name),
                "test": _pack_losses(self.test_losses(name)), "val": self.val_loss(name),
-               "shape_error": self.expected_shape_error(name), "stage_version": STAGE_VERSION, "commit": git_commit(),
+               "shape_error": self.expected_shape_error(name), "stage_version": STAGE_VERSION,
+               "test_sequences": TEST_SEQUENCES, "commit": git_commit(),
                "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         self.records.mkdir(parents=True, exist_ok=True)
         tmp = self.records / f".{name}.json.tmp{os.getpid()}"
@@ -624,8 +630,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             grid = sorted(grid + [nxt])
         sweep[kind] = {f"{lr:g}": x for lr, x in sorted(losses.items())}
         best = min(losses, key=losses.get) if losses else None
-        edge[kind] = best is not None and best in (min(grid), max(grid)) and len(losses) == len(grid)
-        complete[kind] = bool(losses) and len(losses) == len(grid)
+        complete[kind] = bool(losses) and len(losses) == len(grid) and nxt is None  # not waiting for a next rate
+        edge[kind] = complete[kind] and best in (min(grid), max(grid))
     lr_of = {k: float(min(v, key=v.get)) if v else args.lrs[0] for k, v in sweep.items()}
     if args.lr_sweep_only:
         log.info("learning rates chosen on validation: %s (%s; at the grid's edge: %s)", lr_of, sweep, edge)
@@ -648,8 +654,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         grid = sorted(grid + [nxt])
     sweep["pruning"] = {f"{plr:g}": x for plr, x in sorted(losses.items())}
     best = min(losses, key=losses.get) if losses else None
-    edge["pruning"] = best is not None and best in (min(grid), max(grid)) and len(losses) == len(grid)
-    complete["pruning"] = bool(losses) and len(losses) == len(grid)
+    complete["pruning"] = bool(losses) and len(losses) == len(grid) and nxt is None
+    edge["pruning"] = complete["pruning"] and best in (min(grid), max(grid))
     prune_lr = float(min(sweep["pruning"], key=sweep["pruning"].get)) if sweep["pruning"] else lr_of["continued"]
     lr_of["pruning"] = prune_lr
     log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)
@@ -770,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
 
     def compare(a: str, c: str, metric: str = "loss") -> Optional[dict]:
         """Seed-paired comparison (benchmarks/stats.py): between-seed SE with seeds - 1 df, test SE clustered by
-        document; the worst-domain metric adds the test SE of the domain where arm ``a`` is worst."""
+        document; the worst-domain metric takes each arm's worst domain per seed (``stats.worst_excess_compare``)."""
         every = {**arms, **legacy}
         pairs = [(s, x, y) for s, (x, y) in enumerate(zip(every.get(a, []), every.get(c, []))) if b.done(x) and b.done(y)]
         if not pairs:
@@ -791,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         v = verdict(r["diff"], r["se"], r["df"], a, c)
         return {"a": a, "b": c, "metric": metric, "seeds": r["n_seeds"], "per_seed": per_seed, "mean": r["diff"],
                 "se_seed": r["se_seed"], "se_test": r["se_test"], "se": r["se"], "t": r["t"], "df": r["df"],
-                "t_critical": t_critical(r["df"]), "verdict": v, "per_domain": per_domain}
+                "t_critical": t_critical(r["df"]), "verdict": v, "per_domain": per_domain, "worst": r.get("worst")}
 
     comparisons = [c for c in (
         compare("sheared", "scratch"),
@@ -886,7 +892,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     def ratio_text(r: Optional[float], where: str) -> str:
         if where == "beyond":
             return f"not reached by {largest:g}T"
-        return f"{r:.2f}x" if where == "between" else f"<= {r:.2f}x (scratch at T is already as low)"
+        if where == "undetermined":
+            return "undetermined (a loss is not finite)"
+        return f"{r:.2f}x" if where == "between" else f"<= {r:.2f}x (scratch's smallest budget is already as low)"
 
     for c in crossovers:
         per_seed = ", ".join(f"seed {s} {ratio_text(*v)}" for s, v in c["per_seed_ratio"].items())
@@ -895,8 +903,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                      f"scratch seeds {', '.join(map(str, c['seeds']))} at every budget: "
                      + (f"scratch needs {'at most ' if c['where'] == 'at most' else ''}"
                         f"{c['scratch_tokens_to_match'] / 1e6:.2f}M tokens: {c['ratio']:.2f}x in tokens, "
-                        f"{c['ratio_in_compute']:.2f}x in compute" if c["where"] != "beyond"
-                        else ratio_text(None, "beyond"))
+                        f"{c['ratio_in_compute']:.2f}x in compute" if c["where"] in ("between", "at most")
+                        else ratio_text(None, c["where"]))
                      + f"; seed by seed: {per_seed}.")
     if args.kd or any(rows.get(k) for k in kd_arms):
         lines.append(f"- distillation: a KD continued-training step costs {kd_cost:.2f}x a CE step in FLOPs (the "

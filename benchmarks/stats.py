@@ -94,11 +94,12 @@ def compare(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray], clusters: 
 def crossover(budgets: Sequence[float], losses: Sequence[float], target: float) -> tuple[Optional[float], str]:
     """Tokens at which a curve of (budget, loss) points, trained with the same seeds at every budget, first reaches
     ``target``, and where that is: ``"between"`` two budgets (linear in log tokens between the two that bracket it),
-    ``"at most"`` the smallest budget (already at or below ``target`` there: the tokens are an upper bound), or
-    ``"beyond"`` the largest (still above ``target``: None, not reached)."""
+    ``"at most"`` the smallest budget (already at or below ``target`` there: the tokens are an upper bound),
+    ``"beyond"`` the largest (still above ``target``: None, not reached), or ``"undetermined"`` (None: a loss is not
+    finite)."""
     pts = sorted(zip(budgets, losses))
-    if not pts:
-        return None, "beyond"
+    if not pts or not all(math.isfinite(x) for x in (*losses, target)):
+        return None, "undetermined" if pts else "beyond"  # a diverged run (NaN) reaches nothing and misses nothing
     if pts[0][1] <= target:
         return float(pts[0][0]), "at most"
     for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
@@ -142,6 +143,10 @@ def worst_excess_compare(a: Mapping[int, Mapping[str, np.ndarray]], b: Mapping[i
     if not seeds:
         raise ValueError("no seed in common")
     domains = list(reference)
+    for d in domains:
+        sizes = {len(documents[d])} | {len(a[s][d]) for s in seeds} | {len(b[s][d]) for s in seeds}
+        if len(sizes) != 1:
+            raise ValueError(f"domain {d!r}: the arms and the document ids cover different test sequences {sizes}")
 
     def worst(per: Mapping[str, np.ndarray]) -> str:
         return max(domains, key=lambda d: float(np.mean(per[d])) - reference[d])

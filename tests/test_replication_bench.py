@@ -153,6 +153,11 @@ def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_
     other = _bench(tmp_path / "four", records, weights=b"another source")
     assert other.run("x", YAML, ["seed=0"], train=False) != x  # another source: no record is its run
 
+    # a record of another test set (its per-sequence losses cover other sequences) is not this benchmark's run
+    rec = json.loads((records / f"{x}.json").read_text())
+    (records / f"{x}.json").write_text(json.dumps({**rec, "test_sequences": 1024}))
+    assert x not in _bench(tmp_path / "five", records).recorded
+
 
 def test_a_recorded_run_whose_predecessor_is_neither_recorded_nor_here_is_not_done(tmp_path, fake_training):
     records = tmp_path / "records"
