@@ -65,7 +65,7 @@ def step(data: Path, work: Path, shape: str, steps: int, batch: int, device: str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/distillation_overhead.json")
-    p.add_argument("--cache", default="runs/benchmarks/cache_v4")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v5")
     p.add_argument("--shapes", nargs="*", default=["small", "medium"], choices=sorted(SHAPES))
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)

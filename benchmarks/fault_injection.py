@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/fault_injection.json")
-    p.add_argument("--cache", default="runs/benchmarks/cache_v4")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v5")
     p.add_argument("--prep-kills", type=int, default=10, help="data prep runs to kill")
     p.add_argument("--only-data-prep", action="store_true")
     args = p.parse_args(argv)

@@ -13,7 +13,7 @@ ratios with its 95% bootstrap interval. Next to the speed ratios: the ratio of p
 counted once) and of forward FLOPs per token (every matmul, the LM head included, plus attention at the
 context length). Writes JSON.
 
-    python -m benchmarks.inference --model source=runs/benchmarks/cache_v4/source_hf \\
+    python -m benchmarks.inference --model source=runs/benchmarks/cache_v5/source_hf \\
         --model sheared=<exported sheared dir> --out runs/benchmarks/inference.json
     python -m benchmarks.inference ... --device cuda --dtype bf16 --attn flash_attention_2    # on a GPU
 """

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     global WARMUP
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/overhead.json")
-    p.add_argument("--cache", default="runs/benchmarks/cache_v4")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v5")
     p.add_argument("--shapes", nargs="*", default=["small", "medium"], choices=sorted(SHAPES))
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)

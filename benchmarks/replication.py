@@ -101,8 +101,8 @@ log = logging.getLogger("replication")
 BATCH, SEQ = 32, 128
 TARGET = dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=3, intermediate_size=224)
 SE_BOUND = 0.005  # nats: the paired per-domain standard error the test set is meant to resolve
-STAGE_VERSION = 4  # part of every run's cache key: bump when a run's code changes what it produces (4: gate noise
-# drawn on the CPU, top-k ties in a stable order, one BOS/EOS per cut document)
+STAGE_VERSION = 5  # part of every run's cache key: bump when a run's code changes what it produces (5: gate noise
+# drawn on the CPU, top-k ties in a stable order, one BOS/EOS per cut document, its pieces tokenized in context)
 CALIBRATION = 64  # training sequences scored for activation importance (one-shot and importance init)
 CODE = ["llmshearing", "benchmarks/replication.py", "benchmarks/small_scale.py", "benchmarks/common.py", "yamls"]
 
@@ -501,7 +501,7 @@ def _fmt(m: float, se: float) -> str:
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, top to bottom
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmarks/replication.json")
-    p.add_argument("--cache", default="runs/benchmarks/cache_v4")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v5")
     p.add_argument("--prune-steps", type=int, default=400)
     p.add_argument("--cpt-steps", type=int, default=600)
     p.add_argument("--seeds", type=int, default=3)

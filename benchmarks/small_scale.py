@@ -61,10 +61,10 @@ def ensure_data(cache: Path) -> Path:
     if not (data / MANIFEST).exists():
         prepare_dataset(corpus, data, str(tok), SEQ_LEN, **SPLIT, max_doc_chars=4000, workers=2, overwrite=True,
                         progress=False)
-    elif json.loads((data / MANIFEST).read_text()).get("document_marks") != "document":
-        raise SystemExit(f"{cache} holds data prepared before a cut document kept one BOS/EOS pair (its document ids "
-                         f"are pieces) and a source trained on it: give a new --cache (the default is "
-                         f"runs/benchmarks/cache_v4) or delete {cache}")
+    elif "later_pieces" not in json.loads((data / MANIFEST).read_text()):
+        raise SystemExit(f"{cache} holds data prepared before a cut document was packed as one document with its "
+                         f"pieces tokenized in context, and a source trained on it: give a new --cache (the default "
+                         f"is runs/benchmarks/cache_v5) or delete {cache}")
     return data
 
 
@@ -89,7 +89,7 @@ def ensure_source(cache: Path) -> Path:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default="runs/benchmarks/cache_v4")
+    p.add_argument("--cache", default="runs/benchmarks/cache_v5")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(ensure_source(Path(args.cache).resolve()))

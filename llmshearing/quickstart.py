@@ -245,7 +245,8 @@ def _main(argv: Optional[list[str]] = None) -> int:  # noqa: C901 - the recipe, 
                     lambda: train_tokenizer(corpus, tok, vocab_size=args.vocab_size, **SPLIT))  # training split only
     data = out / "data"
     data_key = {**corpus_key, **{f"tok_{k}": v for k, v in tok_key.items()}, "seq_len": args.seq_len, **SPLIT,
-                "max_doc_chars": MAX_DOC_CHARS, "document_marks": "document"}  # one BOS/EOS per cut document
+                "max_doc_chars": MAX_DOC_CHARS, "document_marks": "document",  # one BOS/EOS per cut document,
+                "later_pieces": "tokenized after a line break"}
     with console.logged(out / "data.log"):
         _cached(console, "data", data, data_key,
                 lambda: prepare_dataset(corpus, data, str(tok), args.seq_len, **SPLIT, max_doc_chars=MAX_DOC_CHARS,

@@ -170,3 +170,21 @@ def test_a_cut_document_is_one_bos_eos_document_so_sequence_ids_name_documents(t
     assert documents - 1 <= int((stream == eos).sum()) <= documents  # the packed tail may drop the last EOS
     ids = sequence_documents(res.output, "test")["web"]
     assert ids[-1] <= documents - 1 and len(set(ids.tolist())) > documents // 2
+
+
+def test_a_cut_document_has_the_tokens_of_the_whole_document(tmp_path, small_tokenizer):
+    """Pieces are cut at line breaks; tokenized alone, a SentencePiece tokenizer would open each later piece with its
+    word-start marker (a space that is not in the text). Each packed document must equal the whole text tokenized."""
+    _marked_corpus(tmp_path / "in", n_docs=20)
+    res = prepare_dataset(tmp_path / "in", tmp_path / "out", small_tokenizer, 32, val_fraction=0.2, test_fraction=0.2,
+                          max_doc_chars=100, progress=False)
+    tok = load_tokenizer(small_tokenizer)
+    bos, eos = res.manifest["tokenizer"]["bos_token_id"], res.manifest["tokenizer"]["eos_token_id"]
+    whole = {tuple([bos] * (bos is not None) + tok(text, add_special_tokens=False)["input_ids"] + [eos])
+             for _, split, text in iter_documents(tmp_path / "in", 0, 0.2, 0.2) if split == "test"}
+    ds = DomainTokenDataset(str(res.output), "test", ["web"], 32)
+    stream = np.concatenate([ds[i]["input_ids"].numpy() for i in range(len(ds))]).tolist()
+    ends = [i for i, t in enumerate(stream) if t == eos]
+    packed = [tuple(stream[a + 1: b + 1]) for a, b in zip([-1] + ends[:-1], ends)]  # complete documents
+    assert len(packed) >= 2 and all(len(d) > 40 for d in packed)  # documents of several 100-char pieces
+    assert all(d in whole for d in packed)

@@ -249,6 +249,7 @@ def _init_worker(tokenizer, seed: int, fractions: tuple[float, float], max_doc_c
         max_doc_chars=max_doc_chars,
         bos=[tok.bos_token_id] if add_bos and tok.bos_token_id is not None else [],
         eos=[tok.eos_token_id],
+        joint=tok("\n", add_special_tokens=False)["input_ids"],  # a later piece is tokenized after this, then cut
         dtype=np.dtype(dtype),
         skip_bad_files=skip_bad_files,
     )
@@ -309,7 +310,8 @@ def _tokenize_task(task: _Task) -> _ChunkResult:
     The pieces of one document are joined again after tokenizing: a document is the unit of the split."""
     w = _WORKER
     t0 = time.perf_counter()
-    pieces: list[str] = []
+    pieces: list[str] = []  # what is tokenized: a document's later pieces after a line break (see flush)
+    raw: list[Optional[str]] = []  # a later piece's own text (None for a first piece)
     owner: list[int] = []  # index into docs_split of the document each piece belongs to
     docs_split: list[str] = []
     malformed: list[tuple[int, str]] = []
@@ -319,6 +321,15 @@ def _tokenize_task(task: _Task) -> _ChunkResult:
     def flush() -> None:
         nonlocal text_tokens
         ids = w["tok"](pieces, add_special_tokens=False)["input_ids"]
+        # A later piece starts after a line break (where _split_long cuts), so it is tokenized as "\n" + piece and the
+        # line break's tokens are cut off again: tokenized alone, a SentencePiece tokenizer would open it with its
+        # word-start marker, a space that is not in the text (an extra indent on a line of code). Where the break
+        # merges with the piece's first characters into other tokens, the piece is tokenized alone.
+        joint = w["joint"]
+        for k, text in enumerate(raw):
+            if text is not None:
+                ids[k] = (ids[k][len(joint):] if ids[k][: len(joint)] == joint
+                          else w["tok"](text, add_special_tokens=False)["input_ids"])
         text_tokens += sum(len(p) for p in ids)
         docs: dict[int, list[int]] = {}
         for doc_index, piece in zip(owner, ids):  # pieces of a document are consecutive
@@ -332,6 +343,7 @@ def _tokenize_task(task: _Task) -> _ChunkResult:
                 tokens = np.fromiter(itertools.chain.from_iterable(ds), dtype=w["dtype"], count=int(lengths.sum()))
                 parts[split].append((tokens, lengths))
         pieces.clear()
+        raw.clear()
         owner.clear()
         docs_split.clear()
 
@@ -340,8 +352,9 @@ def _tokenize_task(task: _Task) -> _ChunkResult:
     for offset, text in _parse(task, malformed, seen):
         documents += 1
         docs_split.append(split_of(w["seed"], document_key(task.domain, task.relpath, offset), *w["fractions"]))
-        for piece in _split_long(text, w["max_doc_chars"]):
-            pieces.append(piece)
+        for k, piece in enumerate(_split_long(text, w["max_doc_chars"])):
+            pieces.append(piece if k == 0 else "\n" + piece)
+            raw.append(None if k == 0 else piece)
             owner.append(len(docs_split) - 1)
         if len(pieces) >= 256:
             flush()  # only between documents: a document's pieces are never split over two flushes
@@ -767,6 +780,7 @@ def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, se
         "test_fraction": test_fraction,
         "max_doc_chars": max_doc_chars,
         "document_marks": "document",  # one BOS/EOS pair per document (not per max_doc_chars piece)
+        "later_pieces": "tokenized after a line break",  # no word-start marker where a document was cut
         "domains": manifest_domains,
     }
     shutil.rmtree(tmp / "_tokenizer", ignore_errors=True)
