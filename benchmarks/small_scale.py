@@ -50,7 +50,7 @@ def eval_losses(model_dir: Path, data: Path, split: str = "test") -> dict[str, f
 
 def ensure_data(cache: Path) -> Path:
     from llmshearing.data.embedded_corpus import build_embedded_corpus
-    from llmshearing.data.prepare import MANIFEST, prepare_dataset
+    from llmshearing.data.prepare import MANIFEST, PACKING, prepare_dataset
     from llmshearing.data.train_tokenizer import train_tokenizer
 
     corpus, tok, data = cache / "corpus", cache / "tokenizer", cache / "data"
@@ -61,7 +61,7 @@ def ensure_data(cache: Path) -> Path:
     if not (data / MANIFEST).exists():
         prepare_dataset(corpus, data, str(tok), SEQ_LEN, **SPLIT, max_doc_chars=4000, workers=2, overwrite=True,
                         progress=False)
-    elif "later_pieces" not in json.loads((data / MANIFEST).read_text()):
+    elif any(json.loads((data / MANIFEST).read_text()).get(k) != v for k, v in PACKING.items()):
         raise SystemExit(f"{cache} holds data prepared before a cut document was packed as one document with its "
                          f"pieces tokenized in context, and a source trained on it: give a new --cache (the default "
                          f"is runs/benchmarks/cache_v5) or delete {cache}")

@@ -23,6 +23,7 @@ import torch
 
 from llmshearing.data.dataset import DomainTokenDataset, load_manifest
 from llmshearing.data.loaders import _round_robin
+from llmshearing.data.prepare import PACKING
 from llmshearing.models.composer_causal_lm import token_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def sequence_documents(
     if eos is None:
         raise ValueError(f"{data}: the manifest records no end-of-document token; documents cannot be told apart")
     bos = manifest["tokenizer"].get("bos_token_id")
-    if manifest.get("max_doc_chars") and manifest.get("document_marks") != "document":
+    if manifest.get("max_doc_chars") and manifest.get("document_marks") != PACKING["document_marks"]:
         log.warning("%s was prepared with max_doc_chars=%s by an llmshearing that marked every piece of a cut "
                     "document with its own BOS/EOS: the ids here are pieces, not documents, so standard errors "
                     "clustered by them are too small; prepare the data again for document ids", data,

@@ -206,7 +206,7 @@ def _main(argv: Optional[list[str]] = None) -> int:  # noqa: C901 - the recipe, 
     if args.input and not Path(args.input).is_dir():
         raise FileNotFoundError(f"--input {args.input}: no such folder (a RedPajama-style <dir>/<domain>/*.jsonl)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from llmshearing.data.prepare import MANIFEST, prepare_dataset
+    from llmshearing.data.prepare import MANIFEST, PACKING, prepare_dataset
     from llmshearing.export import export_checkpoint
 
     console = Console(args.verbose)
@@ -245,8 +245,7 @@ def _main(argv: Optional[list[str]] = None) -> int:  # noqa: C901 - the recipe, 
                     lambda: train_tokenizer(corpus, tok, vocab_size=args.vocab_size, **SPLIT))  # training split only
     data = out / "data"
     data_key = {**corpus_key, **{f"tok_{k}": v for k, v in tok_key.items()}, "seq_len": args.seq_len, **SPLIT,
-                "max_doc_chars": MAX_DOC_CHARS, "document_marks": "document",  # one BOS/EOS per cut document,
-                "later_pieces": "tokenized after a line break"}
+                "max_doc_chars": MAX_DOC_CHARS, **PACKING}
     with console.logged(out / "data.log"):
         _cached(console, "data", data, data_key,
                 lambda: prepare_dataset(corpus, data, str(tok), args.seq_len, **SPLIT, max_doc_chars=MAX_DOC_CHARS,

@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from llmshearing.data.tokenizer import fingerprint, load_tokenizer, token_dtype, vocab_size
 
-__all__ = ["DataPrepError", "PrepareResult", "prepare_dataset", "read_manifest", "split_of", "iter_documents", "MANIFEST", "FORMAT",
+__all__ = ["DataPrepError", "PrepareResult", "prepare_dataset", "read_manifest", "split_of", "iter_documents", "MANIFEST", "FORMAT", "PACKING",
            "SPLITS", "HELDOUT"]
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 OWNER_MARK = ".llmshearing-prepare"  # in every temporary folder data prep creates: what it may remove later
 FORMAT = "llmshearing-mds-v2"  # v2: train/val/test split by whole document (v1: train/eval, split by piece)
+# How a document cut by ``max_doc_chars`` is packed (in the manifest; what code that relies on it checks): one BOS/EOS
+# pair per document, not per piece; its later pieces tokenized after their line break (no word-start marker at a cut)
+PACKING = {"document_marks": "document", "later_pieces": "tokenized after a line break"}
 SPLITS = ("train", "val", "test")
 HELDOUT = ("val", "test")
 CHUNK_BYTES = 1 << 20  # input per worker task: ~0.3 s of tokenizing, so hand-over costs <1% and work balances
@@ -311,7 +314,7 @@ def _tokenize_task(task: _Task) -> _ChunkResult:
     w = _WORKER
     t0 = time.perf_counter()
     pieces: list[str] = []  # what is tokenized: a document's later pieces after a line break (see flush)
-    raw: list[Optional[str]] = []  # a later piece's own text (None for a first piece)
+    later: list[bool] = []  # a piece after its document's first: "\n" + its text
     owner: list[int] = []  # index into docs_split of the document each piece belongs to
     docs_split: list[str] = []
     malformed: list[tuple[int, str]] = []
@@ -326,10 +329,9 @@ def _tokenize_task(task: _Task) -> _ChunkResult:
         # word-start marker, a space that is not in the text (an extra indent on a line of code). Where the break
         # merges with the piece's first characters into other tokens, the piece is tokenized alone.
         joint = w["joint"]
-        for k, text in enumerate(raw):
-            if text is not None:
-                ids[k] = (ids[k][len(joint):] if ids[k][: len(joint)] == joint
-                          else w["tok"](text, add_special_tokens=False)["input_ids"])
+        for k in itertools.compress(range(len(pieces)), later):
+            ids[k] = (ids[k][len(joint):] if ids[k][: len(joint)] == joint
+                      else w["tok"](pieces[k][1:], add_special_tokens=False)["input_ids"])
         text_tokens += sum(len(p) for p in ids)
         docs: dict[int, list[int]] = {}
         for doc_index, piece in zip(owner, ids):  # pieces of a document are consecutive
@@ -343,7 +345,7 @@ def _tokenize_task(task: _Task) -> _ChunkResult:
                 tokens = np.fromiter(itertools.chain.from_iterable(ds), dtype=w["dtype"], count=int(lengths.sum()))
                 parts[split].append((tokens, lengths))
         pieces.clear()
-        raw.clear()
+        later.clear()
         owner.clear()
         docs_split.clear()
 
@@ -354,7 +356,7 @@ def _tokenize_task(task: _Task) -> _ChunkResult:
         docs_split.append(split_of(w["seed"], document_key(task.domain, task.relpath, offset), *w["fractions"]))
         for k, piece in enumerate(_split_long(text, w["max_doc_chars"])):
             pieces.append(piece if k == 0 else "\n" + piece)
-            raw.append(None if k == 0 else piece)
+            later.append(k > 0)
             owner.append(len(docs_split) - 1)
         if len(pieces) >= 256:
             flush()  # only between documents: a document's pieces are never split over two flushes
@@ -779,8 +781,7 @@ def _prepare_into(tmp, input_dir, output_dir, tokenizer, tok, n_vocab, dtype, se
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "max_doc_chars": max_doc_chars,
-        "document_marks": "document",  # one BOS/EOS pair per document (not per max_doc_chars piece)
-        "later_pieces": "tokenized after a line break",  # no word-start marker where a document was cut
+        **PACKING,
         "domains": manifest_domains,
     }
     shutil.rmtree(tmp / "_tokenizer", ignore_errors=True)
