@@ -619,19 +619,25 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     sweep: dict[str, dict[str, float]] = {}
     edge: dict[str, bool] = {}
     complete: dict[str, bool] = {}  # every rate of the sweep's final grid has run
-    for kind, run in run_of.items():
-        grid = sorted(args.lrs)
+
+    def swept(kind: str, grid: list[float], name_of: Callable[[float], str]) -> None:
+        """Sweep ``kind`` over ``grid`` (the run ``name_of(rate)`` per rate, chosen on its validation loss), growing
+        it half a decade past a best rate at its edge, up to ``--lr-extensions`` more rates."""
+        max_rates = len(grid) + args.lr_extensions
         while True:
-            settle(lambda: [run(lr) for lr in grid])
-            losses = {lr: val(run(lr)) for lr in grid if b.done(run(lr))}
-            nxt = next_rate(losses, len(args.lrs) + args.lr_extensions) if len(losses) == len(grid) else None
-            if nxt is None or (not train and not b.done(run(nxt))):
+            settle(lambda: [name_of(r) for r in grid])
+            losses = {r: val(name_of(r)) for r in grid if b.done(name_of(r))}
+            nxt = next_rate(losses, max_rates) if len(losses) == len(grid) else None
+            if nxt is None or (not train and not b.done(name_of(nxt))):
                 break
             grid = sorted(grid + [nxt])
-        sweep[kind] = {f"{lr:g}": x for lr, x in sorted(losses.items())}
+        sweep[kind] = {f"{r:g}": x for r, x in sorted(losses.items())}
         best = min(losses, key=losses.get) if losses else None
         complete[kind] = bool(losses) and len(losses) == len(grid) and nxt is None  # not waiting for a next rate
         edge[kind] = complete[kind] and best in (min(grid), max(grid))
+
+    for kind, run in run_of.items():
+        swept(kind, sorted(args.lrs), run)
     lr_of = {k: float(min(v, key=v.get)) if v else args.lrs[0] for k, v in sweep.items()}
     if args.lr_sweep_only:
         log.info("learning rates chosen on validation: %s (%s; at the grid's edge: %s)", lr_of, sweep, edge)
@@ -639,23 +645,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         return 0
     # the pruning stage's model lr: from the paper's 1e-4 to the continued-training rate, chosen on validation after
     # the whole sheared chain (pruning + continued training, the sweep's seed, budget T), grown like the others
-    grid = sorted({*args.prune_lrs, lr_of["continued"]})
-    max_rates = len(grid) + args.lr_extensions
-
-    def chain(plr: float) -> str:
-        return sheared(sw, lr_of["continued"], True, plr=plr)[1]
-
-    while True:
-        settle(lambda: [n for plr in grid for n in sheared(sw, lr_of["continued"], True, plr=plr)])
-        losses = {plr: val(chain(plr)) for plr in grid if b.done(chain(plr))}
-        nxt = next_rate(losses, max_rates) if len(losses) == len(grid) else None
-        if nxt is None or (not train and not b.done(chain(nxt))):
-            break
-        grid = sorted(grid + [nxt])
-    sweep["pruning"] = {f"{plr:g}": x for plr, x in sorted(losses.items())}
-    best = min(losses, key=losses.get) if losses else None
-    complete["pruning"] = bool(losses) and len(losses) == len(grid) and nxt is None
-    edge["pruning"] = complete["pruning"] and best in (min(grid), max(grid))
+    swept("pruning", sorted({*args.prune_lrs, lr_of["continued"]}),
+          lambda plr: sheared(sw, lr_of["continued"], True, plr=plr)[1])
     prune_lr = float(min(sweep["pruning"], key=sweep["pruning"].get)) if sweep["pruning"] else lr_of["continued"]
     lr_of["pruning"] = prune_lr
     log.info("learning rates chosen on validation: %s (%s)", lr_of, sweep)
@@ -784,11 +775,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         la = {s: b.test_losses(x) for s, x, _ in pairs}
         lc = {s: b.test_losses(y) for s, _, y in pairs}
         flat = lambda per: np.concatenate([per[d] for d in domains])  # noqa: E731
-        r = paired({s: flat(x) for s, x in la.items()}, {s: flat(x) for s, x in lc.items()}, clusters)
         if metric == "worst_excess":  # each arm's worst domain per seed, its test error with those domains fixed
             r = worst_excess_compare(la, lc, src_mean, docs)
             per_seed = [worst_excess(la[s]) - worst_excess(lc[s]) for s in la]
         else:
+            r = paired({s: flat(x) for s, x in la.items()}, {s: flat(x) for s, x in lc.items()}, clusters)
             per_seed = [float(flat(la[s]).mean() - flat(lc[s]).mean()) for s in la]
         per_domain = {}
         for d in domains:

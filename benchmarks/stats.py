@@ -157,11 +157,15 @@ def worst_excess_compare(a: Mapping[int, Mapping[str, np.ndarray]], b: Mapping[i
     diff = float(per_seed.mean())
     se_seed = float(per_seed.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else float("nan")
     var_test = 0.0
-    for d in domains:
-        v = sum((np.asarray(a[s][d], np.float64) if da == d else 0.0) - (np.asarray(b[s][d], np.float64) if db == d
-                else 0.0) for s, (da, db) in picks.items()) / len(seeds)
-        if np.ndim(v) and np.any(v != 0):  # a domain no seed's worst is contributes exactly 0
-            var_test += clustered_se(v, documents[d]) ** 2
+    for d in domains:  # per sequence of d: the seed mean of A's losses where d is A's worst, less B's where it is B's
+        v = np.zeros(len(documents[d]))
+        for s, (da, db) in picks.items():
+            if da == d:
+                v += np.asarray(a[s][d], np.float64)
+            if db == d:
+                v -= np.asarray(b[s][d], np.float64)
+        if np.any(v != 0):  # a domain no seed's worst is contributes exactly 0
+            var_test += clustered_se(v / len(seeds), documents[d]) ** 2
     se_test = math.sqrt(var_test)
     se = combined_se(se_seed, se_test, len(seeds))
     return {"diff": diff, "se_seed": se_seed, "se_test": se_test, "se": se,
