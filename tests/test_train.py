@@ -57,6 +57,36 @@ def test_pretrain_learns_logs_domains_checkpoints_and_autoresumes(mds_data, tmp_
     resumed.close()
 
 
+def _log_with_reads_counted(algo, state) -> dict:
+    """``L0Pruning._log`` once, counting tensor-to-host reads (``item``, ``tolist``, ``float()``, ``int()``,
+    ``bool()``): each is a wait for the device on a GPU."""
+    reads = []
+    patched = {}
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            reads.append(1)
+            return _original(self, *a, **k)
+
+        patched[name] = original
+        setattr(torch.Tensor, name, counted)
+
+    class Capture:
+        metrics: dict = {}
+
+        def log_metrics(self, metrics):
+            self.metrics = dict(metrics)
+
+    capture = Capture()
+    try:
+        algo._log(state, capture)
+    finally:
+        for name, original in patched.items():
+            setattr(torch.Tensor, name, original)
+    return {"reads": len(reads), "metrics": capture.metrics}
+
+
 def test_tiny_pruning_reaches_the_target_and_exports(mds_data, tmp_path):
     yaml = REPO / "yamls" / "prune" / "tiny_cpu.yaml"
     rec = Recorder()
@@ -74,6 +104,14 @@ def test_tiny_pruning_reaches_the_target_and_exports(mds_data, tmp_path):
     # the expected-mask model (what dynamic loading reads) and the top-k-to-target model are both evaluated
     assert set(logged["metrics/eval_target/LanguageCrossEntropy_code"]) == {0, 100, 200}
     assert "pruning/weak_kept_intermediate" in logged
+    # a step's log reads the device once, and holds what the masks say when asked one value at a time
+    step_log = _log_with_reads_counted(algo, trainer.state)
+    assert step_log["reads"] == 1, step_log["reads"]
+    metrics = step_log["metrics"]
+    assert metrics["pruning/expected_hidden_size"] == pytest.approx(expected["hidden_size"])
+    assert metrics["pruning/expected_params"] == pytest.approx(algo.masks.expected_params())
+    assert {k: metrics[f"pruning/weak_kept_{k}"] for k in algo.masks.gates} == algo.masks.weak_kept()
+    assert isinstance(metrics["pruning/lambda1_hidden"], float)
     for g in algo.masks.gates.values():  # clamped after every step
         assert -4.6052 - 1e-5 <= float(g.log_alpha.min()) and float(g.log_alpha.max()) <= 4.6052 + 1e-5
     figures = {p.name for p in plot_run(tmp_path, tmp_path / "plots")}

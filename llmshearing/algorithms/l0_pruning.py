@@ -323,13 +323,21 @@ class L0Pruning(Algorithm):
 
     def _log(self, state: State, logger: Logger) -> None:
         logs = self._lagrangian_logs
-        on_device = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
-        # one read for the step's Lagrangian logs (the per-step shape and weak-unit counts below read a few more)
-        values = torch.stack([logs[k].float() for k in on_device]).tolist() if on_device else []
-        metrics: dict[str, Any] = {f"pruning/{k}": v for k, v in {**logs, **dict(zip(on_device, values))}.items()}
-        metrics["pruning/expected_params"] = self.masks.expected_params()
-        metrics.update({f"pruning/weak_kept_{k}": v for k, v in self.masks.weak_kept().items()})
-        for k, v in self.masks.expected_shape().items():
+        # every device value of the step's log (the Lagrangian's, the expected kept counts, the weak-unit counts)
+        # read to the host at once: one wait for the device per step, not one per value
+        with torch.no_grad():
+            device = {f"lagrangian/{k}": v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+            device.update({f"counts/{k}": v for k, v in self.masks.expected_counts().items()})
+            device.update({f"weak/{k}": v for k, v in self.masks.weak_kept_counts().items()})
+            names = list(device)
+            values = dict(zip(names, torch.stack([device[k].float() for k in names]).tolist()))
+        metrics: dict[str, Any] = {f"pruning/{k}": v for k, v in logs.items()}
+        metrics.update({f"pruning/{k.split('/', 1)[1]}": v for k, v in values.items() if k.startswith("lagrangian/")})
+        counts = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("counts/")}
+        shape = self.masks.expected_shape(counts)
+        metrics["pruning/expected_params"] = self.masks.expected_params(shape)
+        metrics.update({f"pruning/weak_kept_{k.split('/', 1)[1]}": int(v) for k, v in values.items() if k.startswith("weak/")})
+        for k, v in shape.items():
             if k in ("num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size", "num_hidden_layers"):
                 metrics[f"pruning/expected_{k}"] = v
         logger.log_metrics(metrics)

@@ -328,9 +328,10 @@ class ShearingMasks(nn.Module):
             out[name] = p.sum(-1).mean() if p.dim() > 1 else p.sum()
         return out
 
-    def expected_shape(self) -> dict[str, float]:
-        """Expected architecture under the current gate probabilities (float sizes)."""
-        e = {k: float(v) for k, v in self.expected_counts().items()}
+    def expected_shape(self, counts: Optional[dict[str, float]] = None) -> dict[str, float]:
+        """Expected architecture under the current gate probabilities (float sizes); from ``counts``
+        (``expected_counts`` already read to the host) when given."""
+        e = {k: float(v) for k, v in (self.expected_counts() if counts is None else counts).items()}
         s = self.source
         kv = e.get("kv_group", s["num_key_value_heads"] if self.gqa else None)
         if self.gqa:
@@ -348,8 +349,10 @@ class ShearingMasks(nn.Module):
             "vocab_size": s["vocab_size"],
         }
 
-    def expected_params(self) -> float:
-        return count_params(self.expected_shape(), self.tie_word_embeddings, self.qkv_bias, config=self.config)
+    def expected_params(self, shape: Optional[dict[str, float]] = None) -> float:
+        """Parameters of the expected architecture (of ``shape``, an ``expected_shape``, when given)."""
+        shape = self.expected_shape() if shape is None else shape
+        return count_params(shape, self.tie_word_embeddings, self.qkv_bias, config=self.config)
 
     def set_progress(self, progress: float) -> None:
         """Where the target ramp is for the next forwards (0: the start sizes, 1: the target)."""
@@ -394,10 +397,14 @@ class ShearingMasks(nn.Module):
 
     def weak_kept(self) -> dict[str, int]:
         """Per structure: units the target keeps whose test-time value is below 0.1 (nearly dead capacity)."""
+        return {k: int(v) for k, v in self.weak_kept_counts().items()}
+
+    def weak_kept_counts(self) -> dict[str, torch.Tensor]:
+        """``weak_kept`` as device tensors (nothing read to the host)."""
         out = {}
         for name, g in self.gates.items():
             values, keep = g.deterministic("target")
-            out[name] = int((keep & (values < WEAK_VALUE)).sum())
+            out[name] = (keep & (values < WEAK_VALUE)).sum()
         return out
 
     # -- masks for a forward pass --------------------------------------------------------------------
