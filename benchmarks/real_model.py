@@ -67,7 +67,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -78,6 +78,9 @@ from benchmarks.common import (  # noqa: E402
     train_counted, write_json)
 from benchmarks.stats import compare, t_critical, verdict  # noqa: E402
 from llmshearing.quickstart import KNOWN_TARGETS  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("real_model")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -511,9 +514,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
             from llmshearing.models.families import describe_shape
 
             det = masks_from_keep(pruned["keep"], describe_shape(src.config)["num_key_value_heads"])
-        det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
         shutil.rmtree(out, ignore_errors=True)
-        materialize(src, DeterministicMasks(**det)).save_pretrained(out)
+        materialize(src, DeterministicMasks.selection(det)).save_pretrained(out)
         from llmshearing.data.tokenizer import load_tokenizer
 
         load_tokenizer(str(source)).save_pretrained(out)

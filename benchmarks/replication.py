@@ -358,9 +358,7 @@ class Bench:
         src = AutoModelForCausalLM.from_pretrained(self.source, dtype=torch.float32)
         if method == "learned":
             final = max((self.work / masks_of / "masks").glob("ba*.pt"), key=lambda p: int(p.stem[2:]))
-            det = torch.load(final, weights_only=False)["deterministic"]
-            det.update({k: det[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
-            masks = DeterministicMasks(**det)
+            masks = DeterministicMasks.selection(torch.load(final, weights_only=False)["deterministic"])
         else:
             calib = calibration_batch(str(self.data), CALIBRATION, SEQ) if method == "activation" else None
             masks = select_masks(src, TARGET, method, seed=seed, calibration=calib)

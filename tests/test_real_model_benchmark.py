@@ -177,9 +177,11 @@ def test_a_recorded_selection_rebuilds_the_model_its_pruning_run_exported(name, 
     keep = {k: det[f"{k}_keep"].tolist() for k in ("layer", "hidden", "intermediate", "head")}  # what a record keeps
     rebuilt = masks_from_keep(keep, src["num_key_value_heads"])
     assert torch.equal(rebuilt["kv_keep"], det["kv_keep"])
-    for masks_ in (det, rebuilt):  # kept units at 1, as learned_on_source sets them
-        masks_.update({k: masks_[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")})
-    a, b = materialize(model, DeterministicMasks(**det)), materialize(model, DeterministicMasks(**rebuilt))
+    # kept units at 1, as learned_on_source puts them on the source
+    a, b = (materialize(model, DeterministicMasks.selection(m)) for m in (det, rebuilt))
+    chosen = DeterministicMasks.selection(det).to_dict()
+    assert all(torch.equal(chosen[k], det[f"{k}_keep"].float()) for k in ("layer", "hidden", "intermediate", "head"))
+    assert torch.equal(chosen["kv_keep"], det["kv_keep"])
     assert a.config.to_dict() == b.config.to_dict()
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

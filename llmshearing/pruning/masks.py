@@ -208,6 +208,13 @@ class DeterministicMasks:
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.__dict__.items()}
 
+    @classmethod
+    def selection(cls, masks: dict[str, torch.Tensor]) -> "DeterministicMasks":
+        """The kept units of ``masks`` (a ``to_dict``) with every kept value at 1: the selection alone, with no
+        learned scale folded into the weights (e.g. learned masks put on the source's own weights)."""
+        values = {k: masks[f"{k}_keep"].float() for k in ("layer", "hidden", "intermediate", "head")}
+        return cls(**{**masks, **values})
+
     def weak_kept(self) -> dict[str, int]:
         """Kept units whose value is below 0.1, per structure: folded into the weights they are (nearly) dead."""
         pairs = {"layer": (self.layer, self.layer_keep), "hidden": (self.hidden, self.hidden_keep),
