@@ -150,6 +150,13 @@ def test_recorded_runs_are_done_on_another_machine_and_trained_again_only_for_a_
     e.record_finished([w])
     assert (records / f"{w}.json").is_file() and e.inconsistent([w]) == []
 
+    # two processes share a work folder: one that recorded nothing yet finds the other's record and keeps it
+    late = _bench(tmp_path / "two", tmp_path / "nothing recorded yet", record=True)
+    late.records = records
+    before = (records / f"{w}.json").stat().st_ino
+    late.record_finished([w])
+    assert (records / f"{w}.json").stat().st_ino == before and late.recorded[w]["name"] == w  # not written again
+
     other = _bench(tmp_path / "four", records, weights=b"another source")
     assert other.run("x", YAML, ["seed=0"], train=False) != x  # another source: no record is its run
 
