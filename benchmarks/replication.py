@@ -147,12 +147,9 @@ class Bench:
         self.records, self.record = records, record
         self.recorded: dict[str, dict] = {}  # keyed name -> its record
         for f in sorted(records.glob("*.json")) if records is not None and records.is_dir() else []:
-            rec = json.loads(f.read_text())
-            if rec.get("test_sequences") != TEST_SEQUENCES:  # its test losses cover another test set
-                log.warning("%s: recorded with test_sequences=%s, not %s: not used", f.name, rec.get("test_sequences"),
-                            TEST_SEQUENCES)
-                continue
-            self.recorded[rec["name"]] = rec
+            rec = _usable_record(f)
+            if rec:
+                self.recorded[rec["name"]] = rec
         self.read_from_records = set(self.recorded)  # (not the runs this process records)
         self.recipes: dict[str, Callable[[], None]] = {}  # keyed name -> how this process builds it
         self.rebuilt: list[str] = []  # recorded runs trained again here for a successor
@@ -277,11 +274,10 @@ class Bench:
         if not self.record or self.records is None or name in self.recorded or not self.built(name):
             return
         written = self.records / f"{name}.json"
-        if written.is_file():  # by another process sharing the folder since this one read the records
-            rec = json.loads(written.read_text())
-            if rec.get("test_sequences") == TEST_SEQUENCES:  # else this run's record replaces it
-                self.recorded[name] = rec
-                return
+        rec = _usable_record(written) if written.is_file() else None  # by another process sharing the folder
+        if rec:  # since this one read the records (an unusable one is replaced below)
+            self.recorded[name] = rec
+            return
         from benchmarks.common import git_commit
 
         before = self.stats(name).get("after")
@@ -429,6 +425,16 @@ class Bench:
         if name in self.recorded and "val" in self.recorded[name]:
             return float(self.recorded[name]["val"])
         return _val_loss(self.model_dir(name), self.data)
+
+
+def _usable_record(path: Path) -> Optional[dict]:
+    """The record in ``path``, or None (with a warning) when its test losses cover another test set."""
+    rec = json.loads(path.read_text())
+    if rec.get("test_sequences") != TEST_SEQUENCES:
+        log.warning("%s: recorded with test_sequences=%s, not %s: not used", path.name, rec.get("test_sequences"),
+                    TEST_SEQUENCES)
+        return None
+    return rec
 
 
 def _target_config(source: Path, out: Path) -> Path:

@@ -326,17 +326,14 @@ class L0Pruning(Algorithm):
         # every device value of the step's log (the Lagrangian's, the expected kept counts, the weak-unit counts)
         # read to the host at once: one wait for the device per step, not one per value
         with torch.no_grad():
-            device = {f"lagrangian/{k}": v for k, v in logs.items() if isinstance(v, torch.Tensor)}
-            device.update({f"counts/{k}": v for k, v in self.masks.expected_counts().items()})
-            device.update({f"weak/{k}": v for k, v in self.masks.weak_kept_counts().items()})
-            names = list(device)
-            values = dict(zip(names, torch.stack([device[k].float() for k in names]).tolist()))
-        metrics: dict[str, Any] = {f"pruning/{k}": v for k, v in logs.items()}
-        metrics.update({f"pruning/{k.split('/', 1)[1]}": v for k, v in values.items() if k.startswith("lagrangian/")})
-        counts = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("counts/")}
+            groups = ({k: v for k, v in logs.items() if isinstance(v, torch.Tensor)},
+                      self.masks.expected_counts(), self.masks.weak_kept_counts())
+            values = iter(torch.stack([v.float() for g in groups for v in g.values()]).tolist())
+        lagrangian, counts, weak = [{k: next(values) for k in g} for g in groups]
+        metrics: dict[str, Any] = {f"pruning/{k}": v for k, v in {**logs, **lagrangian}.items()}
         shape = self.masks.expected_shape(counts)
         metrics["pruning/expected_params"] = self.masks.expected_params(shape)
-        metrics.update({f"pruning/weak_kept_{k.split('/', 1)[1]}": int(v) for k, v in values.items() if k.startswith("weak/")})
+        metrics.update({f"pruning/weak_kept_{k}": int(v) for k, v in weak.items()})
         for k, v in shape.items():
             if k in ("num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size", "num_hidden_layers"):
                 metrics[f"pruning/expected_{k}"] = v
