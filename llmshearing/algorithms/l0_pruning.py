@@ -322,6 +322,9 @@ class L0Pruning(Algorithm):
         state.loss = {"total": lm_loss + lagrangian, "lm_loss": lm_loss, "lagrangian": lagrangian}
 
     def _log(self, state: State, logger: Logger) -> None:
+        """The step's pruning metrics, at two moments: the Lagrangian's (``expected_<gate>``, ``target_<gate>``,
+        ``lambda1/2_<gate>``) from the step's last forward, before the optimizer step; the expected shape,
+        ``expected_params`` and ``weak_kept_<gate>`` after the step's clamp and projection (the next forward's)."""
         logs = self._lagrangian_logs
         # every device value of the step's log (the Lagrangian's, the expected kept counts, the weak-unit counts)
         # read to the host at once: one wait for the device per step, not one per value
