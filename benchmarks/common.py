@@ -25,16 +25,54 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+# CPU features that select different bf16 / fp32 kernels (oneDNN, MKL): two machines that differ in these can train
+# the same run to different numbers
+NUMERIC_ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_identity() -> dict[str, Any]:
+    """The CPU's model name and which of :data:`NUMERIC_ISA` it has (Linux's /proc/cpuinfo; ``None`` elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or None, "isa": None}
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name"), "isa": [f for f in NUMERIC_ISA if f in flags]}
+
+
 def machine() -> dict[str, Any]:
+    """What a benchmark ran on: versions of the stack and the CPU (its numerics-relevant features)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
 
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "packages": {p: ver(p) for p in ("transformers", "mosaicml", "mosaicml-streaming", "numpy")},
+        "cpu": cpu_identity(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def same_numerics(a: dict[str, Any] | None, b: dict[str, Any]) -> bool | None:
+    """Whether two :func:`machine` entries would compute a CPU run to the same numbers as far as is known: the same
+    torch, transformers and numerics-relevant CPU features. ``None`` when ``a`` is unknown (a record made before
+    machines were recorded)."""
+    if not a or "cpu" not in a:
+        return None
+    pick = lambda m: (m.get("torch"), (m.get("packages") or {}).get("transformers"), m["cpu"].get("isa"))  # noqa: E731
+    return pick(a) == pick(b)
 
 
 class StepTimer(Callback):
@@ -199,4 +237,11 @@ def record_provenance(record: dict, code: list[str]) -> str:
     if diff.returncode != 0:
         return out + "; its commit is not in this checkout"
     changed = diff.stdout.split()
-    return out + (f"; {len(changed)} file(s) of the stage code changed since" if changed else "; same stage code")
+    out += f"; {len(changed)} file(s) of the stage code changed since" if changed else "; same stage code"
+    same = same_numerics(record.get("machine"), machine())
+    if same is None:
+        return out + "; machine not recorded"
+    cpu = record["machine"]["cpu"]
+    return out + f"; on {cpu.get('model')} ({'/'.join(cpu.get('isa') or []) or 'no listed ISA'})" + (
+        "" if same else ", which differs from this machine in torch, transformers or CPU features: its figures may "
+        "not reproduce here bit for bit")

@@ -74,8 +74,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    REDPAJAMA, data_identity, dir_identity, forward_flops, git_commit, matmul_params_of, record_provenance, step_flops,
-    train_counted, write_json)
+    REDPAJAMA, data_identity, dir_identity, forward_flops, git_commit, machine, matmul_params_of, record_provenance,
+    step_flops, train_counted, write_json)
 from benchmarks.stats import compare, t_critical, verdict  # noqa: E402
 from llmshearing.quickstart import KNOWN_TARGETS  # noqa: E402
 
@@ -304,7 +304,8 @@ def write_record(records: Path, arm: str, seed: int, entries: dict[str, dict]) -
     commit = git_commit()
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"arm": arm, "seed": seed, "stage_version": STAGE_VERSION, "commit": commit,
-                               "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stages": stages},
+                               "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+                               "stages": stages},
                               indent=1, default=str) + "\n")
     tmp.replace(path)
     return True

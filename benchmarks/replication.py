@@ -278,7 +278,7 @@ class Bench:
         if rec:  # since this one read the records (an unusable one is replaced below)
             self.recorded[name] = rec
             return
-        from benchmarks.common import git_commit
+        from benchmarks.common import git_commit, machine
 
         before = self.stats(name).get("after")
         if before:
@@ -286,7 +286,7 @@ class Bench:
         rec = {"name": name, "stats": self.stats(name),
                "test": _pack_losses(self.test_losses(name)), "val": self.val_loss(name),
                "shape_error": self.expected_shape_error(name), "stage_version": STAGE_VERSION,
-               "test_sequences": TEST_SEQUENCES, "commit": git_commit(),
+               "test_sequences": TEST_SEQUENCES, "commit": git_commit(), "machine": machine(),
                "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         self.records.mkdir(parents=True, exist_ok=True)
         tmp = self.records / f".{name}.json.tmp{os.getpid()}"
@@ -934,11 +934,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
     if from_records or b.rebuilt:
         from benchmarks.common import record_provenance
 
-        commits: dict[str, list[str]] = {}
+        groups: dict[tuple[str, str], list[dict]] = {}  # by commit and machine
         for n in from_records:
-            commits.setdefault(b.recorded[n].get("commit"), []).append(b.recorded[n].get("recorded"))
-        provenance = [f"{len(v)} " + record_provenance({"commit": c, "recorded": min(v) + (f" to {max(v)}" if
-                      max(v) != min(v) else "")}, CODE) for c, v in commits.items()]
+            r = b.recorded[n]
+            groups.setdefault((r.get("commit"), json.dumps(r.get("machine"), sort_keys=True)), []).append(r)
+        provenance = []
+        for (c, m), rs in groups.items():
+            when = sorted(r.get("recorded") for r in rs)
+            span = when[0] + (f" to {when[-1]}" if when[-1] != when[0] else "")
+            provenance.append(f"{len(rs)} " + record_provenance({"commit": c, "recorded": span,
+                                                                 "machine": json.loads(m)}, CODE))
         lines += ["", f"From records ({b.records}): {len(from_records)} of the {len(planned)} runs above"
                   + "".join(f"; {p}" for p in provenance)
                   + (f". Trained again here because a run that is not recorded continued from them: {len(b.rebuilt)}"

@@ -47,6 +47,7 @@ def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir
     recs = tmp_path / "records"
     assert main([*args, "--report-only", "--record", "--records", str(recs)]) == 0
     assert sorted(f.name for f in recs.glob("*.json")) == sorted(f"{a.replace(' ', '_')}_s0.json" for a in results)
+    assert all("isa" in json.loads(f.read_text())["machine"]["cpu"] for f in recs.glob("*.json"))  # where it ran
     stamp = {f: f.stat().st_mtime_ns for f in recs.glob("*.json")}
     assert main([*args, "--report-only", "--record", "--records", str(recs)]) == 0
     assert stamp == {f: f.stat().st_mtime_ns for f in recs.glob("*.json")}  # unchanged stages: not rewritten
@@ -60,6 +61,7 @@ def test_every_arm_reads_the_same_tokens_and_the_report_compares_them(corpus_dir
     again = (tmp_path / "fresh_out.md").read_text()
     body = lambda md: md.split("\n", 1)[1]  # noqa: E731 - after the heading, which names the source's path
     assert body(again).startswith(body(report).rstrip("\n")) and "From records" in again  # every figure, kept units
+    assert "; on " in again and "differs from this machine" not in again  # the records' machine, the same one
     # an arm built on another's recorded stage: without its own record, "learned on source" takes the learned arm's
     # kept units from that arm's record (the pruning run is not repeated) and reproduces its recovery
     (recs / "learned_on_source_s0.json").unlink()
@@ -219,3 +221,23 @@ def test_massive_activation_report_finds_an_amplified_channel_and_which_records_
     out = capsys.readouterr().out
     assert "top 2: 5 (" in out
     assert "| activation, seed 0 | 4.0000 | kept |" in out and "| random, seed 0 | 7.0000 | **dropped** |" in out
+
+
+def test_record_provenance_names_the_records_machine_and_flags_other_numerics():
+    """A record made on a CPU with other bf16 kernels (or another torch / transformers) may not reproduce bit for bit
+    here: the provenance line says so; one from this machine's stack does not; an old record says nothing is known."""
+    from benchmarks.common import git_commit, machine, record_provenance, same_numerics
+
+    here = machine()
+    assert here["cpu"]["isa"] is None or set(here["cpu"]["isa"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    other = json.loads(json.dumps(here))
+    other["cpu"]["isa"] = ["avx2"] if here["cpu"]["isa"] != ["avx2"] else ["avx2", "amx_bf16"]
+    assert same_numerics(here, machine()) is True and same_numerics(other, here) is False
+    assert same_numerics(None, here) is None and same_numerics({"torch": here["torch"]}, here) is None
+    newer = json.loads(json.dumps(here))
+    newer["packages"]["transformers"] = "4.57.999"
+    assert same_numerics(newer, here) is False
+    rec = {"commit": git_commit(), "recorded": "2026-12-04 00:00 UTC"}
+    assert record_provenance({**rec, "machine": here}, ["benchmarks"]).count("differs from this machine") == 0
+    assert "differs from this machine" in record_provenance({**rec, "machine": other}, ["benchmarks"])
+    assert "machine not recorded" in record_provenance(rec, ["benchmarks"])
