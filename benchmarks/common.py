@@ -203,12 +203,16 @@ def dir_identity(path: Path, skip: tuple[str, ...] = ()) -> str:
     return h.hexdigest()[:16]
 
 
-def data_identity(data: Path) -> str:
+def data_identity(data: Path, omit: tuple[str, ...] = ()) -> str:
     """A prepared dataset's identity: its shards' contents and its manifest's settings and counts, less what names
-    this machine (input and tokenizer paths, the inputs' time stamps)."""
+    this machine (input and tokenizer paths, the inputs' time stamps) and the manifest's top-level fields ``omit``
+    (notes on how the tokens were made, which the shards' contents already pin down: a benchmark whose records
+    predate such a note omits it, so the same tokens keep their identity)."""
     from llmshearing.data.prepare import MANIFEST
 
     m = json.loads((data / MANIFEST).read_text())
+    for k in omit:
+        m.pop(k, None)
     m["tokenizer"].pop("path", None)
     m["inputs"] = {k: v for k, v in m["inputs"].items() if k not in ("path", "files_sha256")}
     blob = json.dumps({"manifest": m, "shards": dir_identity(data, skip=(MANIFEST,))}, sort_keys=True, default=str)

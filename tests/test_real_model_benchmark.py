@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -241,3 +242,25 @@ def test_record_provenance_names_the_records_machine_and_flags_other_numerics():
     assert record_provenance({**rec, "machine": here}, ["benchmarks"]).count("differs from this machine") == 0
     assert "differs from this machine" in record_provenance({**rec, "machine": other}, ["benchmarks"])
     assert "machine not recorded" in record_provenance(rec, ["benchmarks"])
+
+
+def test_the_real_model_datas_identity_is_its_tokens_not_the_manifests_later_packing_notes(mds_data, tmp_path):
+    """The records of benchmarks/real_model.py were keyed before the manifest gained its packing notes (4696aef,
+    c97431e): the same shards with or without the notes keep one identity there, and other tokens get another."""
+    from benchmarks.common import data_identity
+    from benchmarks.real_model import DATA_NOTES
+    from llmshearing.data.prepare import MANIFEST
+
+    old = tmp_path / "old"
+    shutil.copytree(mds_data, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    assert set(DATA_NOTES) <= set(manifest)  # the notes this benchmark leaves out are what the manifest writes
+    for k in DATA_NOTES:
+        manifest.pop(k)
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    new = Path(mds_data)
+    assert data_identity(old, omit=DATA_NOTES) == data_identity(new, omit=DATA_NOTES)
+    assert data_identity(old) != data_identity(new)  # the replication benchmark's identity keeps the notes
+    shard = next(p for p in sorted((old / "train").rglob("*")) if p.is_file() and p.suffix != ".json")
+    shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 1]))
+    assert data_identity(old, omit=DATA_NOTES) != data_identity(new, omit=DATA_NOTES)  # other tokens: no match
