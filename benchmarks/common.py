@@ -65,14 +65,26 @@ def machine() -> dict[str, Any]:
     }
 
 
-def same_numerics(a: dict[str, Any] | None, b: dict[str, Any]) -> bool | None:
-    """Whether two :func:`machine` entries would compute a CPU run to the same numbers as far as is known: the same
-    torch, transformers and numerics-relevant CPU features. ``None`` when ``a`` is unknown (a record made before
-    machines were recorded)."""
-    if not a or "cpu" not in a:
+def record_machine() -> dict[str, Any]:
+    """:func:`machine` as a record keeps it: the stack and the CPU of the process writing the record (normally the
+    one that ran its stages; a later ``--report-only --record`` names its own), without the thread count, which is
+    the writer's and not the training's."""
+    return {k: v for k, v in machine().items() if k != "torch_threads"}
+
+
+def numerics_of(m: dict[str, Any] | None) -> tuple | None:
+    """What of a :func:`machine` entry can change a CPU run's numbers: torch, the other packages' versions and the
+    CPU's :data:`NUMERIC_ISA` features. ``None`` when the entry does not say (made before machines were recorded)."""
+    if not isinstance(m, dict) or not isinstance(m.get("cpu"), dict):
         return None
-    pick = lambda m: (m.get("torch"), (m.get("packages") or {}).get("transformers"), m["cpu"].get("isa"))  # noqa: E731
-    return pick(a) == pick(b)
+    return m.get("torch"), tuple(sorted((m.get("packages") or {}).items())), tuple(m["cpu"].get("isa") or ())
+
+
+def same_numerics(a: dict[str, Any] | None, b: dict[str, Any]) -> bool | None:
+    """Whether two :func:`machine` entries would compute a CPU run to the same numbers as far as is known
+    (:func:`numerics_of` equal); ``None`` when either is unknown."""
+    na, nb = numerics_of(a), numerics_of(b)
+    return None if na is None or nb is None else na == nb
 
 
 class StepTimer(Callback):
@@ -239,13 +251,14 @@ def record_provenance(record: dict, code: list[str]) -> str:
     diff = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *code],
                           cwd=REPO, capture_output=True, text=True)
     if diff.returncode != 0:
-        return out + "; its commit is not in this checkout"
-    changed = diff.stdout.split()
-    out += f"; {len(changed)} file(s) of the stage code changed since" if changed else "; same stage code"
+        out += "; its commit is not in this checkout"
+    else:
+        changed = diff.stdout.split()
+        out += f"; {len(changed)} file(s) of the stage code changed since" if changed else "; same stage code"
     same = same_numerics(record.get("machine"), machine())
     if same is None:
         return out + "; machine not recorded"
     cpu = record["machine"]["cpu"]
     return out + f"; on {cpu.get('model')} ({'/'.join(cpu.get('isa') or []) or 'no listed ISA'})" + (
-        "" if same else ", which differs from this machine in torch, transformers or CPU features: its figures may "
-        "not reproduce here bit for bit")
+        "" if same else ", which differs from this machine in its packages or CPU features: its figures may not "
+        "reproduce here bit for bit")

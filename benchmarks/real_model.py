@@ -74,8 +74,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    REDPAJAMA, data_identity, dir_identity, forward_flops, git_commit, machine, matmul_params_of, record_provenance,
-    step_flops, train_counted, write_json)
+    REDPAJAMA, data_identity, dir_identity, forward_flops, git_commit, matmul_params_of, record_machine,
+    record_provenance, step_flops, train_counted, write_json)
 from benchmarks.stats import compare, t_critical, verdict  # noqa: E402
 from llmshearing.quickstart import KNOWN_TARGETS  # noqa: E402
 
@@ -96,11 +96,16 @@ RESUMABLE = ["autoresume=true", "save_interval=50ba", "save_num_checkpoints_to_k
 # run settings that do not change what a stage computes, left out of its key (added to the config after stages were
 # cached under keys that did not have them)
 NOT_IN_KEY = ("dist_timeout",)
-# manifest fields left out of the data's identity: notes on the packing (prepare.PACKING) that the manifest gained
-# after this benchmark's records were made (4696aef, c97431e). The shards' contents are in the identity, so the same
-# tokens match their records and other tokens do not (the RedPajama sample's SmolLM2 shards are byte-identical before
-# and after 4696aef's change to how cut documents are tokenized: its byte-level BPE adds no word-start marker)
+# manifest fields left out of the data's identity: notes on how a document cut by max_doc_chars is packed
+# (prepare.PACKING; document_marks since 2ac7752, later_pieces since 4696aef), which the records pinned before those
+# commits did not have. This benchmark never cuts a document (prepare_dataset's max_doc_chars=None), so the notes say
+# nothing about its data; the shards' contents stay in the identity, so other tokens match no record
 DATA_NOTES = ("document_marks", "later_pieces")
+
+
+def stage_data_identity(data: Path) -> str:
+    """The prepared data's identity in every stage key (:data:`DATA_NOTES` left out)."""
+    return data_identity(data, omit=DATA_NOTES)
 PRUNE_STREAM = 7919  # pruning stages read the stream of seed + this; recoveries the seed's own
 
 # The improved learned stage: a loss-aware refinement of activation importance (README, "Selection"). Each lever is
@@ -299,8 +304,9 @@ def _provenance(record: dict) -> str:
 
 def write_record(records: Path, arm: str, seed: int, entries: dict[str, dict]) -> bool:
     """Keep one finished arm's stages (source evaluation, selection, pruning run, recovery) in ``records``: the
-    results a report needs (per-sequence losses, tokens, FLOPs, seconds, kept units), not its models. Rewritten
-    only when its stages changed; atomic. Returns whether it wrote."""
+    results a report needs (per-sequence losses, tokens, FLOPs, seconds, kept units), not its models, with the
+    commit and machine of the process writing it (normally the one that ran the stages). Rewritten only when its
+    stages changed; atomic. Returns whether it wrote."""
     records.mkdir(parents=True, exist_ok=True)
     path = records / f"{arm.replace(' ', '_')}_s{seed}.json"
     stages = {k: _pack(e) for k, e in sorted(entries.items())}
@@ -309,8 +315,8 @@ def write_record(records: Path, arm: str, seed: int, entries: dict[str, dict]) -
     commit = git_commit()
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"arm": arm, "seed": seed, "stage_version": STAGE_VERSION, "commit": commit,
-                               "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-                               "stages": stages},
+                               "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "machine": record_machine(), "stages": stages},
                               indent=1, default=str) + "\n")
     tmp.replace(path)
     return True
@@ -386,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
                         test_fraction=args.heldout_fraction, workers=2, overwrite=True, progress=False)
     _check_prepared(data, args, source)
     # SOURCE: the GGUF conversion's note of the file it came from (a path of this machine)
-    base = {"source": dir_identity(source, skip=("SOURCE",)), "data": data_identity(data, omit=DATA_NOTES),
+    base = {"source": dir_identity(source, skip=("SOURCE",)), "data": stage_data_identity(data),
             "seq": args.seq_len, "batch": args.batch, "eval_sequences": args.eval_sequences}
     manifest = json.loads((data / MANIFEST).read_text())
     domains = list(manifest["domains"])

@@ -278,7 +278,7 @@ class Bench:
         if rec:  # since this one read the records (an unusable one is replaced below)
             self.recorded[name] = rec
             return
-        from benchmarks.common import git_commit, machine
+        from benchmarks.common import git_commit, record_machine
 
         before = self.stats(name).get("after")
         if before:
@@ -286,7 +286,7 @@ class Bench:
         rec = {"name": name, "stats": self.stats(name),
                "test": _pack_losses(self.test_losses(name)), "val": self.val_loss(name),
                "shape_error": self.expected_shape_error(name), "stage_version": STAGE_VERSION,
-               "test_sequences": TEST_SEQUENCES, "commit": git_commit(), "machine": machine(),
+               "test_sequences": TEST_SEQUENCES, "commit": git_commit(), "machine": record_machine(),
                "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         self.records.mkdir(parents=True, exist_ok=True)
         tmp = self.records / f".{name}.json.tmp{os.getpid()}"
@@ -932,18 +932,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one experiment, 
         b.record_finished(n for n in planned if b.done(n))
     from_records = [n for n in planned if n in b.read_from_records]
     if from_records or b.rebuilt:
-        from benchmarks.common import record_provenance
+        from benchmarks.common import numerics_of, record_provenance
 
-        groups: dict[tuple[str, str], list[dict]] = {}  # by commit and machine
+        groups: dict[tuple, list[dict]] = {}  # by commit and what of the machine can change the numbers
         for n in from_records:
             r = b.recorded[n]
-            groups.setdefault((r.get("commit"), json.dumps(r.get("machine"), sort_keys=True)), []).append(r)
+            groups.setdefault((r.get("commit"), numerics_of(r.get("machine"))), []).append(r)
         provenance = []
-        for (c, m), rs in groups.items():
-            when = sorted(r.get("recorded") for r in rs)
+        for (c, _), rs in groups.items():
+            when = sorted(str(r.get("recorded")) for r in rs)
             span = when[0] + (f" to {when[-1]}" if when[-1] != when[0] else "")
             provenance.append(f"{len(rs)} " + record_provenance({"commit": c, "recorded": span,
-                                                                 "machine": json.loads(m)}, CODE))
+                                                                 "machine": rs[0].get("machine")}, CODE))
         lines += ["", f"From records ({b.records}): {len(from_records)} of the {len(planned)} runs above"
                   + "".join(f"; {p}" for p in provenance)
                   + (f". Trained again here because a run that is not recorded continued from them: {len(b.rebuilt)}"

@@ -226,29 +226,37 @@ def test_massive_activation_report_finds_an_amplified_channel_and_which_records_
 
 def test_record_provenance_names_the_records_machine_and_flags_other_numerics():
     """A record made on a CPU with other bf16 kernels (or another torch / transformers) may not reproduce bit for bit
-    here: the provenance line says so; one from this machine's stack does not; an old record says nothing is known."""
-    from benchmarks.common import git_commit, machine, record_provenance, same_numerics
+    here: the provenance line names its CPU and says so; one from this machine's stack does not; an old record says
+    nothing is known; a record whose commit this checkout lacks still names its machine."""
+    from benchmarks.common import git_commit, record_machine, record_provenance, same_numerics
 
-    here = machine()
+    here = record_machine()
+    assert "torch_threads" not in here  # the writer's, not the training's
     assert here["cpu"]["isa"] is None or set(here["cpu"]["isa"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
     other = json.loads(json.dumps(here))
     other["cpu"]["isa"] = ["avx2"] if here["cpu"]["isa"] != ["avx2"] else ["avx2", "amx_bf16"]
-    assert same_numerics(here, machine()) is True and same_numerics(other, here) is False
+    assert same_numerics(here, record_machine()) is True and same_numerics(other, here) is False
     assert same_numerics(None, here) is None and same_numerics({"torch": here["torch"]}, here) is None
-    newer = json.loads(json.dumps(here))
-    newer["packages"]["transformers"] = "4.57.999"
-    assert same_numerics(newer, here) is False
+    assert same_numerics({"cpu": None}, here) is None
+    for pkg in ("transformers", "mosaicml-streaming"):
+        newer = json.loads(json.dumps(here))
+        newer["packages"][pkg] = "0.0.999"
+        assert same_numerics(newer, here) is False, pkg
     rec = {"commit": git_commit(), "recorded": "2026-12-04 00:00 UTC"}
-    assert record_provenance({**rec, "machine": here}, ["benchmarks"]).count("differs from this machine") == 0
+    line = record_provenance({**rec, "machine": here}, ["benchmarks"])
+    assert f"; on {here['cpu']['model']}" in line and "differs from this machine" not in line
     assert "differs from this machine" in record_provenance({**rec, "machine": other}, ["benchmarks"])
     assert "machine not recorded" in record_provenance(rec, ["benchmarks"])
+    elsewhere = record_provenance({**rec, "commit": "0000000", "machine": other}, ["benchmarks"])
+    assert "not in this checkout" in elsewhere and "differs from this machine" in elsewhere
 
 
 def test_the_real_model_datas_identity_is_its_tokens_not_the_manifests_later_packing_notes(mds_data, tmp_path):
-    """The records of benchmarks/real_model.py were keyed before the manifest gained its packing notes (4696aef,
-    c97431e): the same shards with or without the notes keep one identity there, and other tokens get another."""
+    """The records of benchmarks/real_model.py were keyed at a commit before the manifest gained its packing notes
+    (2ac7752, 4696aef): the same shards with or without the notes keep one identity there, and other tokens get
+    another."""
     from benchmarks.common import data_identity
-    from benchmarks.real_model import DATA_NOTES
+    from benchmarks.real_model import DATA_NOTES, stage_data_identity
     from llmshearing.data.prepare import MANIFEST
 
     old = tmp_path / "old"
@@ -259,8 +267,8 @@ def test_the_real_model_datas_identity_is_its_tokens_not_the_manifests_later_pac
         manifest.pop(k)
     (old / MANIFEST).write_text(json.dumps(manifest))
     new = Path(mds_data)
-    assert data_identity(old, omit=DATA_NOTES) == data_identity(new, omit=DATA_NOTES)
+    assert stage_data_identity(old) == stage_data_identity(new)  # what every stage key of the benchmark carries
     assert data_identity(old) != data_identity(new)  # the replication benchmark's identity keeps the notes
     shard = next(p for p in sorted((old / "train").rglob("*")) if p.is_file() and p.suffix != ".json")
     shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 1]))
-    assert data_identity(old, omit=DATA_NOTES) != data_identity(new, omit=DATA_NOTES)  # other tokens: no match
+    assert stage_data_identity(old) != stage_data_identity(new)  # other tokens: no match
