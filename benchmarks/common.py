@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -30,23 +31,28 @@ if str(REPO) not in sys.path:
 NUMERIC_ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
-def cpu_identity() -> dict[str, Any]:
-    """The CPU's model name and which of :data:`NUMERIC_ISA` it has (Linux's /proc/cpuinfo; ``None`` elsewhere)."""
+@functools.lru_cache(maxsize=None)
+def _cpu_identity() -> tuple[str | None, tuple[str, ...] | None]:
+    """(model, ISA features): fixed for the process, read once (a report names the machine of every record)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return {"model": platform.processor() or None, "isa": None}
+        return platform.processor() or None, None
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
-    return {"model": fields.get("model name"), "isa": [f for f in NUMERIC_ISA if f in flags]}
+    return fields.get("model name"), tuple(f for f in NUMERIC_ISA if f in flags)
 
 
-def machine() -> dict[str, Any]:
-    """What a benchmark ran on: versions of the stack and the CPU (its numerics-relevant features)."""
+def cpu_identity() -> dict[str, Any]:
+    """The CPU's model name and which of :data:`NUMERIC_ISA` it has (Linux's /proc/cpuinfo; ``None`` elsewhere)."""
+    model, isa = _cpu_identity()
+    return {"model": model, "isa": None if isa is None else list(isa)}
+
+
+@functools.lru_cache(maxsize=None)
+def _package_versions() -> tuple[tuple[str, str | None], ...]:
     from importlib.metadata import PackageNotFoundError, version
-
-    import torch
 
     def ver(pkg: str) -> str | None:
         try:
@@ -54,10 +60,17 @@ def machine() -> dict[str, Any]:
         except PackageNotFoundError:
             return None
 
+    return tuple((p, ver(p)) for p in ("transformers", "mosaicml", "mosaicml-streaming", "numpy"))
+
+
+def machine() -> dict[str, Any]:
+    """What a benchmark ran on: versions of the stack and the CPU (its numerics-relevant features)."""
+    import torch
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "packages": {p: ver(p) for p in ("transformers", "mosaicml", "mosaicml-streaming", "numpy")},
+        "packages": dict(_package_versions()),
         "cpu": cpu_identity(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -101,11 +101,6 @@ NOT_IN_KEY = ("dist_timeout",)
 # commits did not have. This benchmark never cuts a document (prepare_dataset's max_doc_chars=None), so the notes say
 # nothing about its data; the shards' contents stay in the identity, so other tokens match no record
 DATA_NOTES = ("document_marks", "later_pieces")
-
-
-def stage_data_identity(data: Path) -> str:
-    """The prepared data's identity in every stage key (:data:`DATA_NOTES` left out)."""
-    return data_identity(data, omit=DATA_NOTES)
 PRUNE_STREAM = 7919  # pruning stages read the stream of seed + this; recoveries the seed's own
 
 # The improved learned stage: a loss-aware refinement of activation importance (README, "Selection"). Each lever is
@@ -134,6 +129,11 @@ REJECTED: dict[str, list[str]] = {
 
 def _sha(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_data_identity(data: Path) -> str:
+    """The prepared data's identity in every stage key (:data:`DATA_NOTES` left out)."""
+    return data_identity(data, omit=DATA_NOTES)
 
 
 def _resolved(yaml: str, overrides: list[str]) -> dict[str, Any]:

@@ -270,5 +270,6 @@ def test_the_real_model_datas_identity_is_its_tokens_not_the_manifests_later_pac
     assert stage_data_identity(old) == stage_data_identity(new)  # what every stage key of the benchmark carries
     assert data_identity(old) != data_identity(new)  # the replication benchmark's identity keeps the notes
     shard = next(p for p in sorted((old / "train").rglob("*")) if p.is_file() and p.suffix != ".json")
-    shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 1]))
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
     assert stage_data_identity(old) != stage_data_identity(new)  # other tokens: no match
